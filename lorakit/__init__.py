@@ -1,0 +1,36 @@
+"""lorakit: LoRA fine-tuning for PyTorch. Public API re-exports only."""
+
+from .adapters import (
+    TrainableReport,
+    active_adapters,
+    combine,
+    delete_adapter,
+    list_adapters,
+    set_active,
+    trainable_report,
+)
+from .config import LoraConfig
+from .errors import (
+    AdapterError,
+    AdapterFormatError,
+    ConfigError,
+    DataError,
+    LorakitError,
+    ModelLoadError,
+    ShapeMismatchError,
+    TargetError,
+)
+from .inject import Target, inject, plan_injection
+from .io import load_adapter, read_adapter, save_adapter
+from .layer import LoraEmbedding, LoraLinear, ModulesToSave
+from .merge import merge, merge_and_unload, merged_adapters, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError", "AdapterFormatError", "ConfigError", "DataError", "LoraConfig", "LoraEmbedding",
+    "LoraLinear", "LorakitError", "ModelLoadError", "ModulesToSave", "ShapeMismatchError", "Target",
+    "TargetError", "TrainableReport", "active_adapters", "combine", "delete_adapter", "inject",
+    "list_adapters", "load_adapter", "merge", "merge_and_unload", "merged_adapters", "plan_injection",
+    "read_adapter", "save_adapter", "set_active", "trainable_report", "unmerge",
+]
