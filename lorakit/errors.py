@@ -31,3 +31,7 @@ class DataError(LorakitError):
 
 class ModelLoadError(LorakitError):
     """A model spec cannot be resolved or loaded."""
+
+
+class TrainingError(LorakitError):
+    """A training run cannot go on (non-finite loss, unusable output directory, bad checkpoint)."""

@@ -1,0 +1,128 @@
+"""Evaluation: token-weighted loss, batched greedy generation, exact match on a task split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import IGNORE_INDEX, TokenizedDataset, collate
+from .errors import DataError
+
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the labelled tokens of a batch, and their count.
+
+    Summing (rather than averaging per batch) lets gradient accumulation and data-parallel
+    shards divide by the global token count, so results do not depend on how a batch is split.
+    Logits are computed only at positions that predict a labelled token (transformers'
+    ``logits_to_keep``): with a 49k vocabulary and loss on the answer alone this skips most of
+    the output-head work and memory.
+    """
+    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    keep = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if _accepts_logits_to_keep(model) and len(keep) < labels.shape[1]:
+        logits = model(**kwargs, logits_to_keep=keep).logits  # (B, K, V)
+        labels = labels[:, keep]
+    else:
+        logits = model(**kwargs).logits[:, :-1]  # (B, T-1, V)
+    n = int((labels != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, dataset: TokenizedDataset, batch_size: int, pad_id: int,
+              max_batches: int = 0) -> float:
+    """Mean per-token validation loss over ``dataset`` (in order; optionally the first max_batches).
+
+    Args:
+        model: the model (put in eval mode for the duration).
+        dataset: tokenized validation examples.
+        batch_size: examples per forward.
+        pad_id: padding token id.
+        max_batches: 0 for the whole set.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    starts = range(0, len(dataset), batch_size)
+    if max_batches:
+        starts = list(starts)[:max_batches]
+    for start in starts:
+        batch = collate(dataset.examples[start:start + batch_size], pad_id)
+        loss, n = loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / count if count else math.nan
+
+
+def prompt_and_answer(record: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
+    """(prompt text to generate from, reference answer) for a messages or prompt/completion record."""
+    if "messages" in record:
+        msgs = record["messages"]
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise DataError("an exact-match example needs messages ending with the assistant's answer")
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        return prompt, msgs[-1]["content"]
+    if "prompt" in record and "completion" in record:
+        return record["prompt"], record["completion"]
+    raise DataError("an exact-match example needs 'messages' or 'prompt'/'completion'")
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32,
+             batch_size: int = 32, progress: bool = False, **gen_kwargs) -> list[str]:
+    """Greedy (or sampled, via gen_kwargs) continuations of ``prompts``, batched with left padding.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer (pad token required; eos used if missing).
+        prompts: prompt strings (already chat-formatted where needed).
+        max_new_tokens: continuation length limit.
+        batch_size: prompts per generate call.
+        progress: show a tqdm bar.
+    """
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
+            chunk = list(prompts[start:start + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            kwargs = {"do_sample": False, **gen_kwargs}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def exact_match_score(model: torch.nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]],
+                      max_new_tokens: int = 16, batch_size: int = 50, progress: bool = False) -> dict[str, Any]:
+    """Greedy exact match (whitespace-stripped) of the model's answers on ``records``.
+
+    Returns:
+        {"exact_match": fraction, "n": count, "examples": first few (prompt answer, reference, prediction)}
+    """
+    pairs = [prompt_and_answer(r, tokenizer) for r in records]
+    preds = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, progress)
+    hits = [pred.strip() == ref.strip() for pred, (_, ref) in zip(preds, pairs, strict=True)]
+    shown = [{"reference": ref, "prediction": pred} for pred, (_, ref) in list(zip(preds, pairs, strict=True))[:5]]
+    return {"exact_match": sum(hits) / len(hits) if hits else math.nan, "n": len(hits), "examples": shown}

@@ -1,0 +1,254 @@
+"""The training loop: one flat function, resumable, LoRA or full fine-tuning.
+
+    recipe ──► data (checked before the model loads) ──► model + LoRA ──► steps ──► adapter/
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .data import BatchSampler, collate, load_jsonl, tokenize_examples
+from .errors import TrainingError
+from .evaluate import eval_loss, exact_match_score, loss_sum
+from .fileio import atomic_write_json, atomic_write_text
+from .recipe import TrainConfig, save_recipe
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DataPaths:
+    train: Path
+    eval: Path | None
+    test: Path | None
+
+
+def resolve_data(cfg: TrainConfig) -> DataPaths:
+    """Paths of the train / validation / test files; a packaged task name fills in all three."""
+    from .tasks import task_names, task_path
+
+    if not Path(cfg.data).exists() and cfg.data in task_names():
+        return DataPaths(task_path(cfg.data, "train"),
+                         Path(cfg.eval_data) if cfg.eval_data else task_path(cfg.data, "valid"),
+                         Path(cfg.test_data) if cfg.test_data else task_path(cfg.data, "test"))
+    return DataPaths(Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None,
+                     Path(cfg.test_data) if cfg.test_data else None)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at max_steps."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def prepare_out(out: Path, resume: bool) -> None:
+    """Create the output directory and prove it is writable before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"--out {out}: not writable ({exc.strerror or exc}); choose another directory") from None
+    if not resume and list_checkpoints(out / "checkpoints"):
+        raise TrainingError(f"--out {out} already holds checkpoints of a run; pass --resume to continue it, "
+                            "or choose a new --out")
+
+
+def build_model(cfg: TrainConfig):
+    """Load the model and tokenizer, then inject LoRA (or unfreeze everything for --full)."""
+    from .config import LoraConfig
+    from .inject import inject
+    from .models import load_model
+
+    model, tokenizer = load_model(cfg.model, dtype=_DTYPES[cfg.dtype])
+    if cfg.full:
+        model.requires_grad_(True)
+        return model, tokenizer
+    tm = cfg.target_modules
+    target = tm[0] if len(tm) == 1 and tm[0].lower() == "all-linear" else tm
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
+                      use_rslora=cfg.rslora, base_model_name_or_path=cfg.model, task_type="CAUSAL_LM")
+    inject(model, lcfg)
+    return model, tokenizer
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint so the log matches the run."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def score(model, tokenizer, path: Path | None, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Greedy exact match on the test file (None when there is none)."""
+    if path is None:
+        return None
+    records = load_jsonl(path)
+    if cfg.score_limit:
+        records = records[:cfg.score_limit]
+    return exact_match_score(model, tokenizer, records, cfg.max_new_tokens, progress=True)
+
+
+def save_result(model, tokenizer, out: Path, cfg: TrainConfig) -> Path:
+    """The run's product: a PEFT adapter directory, or a full model directory for --full."""
+    if cfg.full:
+        from .export import _replace_dir
+
+        tmp = out / ".model.tmp"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out / "model")
+        return out / "model"
+    from .io import save_adapter
+
+    return save_adapter(model, out / "adapter")
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Run a training recipe end to end and return the summary (also written to out/summary.json).
+
+    Args:
+        cfg: the resolved recipe.
+        progress: show tqdm bars.
+    """
+    out = Path(cfg.out)
+    prepare_out(out, cfg.resume)
+    paths = resolve_data(cfg)
+    train_examples = load_jsonl(paths.train)  # fail on bad data before spending time on the model
+    eval_examples = load_jsonl(paths.eval) if paths.eval else None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = build_model(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_ds = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len)
+    eval_ds = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len) if eval_examples else None
+    save_recipe(cfg, out / "config.yaml")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    sampler = BatchSampler(len(train_ds), cfg.batch_size, seed=cfg.seed)
+    st = {"best_eval": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0, "before": None, "last_eval": None}
+    metrics = out / "metrics.jsonl"
+    ckpts = list_checkpoints(out / "checkpoints")
+    if cfg.resume and ckpts:
+        saved = load_checkpoint(ckpts[-1], model, opt, sched)
+        sampler.load_state_dict(saved["sampler"])
+        st.update(saved["train_state"])
+        step = saved["step"]
+        _truncate_metrics(metrics, step)
+    else:
+        step = 0
+        metrics.unlink(missing_ok=True)
+        st["before"] = score(model, tokenizer, paths.test, cfg)
+
+    def checkpoint() -> Path:
+        extra = {"sampler": sampler.state_dict(), "train_state": st}
+        return save_checkpoint(out / "checkpoints", step, model, opt, sched, extra, cfg.keep_checkpoints)
+
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    t_last, tok_last, stopped_early = time.perf_counter(), st["tokens"], False
+    while step < cfg.max_steps and not stopped_early:
+        t0 = time.perf_counter()
+        # (grad_accum micro-batches) × (batch_size, T): the loss is divided by the global token count
+        batches = [collate([train_ds[i] for i in next(sampler)], pad_id) for _ in range(cfg.grad_accum)]
+        n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = 0.0
+        for batch in batches:
+            loss, _ = loss_sum(model, batch)
+            (loss / n_tok).backward()
+            total += float(loss.detach())
+        train_loss = total / n_tok
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            last = list_checkpoints(out / "checkpoints")
+            raise TrainingError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
+                                f"{step + 1}; stopped without saving. Last good checkpoint: "
+                                f"{last[-1] if last else 'none'}. Lower --lr or check the data.")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        st["tokens"] += sum(int(b["attention_mask"].sum()) for b in batches)
+        st["elapsed"] += time.perf_counter() - t0
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            tps = (st["tokens"] - tok_last) / max(now - t_last, 1e-9)
+            t_last, tok_last = now, st["tokens"]
+            lr = sched.get_last_lr()[0]
+            _append_jsonl(metrics, {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                                    "tokens_per_s": tps})
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+        if eval_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            ev = eval_loss(model, eval_ds, cfg.batch_size, pad_id, cfg.eval_batches)
+            st["last_eval"] = ev
+            _append_jsonl(metrics, {"step": step, "eval_loss": ev})
+            bar.write(f"step {step}: eval loss {ev:.4f}")
+            if st["best_eval"] is None or ev < st["best_eval"]:
+                st["best_eval"], st["bad_evals"] = ev, 0
+            else:
+                st["bad_evals"] += 1
+                stopped_early = bool(cfg.patience) and st["bad_evals"] >= cfg.patience
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopped_early:
+            checkpoint()
+    bar.close()
+    return finish(model, tokenizer, out, cfg, paths, st, step, stopped_early)
+
+
+def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: dict, step: int,
+           stopped_early: bool) -> dict[str, Any]:
+    """Save the product, plot the curves, score the test split and write summary.json."""
+    from .adapters import trainable_report
+    from .plots import plot_loss
+
+    product = save_result(model, tokenizer, out, cfg)
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    rep = trainable_report(model)
+    after = score(model, tokenizer, paths.test, cfg)
+    last_train = _last_value(out / "metrics.jsonl", "loss")
+    summary = {
+        "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "stopped_early": stopped_early,
+        "trainable_params": rep.trainable, "total_params": rep.total, "trainable_percent": rep.percent,
+        "train_wall_s": st["elapsed"], "tokens": st["tokens"],
+        "tokens_per_s": st["tokens"] / st["elapsed"] if st["elapsed"] else None,
+        "peak_memory_mb": _peak_memory_mb(), "final_train_loss": last_train, "final_eval_loss": st["last_eval"],
+        "best_eval_loss": st["best_eval"],
+        "before": st["before"], "after": after, "output": str(product), "threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _last_value(path: Path, key: str) -> float | None:
+    values = [json.loads(line).get(key) for line in path.read_text().splitlines() if line] if path.exists() else []
+    values = [v for v in values if v is not None]
+    return values[-1] if values else None
