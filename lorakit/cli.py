@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -111,12 +112,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .recipe import TrainConfig, load_recipe
     from .train import train
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        return launch(args.nproc, _without_nproc(args.argv))
     fields = TrainConfig.__dataclass_fields__
     overrides = {k: v for k, v in vars(args).items() if k in fields}
     cfg = load_recipe(args.recipe, overrides)
     summary = train(cfg)
-    print_summary(summary)
+    if "paused_at" in summary:
+        print(f"paused after step {summary['paused_at']}; checkpoint {summary['checkpoint']}; continue with --resume")
+    elif summary:  # empty on ranks other than 0
+        print_summary(summary)
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append("--lora-r" if a == "--r" else "--lora-r=" + a[4:] if a.startswith("--r=") else a)
+    return out
 
 
 def print_summary(s: dict) -> None:
@@ -189,6 +209,71 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Singular values of ΔW per module, from an adapter or from --base and --tuned model directories."""
+    from .analysis import analyze_adapter, analyze_models, recommend_rank
+    from .analysis_report import format_table, save_plots
+    from .errors import ConfigError
+
+    if (args.adapter is None) == (args.tuned is None) or (args.tuned and not args.base):
+        raise ConfigError("give an ADAPTER_DIR (optionally with --base for |dW|/|W|), or --base DIR and --tuned DIR")
+    if args.tuned:
+        result = analyze_models(args.base, args.tuned)
+    else:
+        result = analyze_adapter(args.adapter, base=args.base)
+    pattern = recommend_rank(result, args.recommend_rank) if args.recommend_rank is not None else None
+    plots = save_plots(result, args.plots) if args.plots else []
+    if args.json:
+        out = {**result.to_dict(), "plots": [str(p) for p in plots]}
+        if pattern is not None:
+            out["rank_pattern"] = pattern
+        print(json.dumps(out, indent=2))
+    elif pattern is not None:
+        print(f"# smallest rank per module type holding {args.recommend_rank:g} of |dW|_F^2 in most layers "
+              "(LoraConfig rank_pattern):", file=sys.stderr)
+        print(json.dumps(pattern))
+    else:
+        print(format_table(result))
+    for p in plots:
+        print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """A PEFT-format adapter from base + tuned models by truncated SVD of each Linear's ΔW."""
+    from .extract import extract, format_extract
+
+    result = extract(args.base, args.tuned, args.out, r=args.r, energy=args.energy, data=args.data,
+                     batches=args.batches)
+    print(json.dumps(result, indent=2) if args.json else format_extract(result))
+    return 0
+
+
+def _add_analysis_verbs(sub) -> None:
+    p = sub.add_parser("analyze", help="SVD of the weight update: energy at rank k, effective rank, per module")
+    p.add_argument("adapter", nargs="?", default=None, help="adapter directory (PEFT format)")
+    p.add_argument("--base", default=None, help="base model directory (for --tuned, or |dW|/|W| of an adapter)")
+    p.add_argument("--tuned", default=None, help="fully fine-tuned model directory (compared with --base)")
+    p.add_argument("--json", action="store_true", help="print every number as JSON")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write spectra.png and k95_heatmap.png here")
+    p.add_argument("--recommend-rank", type=float, default=None, metavar="ENERGY",
+                   help="print a rank_pattern: per module type the smallest rank holding ENERGY (e.g. 0.9)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("extract", help="turn a full fine-tune into a LoRA adapter (truncated SVD of each ΔW)")
+    p.add_argument("--base", required=True, help="base model directory (or smollm2-135m-instruct, a .gguf)")
+    p.add_argument("--tuned", required=True, help="fine-tuned model directory of the same architecture")
+    rank = p.add_mutually_exclusive_group(required=True)
+    rank.add_argument("--r", type=int, help="fixed rank for every module")
+    rank.add_argument("--energy", type=float, help="per module, the smallest rank holding this fraction of |dW|^2")
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    p.add_argument("--data", default=None, help="JSONL or packaged task (valid split): eval loss of base, tuned, "
+                                                "base+adapter")
+    p.add_argument("--batches", type=int, default=4, help="batches of 8 examples to evaluate (default 4)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit for PyTorch")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -216,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model with LoRA (or --full) from a YAML recipe + flags")
     p.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default: the packaged demo recipe)")
     add_train_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine: relaunches itself under "
+                   "torchrun (DDP; with --fsdp, FSDP2). Multi-node: run torchrun -m lorakit train yourself")
     p.set_defaults(func=cmd_train)
 
     for verb, helptext in (("eval", "eval loss + greedy exact match on a test split"),
@@ -237,11 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
             p.add_argument("--seed", type=int, default=0)
             p.set_defaults(func=cmd_generate)
+    _add_analysis_verbs(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except LorakitError as exc:

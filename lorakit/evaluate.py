@@ -40,13 +40,16 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    inner = getattr(model, "module", model)  # DDP wraps the model; its own forward takes *args
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 @torch.no_grad()
 def eval_loss(model: torch.nn.Module, dataset: TokenizedDataset, batch_size: int, pad_id: int,
-              max_batches: int = 0) -> float:
+              max_batches: int = 0, info=None) -> float:
     """Mean per-token validation loss over ``dataset`` (in order; optionally the first max_batches).
+
+    Under torchrun each rank takes rows rank::world of every batch and the sums are all-reduced.
 
     Args:
         model: the model (put in eval mode for the duration).
@@ -54,18 +57,28 @@ def eval_loss(model: torch.nn.Module, dataset: TokenizedDataset, batch_size: int
         batch_size: examples per forward.
         pad_id: padding token id.
         max_batches: 0 for the whole set.
+        info: lorakit.distributed.DistInfo, or None for a single process.
     """
+    from .distributed import DistInfo, all_sum
+
+    info = info or DistInfo()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    starts = range(0, len(dataset), batch_size)
+    starts = list(range(0, len(dataset), batch_size))
     if max_batches:
-        starts = list(starts)[:max_batches]
+        starts = starts[:max_batches]
     for start in starts:
-        batch = collate(dataset.examples[start:start + batch_size], pad_id)
-        loss, n = loss_sum(model, batch)
+        rows = dataset.examples[start:start + batch_size][info.rank::info.world]
+        if not rows:  # a short last batch; FSDP still needs this rank in the forward
+            rows = dataset.examples[start:start + 1]
+            loss, n = loss_sum(model, collate(rows, pad_id))
+            loss, n = loss * 0, 0
+        else:
+            loss, n = loss_sum(model, collate(rows, pad_id))
         total, count = total + float(loss), count + n
     model.train(was_training)
+    total, count = all_sum(info, total), all_sum(info, count)
     return total / count if count else math.nan
 
 

@@ -52,11 +52,13 @@ def from_peft_key(key: str, adapter_name: str, save_paths: set[str]) -> str:
     return key
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, adapter_name: str,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under model state-dict keys (LoRA factors and modules_to_save copies)."""
     marks = [f".{p}.{adapter_name}." for p in ("lora_A", "lora_B", "modules_to_save")]
     ends = [f".{p}.{adapter_name}" for p in ("lora_embedding_A", "lora_embedding_B")]
-    return {k: v for k, v in model.state_dict().items() if any(m in k for m in marks) or k.endswith(tuple(ends))}
+    source = model.state_dict() if state_dict is None else state_dict
+    return {k: v for k, v in source.items() if any(m in k for m in marks) or k.endswith(tuple(ends))}
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -78,7 +80,7 @@ def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _weight_stats(layer: LoraLayer) -> float | None:
     w = layer.base_layer.weight
-    return None if w.is_meta else round(float(w.detach().float().abs().mean()), 6)
+    return None if w.is_meta or type(w).__name__ == "DTensor" else round(float(w.detach().float().abs().mean()), 6)
 
 
 # ---- saving -----------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def saved_config(model: nn.Module, adapter_name: str) -> LoraConfig:
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
-                 dtype: torch.dtype | None = None) -> Path:
+                 dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one adapter as a PEFT directory (adapter_config.json + adapter_model.safetensors).
 
     Files are written to temp names and renamed into place. The safetensors metadata carries a
@@ -126,6 +128,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         path: directory to create or overwrite.
         adapter_name: which adapter to save.
         dtype: cast the weights (e.g. torch.float16); None keeps their dtype.
+        state_dict: full tensors to save instead of the model's own (e.g. gathered from FSDP shards);
+            keys as in model.state_dict().
 
     Returns:
         The directory path.
@@ -136,7 +140,9 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise AdapterError(f"dtype must be a floating dtype such as torch.float16, got {dtype}")
     cfg = saved_config(model, adapter_name)
     tensors = {to_peft_key(k, adapter_name): (v if dtype is None else v.to(dtype))
-               for k, v in adapter_state_dict(model, adapter_name).items()}
+               for k, v in adapter_state_dict(model, adapter_name, state_dict).items()}
+    if not tensors:
+        raise AdapterError(f"adapter {adapter_name!r} has no tensors to save")
     stats = {n: _weight_stats(m) for n, m in lora_layers(model) if adapter_name in m.adapters}
     metadata = {
         "format": "pt",

@@ -78,6 +78,9 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     resume: bool = False
     """Continue from the latest complete checkpoint in out/checkpoints."""
+    stop_after: int = 0
+    """Pause after this many steps (a checkpoint is written, the schedule still spans max_steps); continue
+    later with --resume. For time-sliced or preemptible jobs (0: off)."""
     log_every: int = 10
     """Write a metrics.jsonl record every N steps."""
     max_new_tokens: int = 16
@@ -88,6 +91,10 @@ class TrainConfig:
     """Base weight dtype: float32, bfloat16 or float16 (LoRA weights stay float32)."""
     threads: int = 0
     """torch CPU threads (0: all cores)."""
+    fsdp: bool = False
+    """Under torchrun: shard the frozen base and the adapters with FSDP2 instead of replicating (DDP)."""
+    dist_timeout: int = 300
+    """Seconds a collective may wait before the run fails (a dead rank must not hang the others)."""
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints",
@@ -97,7 +104,7 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("eval_every", "save_every", "patience", "eval_batches", "warmup_steps", "log_every",
-                     "score_limit", "threads"):
+                     "score_limit", "threads", "dist_timeout", "stop_after"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
@@ -133,13 +140,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     docs = _field_docs()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        # --lora-r: torchrun's own parser takes a bare --r for an ambiguous abbreviation of its flags
+        flags = [flag, "--lora-r"] if f.name == "r" else [flag]
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
         elif f.name == "target_modules":
-            p.add_argument(flag, nargs="+", default=None, help=docs.get(f.name))
+            p.add_argument(*flags, nargs="+", default=None, help=docs.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None, help=docs.get(f.name))
+            p.add_argument(*flags, type=kind, default=None, help=docs.get(f.name))
 
 
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:

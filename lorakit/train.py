@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, read_checkpoint, save_checkpoint
 from .data import BatchSampler, collate, load_jsonl, tokenize_examples
 from .errors import TrainingError
 from .evaluate import eval_loss, exact_match_score, loss_sum
@@ -105,52 +105,134 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def score(model, tokenizer, path: Path | None, cfg: TrainConfig) -> dict[str, Any] | None:
+def score(model, tokenizer, path: Path | None, cfg: TrainConfig, progress: bool = True) -> dict[str, Any] | None:
     """Greedy exact match on the test file (None when there is none)."""
     if path is None:
         return None
     records = load_jsonl(path)
     if cfg.score_limit:
         records = records[:cfg.score_limit]
-    return exact_match_score(model, tokenizer, records, cfg.max_new_tokens, progress=True)
+    return exact_match_score(model, tokenizer, records, cfg.max_new_tokens, progress=progress)
 
 
-def save_result(model, tokenizer, out: Path, cfg: TrainConfig) -> Path:
-    """The run's product: a PEFT adapter directory, or a full model directory for --full."""
+def save_result(model, tokenizer, out: Path, cfg: TrainConfig, info) -> Path:
+    """The run's product: a PEFT adapter directory, or a full model directory for --full.
+
+    Collective under FSDP (the full tensors are gathered on every rank); rank 0 writes.
+    """
+    from .distributed import full_model_state, full_trainable_state, is_sharded, unwrap
+
+    plain = unwrap(model)
     if cfg.full:
         from .export import _replace_dir
 
-        tmp = out / ".model.tmp"
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out / "model")
+        state = full_model_state(model) if is_sharded(model) else None
+        if info.main:
+            tmp = out / ".model.tmp"
+            plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, out / "model")
         return out / "model"
     from .io import save_adapter
 
-    return save_adapter(model, out / "adapter")
+    state = full_trainable_state(model) if is_sharded(model) else None
+    if info.main:
+        save_adapter(plain, out / "adapter", state_dict=state)
+    return out / "adapter"
+
+
+def _gather_state(model, opt, sched, sampler, st: dict, info) -> tuple:
+    """Everything a checkpoint holds, as full (unsharded) tensors; collective, call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from .distributed import all_gather_rng, full_trainable_state
+
+    params = full_trainable_state(model)
+    opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+    rng = all_gather_rng(info)
+    state = {"scheduler": sched.state_dict(), "sampler": sampler.state_dict(), "train_state": st,
+             "world_size": info.world}
+    return params, opt_state, rng, state
+
+
+def _restore(path: Path, model, opt, sched, sampler, info) -> tuple[int, dict]:
+    """Load a checkpoint into (possibly wrapped) model, optimizer, scheduler, sampler and RNG."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from .distributed import set_rng
+
+    params, opt_state, rng, state = read_checkpoint(path)
+    mine = {n for n, p in model.named_parameters() if p.requires_grad}
+    mine = {n.removeprefix("module.") for n in mine}
+    if set(params) != mine:
+        raise TrainingError(f"checkpoint {path} does not match this run's trainable parameters "
+                            f"(e.g. {sorted(set(params) ^ mine)[:2]}); resume with the recipe that wrote it")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, params, options=opts)
+    set_optimizer_state_dict(model, opt, optim_state_dict=opt_state, options=opts)
+    sched.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng(info, rng)
+    return state["step"], state["train_state"]
+
+
+def _micro_batches(train_ds, sampler, cfg: TrainConfig, pad_id: int, info) -> list[dict]:
+    """This rank's share of one global batch: (grad_accum) micro-batches, rows rank::world of each."""
+    out = []
+    for _ in range(cfg.grad_accum):
+        rows = next(sampler)[info.rank::info.world]
+        out.append(collate([train_ds[i] for i in rows], pad_id))
+    return out
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run a training recipe end to end and return the summary (also written to out/summary.json).
 
+    Under torchrun each process trains on its rows of every global batch; rank 0 alone logs,
+    checkpoints and writes the results.
+
     Args:
         cfg: the resolved recipe.
-        progress: show tqdm bars.
+        progress: show tqdm bars (rank 0 only).
     """
+    from .distributed import setup, teardown
+
+    info = setup(cfg.dist_timeout)
+    try:
+        return _train(cfg, progress and info.main, info)
+    finally:
+        teardown(info)
+
+
+def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
+    from .distributed import all_sum, barrier, unwrap, wrap
+
     out = Path(cfg.out)
-    prepare_out(out, cfg.resume)
+    if info.main:
+        prepare_out(out, cfg.resume)
+    barrier(info)
     paths = resolve_data(cfg)
     train_examples = load_jsonl(paths.train)  # fail on bad data before spending time on the model
     eval_examples = load_jsonl(paths.eval) if paths.eval else None
+    if info.world > cfg.batch_size:
+        raise TrainingError(f"batch_size {cfg.batch_size} is smaller than the {info.world} processes; "
+                            "each process needs at least one row of every micro-batch")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg)
+    model.to(info.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ds = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len)
     eval_ds = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len) if eval_examples else None
-    save_recipe(cfg, out / "config.yaml")
-
+    if info.main:
+        save_recipe(cfg, out / "config.yaml")
+    model = wrap(model, info, cfg.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -159,35 +241,38 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     metrics = out / "metrics.jsonl"
     ckpts = list_checkpoints(out / "checkpoints")
     if cfg.resume and ckpts:
-        saved = load_checkpoint(ckpts[-1], model, opt, sched)
-        sampler.load_state_dict(saved["sampler"])
-        st.update(saved["train_state"])
-        step = saved["step"]
-        _truncate_metrics(metrics, step)
+        step, st = _restore(ckpts[-1], model, opt, sched, sampler, info)
+        if info.main:
+            _truncate_metrics(metrics, step)
     else:
         step = 0
-        metrics.unlink(missing_ok=True)
-        st["before"] = score(model, tokenizer, paths.test, cfg)
+        if info.main:
+            metrics.unlink(missing_ok=True)
+        if info.main or cfg.fsdp:
+            st["before"] = score(unwrap(model), tokenizer, paths.test, cfg, progress)
 
-    def checkpoint() -> Path:
-        extra = {"sampler": sampler.state_dict(), "train_state": st}
-        return save_checkpoint(out / "checkpoints", step, model, opt, sched, extra, cfg.keep_checkpoints)
+    def checkpoint() -> None:
+        gathered = _gather_state(model, opt, sched, sampler, st, info)
+        if info.main:
+            save_checkpoint(out / "checkpoints", step, *gathered[:3], gathered[3], cfg.keep_checkpoints)
+        barrier(info)
 
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     t_last, tok_last, stopped_early = time.perf_counter(), st["tokens"], False
     while step < cfg.max_steps and not stopped_early:
         t0 = time.perf_counter()
-        # (grad_accum micro-batches) × (batch_size, T): the loss is divided by the global token count
-        batches = [collate([train_ds[i] for i in next(sampler)], pad_id) for _ in range(cfg.grad_accum)]
-        n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        total = 0.0
+        batches = _micro_batches(train_ds, sampler, cfg, pad_id, info)  # each (rows, T)
+        # every rank divides by the *global* token count; DDP/FSDP average over ranks, hence × world
+        n_tok = all_sum(info, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+        local = 0.0
         for batch in batches:
             loss, _ = loss_sum(model, batch)
-            (loss / n_tok).backward()
-            total += float(loss.detach())
-        train_loss = total / n_tok
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            (loss * info.world / n_tok).backward()
+            local += float(loss.detach())
+        train_loss = all_sum(info, local) / n_tok
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             last = list_checkpoints(out / "checkpoints")
             raise TrainingError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
@@ -197,10 +282,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        st["tokens"] += sum(int(b["attention_mask"].sum()) for b in batches)
+        st["tokens"] += int(all_sum(info, sum(int(b["attention_mask"].sum()) for b in batches)))
         st["elapsed"] += time.perf_counter() - t0
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if info.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             now = time.perf_counter()
             tps = (st["tokens"] - tok_last) / max(now - t_last, 1e-9)
             t_last, tok_last = now, st["tokens"]
@@ -209,39 +294,51 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                                     "tokens_per_s": tps})
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         if eval_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            ev = eval_loss(model, eval_ds, cfg.batch_size, pad_id, cfg.eval_batches)
+            ev = eval_loss(model, eval_ds, cfg.batch_size, pad_id, cfg.eval_batches, info)
             st["last_eval"] = ev
-            _append_jsonl(metrics, {"step": step, "eval_loss": ev})
-            bar.write(f"step {step}: eval loss {ev:.4f}")
+            if info.main:
+                _append_jsonl(metrics, {"step": step, "eval_loss": ev})
+                bar.write(f"step {step}: eval loss {ev:.4f}")
             if st["best_eval"] is None or ev < st["best_eval"]:
                 st["best_eval"], st["bad_evals"] = ev, 0
             else:
                 st["bad_evals"] += 1
                 stopped_early = bool(cfg.patience) and st["bad_evals"] >= cfg.patience
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopped_early:
+        pause = bool(cfg.stop_after) and step >= cfg.stop_after and step < cfg.max_steps
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopped_early or pause:
             checkpoint()
+        if pause:
+            bar.close()
+            return {"paused_at": step, "checkpoint": str(list_checkpoints(out / "checkpoints")[-1])} \
+                if info.main else {}
     bar.close()
-    return finish(model, tokenizer, out, cfg, paths, st, step, stopped_early)
+    return finish(model, tokenizer, out, cfg, paths, st, step, stopped_early, info, progress)
 
 
 def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: dict, step: int,
-           stopped_early: bool) -> dict[str, Any]:
-    """Save the product, plot the curves, score the test split and write summary.json."""
+           stopped_early: bool, info, progress: bool) -> dict[str, Any]:
+    """Save the product, plot the curves, score the test split and write summary.json (rank 0)."""
     from .adapters import trainable_report
+    from .distributed import barrier, is_sharded, unwrap
     from .plots import plot_loss
 
-    product = save_result(model, tokenizer, out, cfg)
+    product = save_result(model, tokenizer, out, cfg, info)
+    model.eval()
+    # FSDP needs every rank in each forward; with whole weights on each rank, rank 0 scores alone
+    after = score(unwrap(model), tokenizer, paths.test, cfg, progress) if info.main or is_sharded(model) else None
+    barrier(info)
+    if not info.main:
+        return {}
     plot_loss(out / "metrics.jsonl", out / "loss.png")
-    rep = trainable_report(model)
-    after = score(model, tokenizer, paths.test, cfg)
-    last_train = _last_value(out / "metrics.jsonl", "loss")
+    rep = trainable_report(unwrap(model))
     summary = {
         "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "stopped_early": stopped_early,
+        "processes": info.world, "sharded": is_sharded(model),
         "trainable_params": rep.trainable, "total_params": rep.total, "trainable_percent": rep.percent,
         "train_wall_s": st["elapsed"], "tokens": st["tokens"],
         "tokens_per_s": st["tokens"] / st["elapsed"] if st["elapsed"] else None,
-        "peak_memory_mb": _peak_memory_mb(), "final_train_loss": last_train, "final_eval_loss": st["last_eval"],
-        "best_eval_loss": st["best_eval"],
+        "peak_memory_mb": _peak_memory_mb(), "final_train_loss": _last_value(out / "metrics.jsonl", "loss"),
+        "final_eval_loss": st["last_eval"], "best_eval_loss": st["best_eval"],
         "before": st["before"], "after": after, "output": str(product), "threads": torch.get_num_threads(),
     }
     atomic_write_json(out / "summary.json", summary)
