@@ -99,10 +99,38 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint so the log matches the run."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    """On resume, drop records written after the checkpoint (and a line cut by a kill) from the log."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the last line of a process killed mid-write
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def check_space(out: Path, model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints and the result (known up front)."""
+    import shutil
+
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    # a checkpoint holds the parameters and two AdamW moments; keep+1 exist while the newest is written
+    need = trainable * 3 * (cfg.keep_checkpoints + 1) + trainable
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise TrainingError(f"--out {out}: {free / 2**20:.0f} MiB free, but checkpoints and the result need about "
+                            f"{need / 2**20:.0f} MiB; free space, lower --keep-checkpoints, or choose another --out")
+
+
+def _clean_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Remove temporary directories left by a checkpoint write that was killed."""
+    import shutil
+
+    for tmp in ckpt_dir.glob(".step-*") if ckpt_dir.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def score(model, tokenizer, path: Path | None, cfg: TrainConfig, progress: bool = True) -> dict[str, Any] | None:
@@ -231,6 +259,8 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
     train_ds = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len)
     eval_ds = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len) if eval_examples else None
     if info.main:
+        check_space(out, model, cfg)
+        _clean_partial_checkpoints(out / "checkpoints")
         save_recipe(cfg, out / "config.yaml")
     model = wrap(model, info, cfg.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
