@@ -131,8 +131,8 @@ def _combine_factors(parts: list[tuple[float, torch.Tensor, torch.Tensor]], meth
         if len(ranks) != 1:
             raise AdapterError(f"combine(method='linear') needs adapters of equal rank, got ranks {sorted(ranks)}; "
                                "use method='cat' or 'svd'")
-        a = sum(abs(w) ** 0.5 * a for w, a, _ in parts)
-        b = sum((1 if w >= 0 else -1) * abs(w) ** 0.5 * b for w, _, b in parts)
+        a = sum((1 if w >= 0 else -1) * abs(w) ** 0.5 * a for w, a, _ in parts)  # sign on A, as PEFT
+        b = sum(abs(w) ** 0.5 * b for w, _, b in parts)
         return a, b
     delta = sum(w * (b @ a) for w, a, b in parts)  # (out, in)
     rank = min(rank or max(a.shape[0] for _, a, _ in parts), *delta.shape)
@@ -153,6 +153,11 @@ def combine(model: nn.Module, weights: dict[str, float], new_name: str, method: 
             ranks; only exact for a single adapter) or "svd" (truncated SVD of the summed ΔW).
         rank: for "svd", the rank to keep (default: the largest input rank).
     """
+    from .inject import check_adapter_name
+
+    check_adapter_name(new_name)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise AdapterError(f"rank must be an integer >= 1 (or None for the largest input rank), got {rank!r}")
     if method not in COMBINE_METHODS:
         raise AdapterError(f"unknown combine method {method!r}; choose one of {COMBINE_METHODS}")
     if not weights:

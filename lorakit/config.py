@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,12 +94,12 @@ class LoraConfig:
         self.layers_to_transform = _layers(self.layers_to_transform)
         if isinstance(self.layers_pattern, (list, tuple)):
             self.layers_pattern = _str_list("layers_pattern", self.layers_pattern)
-        for key, value in dict(self.rank_pattern or {}).items():
-            _check_rank(f"rank_pattern[{key!r}]", value)
-        for key, value in dict(self.alpha_pattern or {}).items():
-            _check_alpha(f"alpha_pattern[{key!r}]", value)
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.rank_pattern = _patterns("rank_pattern", self.rank_pattern, _check_rank)
+        self.alpha_pattern = _patterns("alpha_pattern", self.alpha_pattern, _check_alpha)
+        for what in ("target_modules", "exclude_modules"):
+            value = getattr(self, what)
+            if isinstance(value, str) and value != ALL_LINEAR:
+                _compile(what, value)
 
     # ---- adapter_config.json -------------------------------------------------------------
 
@@ -130,10 +131,6 @@ class LoraConfig:
         if unknown:
             warnings.warn(f"{source}: ignoring keys lorakit does not know: {', '.join(unknown)}", stacklevel=2)
         kwargs = {k: v for k, v in data.items() if k in known}
-        if "rank_pattern" in kwargs and kwargs["rank_pattern"] is None:
-            kwargs["rank_pattern"] = {}
-        if "alpha_pattern" in kwargs and kwargs["alpha_pattern"] is None:
-            kwargs["alpha_pattern"] = {}
         try:
             return cls(**kwargs)
         except TypeError as exc:  # a wrong-typed field that slipped past the checks
@@ -161,12 +158,30 @@ def scaling_of(r: int, lora_alpha: float, use_rslora: bool) -> float:
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
-    import re
-
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def _compile(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _patterns(what: str, value: Any, check) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping {{regex: value}}, got {type(value).__name__} {value!r}")
+    for key, v in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{what} keys must be non-empty regex strings, got {key!r}")
+        _compile(f"{what} key", key)
+        check(f"{what}[{key!r}]", v)
+    return dict(value)
 
 
 def _check_rank(what: str, value: Any) -> None:

@@ -231,6 +231,12 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def check_adapter_name(name) -> None:
+    """An adapter name is a key in module dicts and state-dict paths: non-empty, no '.'."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
 def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, activate: bool = True) -> nn.Module:
     """Add adapter ``adapter_name`` to the modules ``cfg`` targets, in place.
 
@@ -246,8 +252,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
     Returns:
         The same model object.
     """
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise AdapterError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}; "
                            "delete_adapter it first or pick another name")
@@ -272,6 +277,14 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
 
         set_active(model, [adapter_name])
     return model
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter that is not a LoRA factor or a modules_to_save copy (as PEFT does)."""
+    own = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".modules_to_save.")
+    for name, p in model.named_parameters():
+        if not any(mark in f".{name}" for mark in own):
+            p.requires_grad_(False)
 
 
 def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:

@@ -22,7 +22,14 @@ from .adapters import lora_layers, set_active
 from .config import LoraConfig
 from .errors import AdapterError, AdapterFormatError, ConfigError, ShapeMismatchError
 from .fileio import PICKLE_SUFFIXES, atomic_write_text, read_safetensors, save_safetensors
-from .inject import _matches_list, adapter_names, candidate_modules, module_kind, set_requires_grad
+from .inject import (
+    _matches_list,
+    adapter_names,
+    candidate_modules,
+    freeze_base,
+    module_kind,
+    set_requires_grad,
+)
 from .layer import LoraLayer, LoraLinear, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -33,8 +40,16 @@ _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 def to_peft_key(key: str, adapter_name: str) -> str:
-    """Model state-dict key → PEFT file key: drop the adapter name, prefix ``base_model.model.``."""
-    return PREFIX + key.replace(f".{adapter_name}.", ".").removesuffix(f".{adapter_name}")
+    """Model state-dict key → PEFT file key: drop the adapter name, prefix ``base_model.model.``.
+
+    Only the name's own slot is removed (after lora_A/lora_B/modules_to_save, or ending an
+    embedding factor), so an adapter named like a path component ("0", "layers") is safe.
+    """
+    name = re.escape(adapter_name)
+    key = re.sub(rf"\.(lora_A|lora_B)\.{name}\.", r".\1.", key)
+    key = re.sub(rf"\.modules_to_save\.{name}\.", ".", key)
+    key = re.sub(rf"\.(lora_embedding_A|lora_embedding_B)\.{name}$", r".\1", key)
+    return PREFIX + key
 
 
 def from_peft_key(key: str, adapter_name: str, save_paths: set[str]) -> str:
@@ -342,6 +357,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     Returns:
         The same model object.
     """
+    from .inject import check_adapter_name
+
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}; "
                            "delete_adapter it first or load under another name")
@@ -364,9 +382,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     except BaseException:
         _rollback(model, adapter_name, modules)
         raise
-    if is_trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    freeze_base(model)
     set_requires_grad(model, [adapter_name], is_trainable)
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), adapter_name: cfg}
     if activate:

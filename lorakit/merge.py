@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters import _require, active_adapters, lora_layers
+from .errors import AdapterError
 from .inject import candidate_modules
 from .layer import LoraLayer, ModulesToSave
 
@@ -23,8 +24,25 @@ def merge(model: nn.Module, names: list[str] | str | None = None) -> None:
     """
     names = active_adapters(model) if names is None else ([names] if isinstance(names, str) else list(names))
     _require(model, names)
+    _refuse_shared_weights(model, names)
     for _, layer in lora_layers(model):
         layer.merge(names)
+
+
+def _refuse_shared_weights(model: nn.Module, names: list[str]) -> None:
+    """Merging into a weight another module shares (tied embeddings) would change that module too."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for lname, layer in lora_layers(model):
+        if not set(names) & set(layer.adapters) or set(layer.merged) >= set(names) & set(layer.adapters):
+            continue
+        shared = owners.get(id(layer.base_layer.weight), [])
+        if len(shared) > 1:
+            raise AdapterError(f"cannot merge into {lname}: its weight is shared with "
+                               f"{', '.join(n for n in shared if not n.startswith(lname + '.'))} (tied embeddings), "
+                               "so merging would change that module too. Untie the weights first "
+                               "(e.g. clone lm_head.weight) or keep the adapter unmerged.")
 
 
 def unmerge(model: nn.Module) -> None:
