@@ -24,6 +24,7 @@ from .inject import Target, inject, plan_injection
 from .io import load_adapter, read_adapter, save_adapter
 from .layer import LoraEmbedding, LoraLinear, ModulesToSave
 from .merge import merge, merge_and_unload, merged_adapters, unmerge
+from .mixed import mixed_batch
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,6 @@ __all__ = [
     "AdapterError", "AdapterFormatError", "ConfigError", "DataError", "LoraConfig", "LoraEmbedding",
     "LoraLinear", "LorakitError", "ModelLoadError", "ModulesToSave", "ShapeMismatchError", "Target",
     "TargetError", "TrainableReport", "active_adapters", "combine", "delete_adapter", "inject",
-    "list_adapters", "load_adapter", "merge", "merge_and_unload", "merged_adapters", "plan_injection",
-    "read_adapter", "save_adapter", "set_active", "trainable_report", "unmerge",
+    "list_adapters", "load_adapter", "merge", "merge_and_unload", "merged_adapters", "mixed_batch",
+    "plan_injection", "read_adapter", "save_adapter", "set_active", "trainable_report", "unmerge",
 ]

@@ -43,6 +43,8 @@ class LoraLayer(nn.Module):
         self.adapters: dict[str, Adapter] = {}
         self.active: list[str] = []
         self.merged: list[str] = []  # adapters whose delta is currently added into base_layer.weight
+        self.mixed = None  # inside lorakit.mixed_batch: callable x -> per-row delta (see mixed.py)
+        self.stack_cache = None  # mixed.py's stacked factors; dropped whenever the adapter set changes
         base_layer.requires_grad_(False)
 
     # ---- adapters ------------------------------------------------------------------------
@@ -52,6 +54,7 @@ class LoraLayer(nn.Module):
         if name in self.adapters:
             raise AdapterError(f"adapter {name!r} already exists in this layer; delete it first")
         self.adapters[name] = spec
+        self.stack_cache = None
         self._create_weights(name, spec.r)
         self.reset_adapter(name, init)
 
@@ -59,6 +62,7 @@ class LoraLayer(nn.Module):
         if name in self.merged:
             raise AdapterError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
         self.adapters.pop(name)
+        self.stack_cache = None
         self._delete_weights(name)
         self.active = [a for a in self.active if a != name]
 
@@ -142,6 +146,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.mixed is not None:  # a mixed batch: row i runs with its own adapter (lorakit.mixed)
+            return result + self.mixed(x).to(result.dtype)
         for name in self._unmerged_active():
             spec, lora_a, lora_b = self.adapters[name], self.lora_A[name], self.lora_B[name]
             h = x.to(lora_a.weight.dtype)
@@ -186,6 +192,8 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.mixed is not None:  # a mixed batch: row i runs with its own adapter (lorakit.mixed)
+            return result + self.mixed(x).to(result.dtype)
         base = self.base_layer
         for name in self._unmerged_active():
             spec, a, b = self.adapters[name], self.lora_embedding_A[name], self.lora_embedding_B[name]

@@ -88,13 +88,14 @@ def char_tokenizer():
     """A character-level tokenizer (printable ASCII + newline) with ChatML specials, built in memory."""
     import string
 
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
     chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + chars)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()  # characters join back without spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=["<|im_start|>"],
                                    chat_template=CHATML)
