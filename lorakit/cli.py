@@ -40,15 +40,10 @@ def _is_regex(s: str) -> bool:
 
 
 def meta_model(spec: str):
-    """Build a model of ``spec``'s architecture on the meta device: no memory, no weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Build ``spec``'s architecture (preset | config.json | model spec) on the meta device: no memory, no weights."""
+    from .count import meta_model as build
 
-    from .models import load_config
-
-    config = load_config(spec)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    return build(spec)
 
 
 # ---- verbs --------------------------------------------------------------------------------------
@@ -274,6 +269,69 @@ def _add_analysis_verbs(sub) -> None:
     p.set_defaults(func=cmd_extract)
 
 
+def cmd_count(args: argparse.Namespace) -> int:
+    """Exact LoRA parameter count and adapter file size (meta device), or the formula for one --shape."""
+    from .count import count_spec, format_count, format_shape, parse_shape, shape_count
+    from .errors import ConfigError
+
+    if (args.model is None) == (args.shape is None):
+        raise ConfigError("give a model (preset, config.json or model spec) or --shape DxK, one of the two")
+    if args.shape is not None:
+        view = shape_count(*parse_shape(args.shape), args.r)
+        print(json.dumps(view, indent=2) if args.json else format_shape(view))
+        return 0
+    report = count_spec(args.model, lora_config_from_args(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_count(report, args.model))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Memory, FLOPs, time and cost of full fine-tuning vs LoRA vs LoRA on a 4-bit base."""
+    from .count import count_model
+    from .gpus import parse_count, select_gpus
+    from .plan import PlanInputs
+    from .plan_report import build_plan, format_plan
+
+    inputs = PlanInputs(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
+                        grad_checkpointing=args.grad_checkpointing, label_fraction=args.label_fraction,
+                        padded=not args.no_padding)
+    model, cfg = meta_model(args.model), lora_config_from_args(args)
+    doc = build_plan(model, count_model(model, cfg), inputs, select_gpus(args.gpus, args.price),
+                     parse_count(args.tokens), args.mfu, cfg.lora_dropout)
+    print(json.dumps(doc, indent=2) if args.json else format_plan(doc, args.model, args.explain))
+    return 0
+
+
+def _add_planner_verbs(sub) -> None:
+    spec = "preset (llama-2-7b, qwen2-0.5b, ...), a config.json, or a model spec"
+    p = sub.add_parser("count", help="exact LoRA parameter count and adapter size, no weights needed")
+    p.add_argument("model", nargs="?", default=None, help=spec)
+    p.add_argument("--shape", default=None, metavar="DxK", help="the formula for one d×k matrix instead")
+    add_lora_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("plan", help="memory / FLOPs / time / cost: full FT vs LoRA vs 4-bit base, per GPU")
+    p.add_argument("model", help=spec)
+    add_lora_args(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence after padding")
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--label-fraction", type=float, default=1.0, help="share of positions with a loss (logits "
+                   "are computed there only)")
+    g.add_argument("--no-padding", action="store_true", help="sequences in a batch have equal length")
+    g.add_argument("--tokens", default="100M", help="tokens to train on, e.g. 2e9, 500M (default 100M)")
+    g.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    g.add_argument("--gpus", nargs="+", default=None, help="GPU presets (default: all)")
+    g.add_argument("--price", nargs="+", default=None, metavar="[GPU=]USD", help="price per GPU-hour")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--explain", action="store_true", help="print each row's formula")
+    p.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit for PyTorch")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -325,7 +383,58 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
             p.set_defaults(func=cmd_generate)
     _add_analysis_verbs(sub)
+    _add_serve_verb(sub)
+    _add_planner_verbs(sub)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a base model and its adapters over an OpenAI-compatible HTTP API until interrupted."""
+    import uvicorn
+
+    from .errors import ConfigError
+    from .serve.app import create_app
+    from .serve.engine import Limits, engine_from_spec
+
+    adapters: dict[str, str] = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in adapters:
+            raise ConfigError(f"--adapter {item!r}: give NAME=DIR, each name once")
+        adapters[name] = path
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise ConfigError(f"--adapter-root {args.adapter_root}: not a directory")
+    limits = Limits(**{k: v for k, v in vars(args).items() if k in Limits.__dataclass_fields__ and v is not None})
+    engine = engine_from_spec(args.model, adapters, name=args.served_model_name, limits=limits,
+                              dtype=args.dtype, device=args.device)
+    print(f"lorakit serve: {engine.name} with adapters {list(adapters) or 'none'} on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(engine, args.adapter_root), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _add_serve_verb(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base model, many adapters, batched")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model spec (default: the embedded model)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="adapter to load at start (repeatable); requests select it with \"model\": NAME")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="POST /v1/adapters may load only directories inside DIR (omit: no runtime loading)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="id of the base model (default: the spec's name)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    g = p.add_argument_group("limits (defaults: lorakit.serve.Limits)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (2048)")
+    g.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for (512)")
+    g.add_argument("--max-adapters", type=int, default=None,
+                   help="adapters held at once; the least recently used idle one is unloaded past it (16)")
+    g.add_argument("--max-batch-size", type=int, default=None, help="requests generated together at most (8)")
+    g.add_argument("--batch-window-ms", type=float, default=None,
+                   help="how long to wait for more requests to batch with the first (10)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:
