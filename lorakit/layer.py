@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import scaling_of
 from .errors import AdapterError
+from .ops import dropout_linear
 
 
 @dataclass
@@ -149,11 +150,11 @@ class LoraLinear(LoraLayer):
         if self.mixed is not None:  # a mixed batch: row i runs with its own adapter (lorakit.mixed)
             return result + self.mixed(x).to(result.dtype)
         for name in self._unmerged_active():
-            spec, lora_a, lora_b = self.adapters[name], self.lora_A[name], self.lora_B[name]
-            h = x.to(lora_a.weight.dtype)
-            if spec.dropout > 0 and self.training:
-                h = F.dropout(h, spec.dropout, training=True)
-            result = result + (lora_b(lora_a(h)) * spec.scaling).to(result.dtype)
+            spec, a, b = self.adapters[name], self.lora_A[name].weight, self.lora_B[name].weight
+            h = x.to(a.dtype)
+            # dropout_linear = linear(dropout(h), A) without storing the dropped copy of h
+            h = dropout_linear(h, a, spec.dropout) if spec.dropout > 0 and self.training else F.linear(h, a)
+            result = result + F.linear(h * spec.scaling, b).to(result.dtype)  # scale the rank-r side: cheaper
         return result
 
 
