@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from .errors import AdapterFormatError
 
@@ -29,12 +29,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temp file the permissions a plain open() would (mkstemp makes it 0600), then rename."""
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -56,9 +68,26 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
-    """Serialise ``tensors`` (made contiguous, on CPU) to ``path`` atomically."""
+    """Serialise ``tensors`` (made contiguous, on CPU) to ``path`` atomically.
+
+    Written straight to a temp file (not built in memory first), so saving a full model's
+    checkpoint does not briefly double the process's memory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def refuse_pickle(path: str | os.PathLike) -> None:
