@@ -294,7 +294,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     inputs = PlanInputs(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
                         grad_checkpointing=args.grad_checkpointing, label_fraction=args.label_fraction,
-                        padded=not args.no_padding)
+                        padded=not args.no_padding, nproc=args.nproc, fsdp=args.fsdp)
     model, cfg = meta_model(args.model), lora_config_from_args(args)
     doc = build_plan(model, count_model(model, cfg), inputs, select_gpus(args.gpus, args.price),
                      parse_count(args.tokens), args.mfu, cfg.lora_dropout)
@@ -323,6 +323,10 @@ def _add_planner_verbs(sub) -> None:
     g.add_argument("--label-fraction", type=float, default=1.0, help="share of positions with a loss (logits "
                    "are computed there only)")
     g.add_argument("--no-padding", action="store_true", help="sequences in a batch have equal length")
+    g.add_argument("--nproc", type=int, default=1, help="devices in a torchrun job: memory is per device, "
+                   "--batch-size is the global batch")
+    g.add_argument("--fsdp", action="store_true", help="with --nproc: FSDP2 shards weights, gradients and "
+                   "optimizer state (default: DDP replicates them)")
     g.add_argument("--tokens", default="100M", help="tokens to train on, e.g. 2e9, 500M (default 100M)")
     g.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     g.add_argument("--gpus", nargs="+", default=None, help="GPU presets (default: all)")

@@ -74,6 +74,11 @@ class PlanInputs:
         padded: batches are right-padded (lorakit's collate): SDPA then gets a mask.
         device: "cuda" (AdamW's foreach path: one temporary the size of all trainable parameters) or
             "cpu" (per-tensor path: two temporaries the size of the largest trainable tensor).
+        nproc: processes (devices) in a torchrun job; batch_size is the global batch, each device
+            gets ceil(batch_size / nproc) rows of it, as lorakit's trainer splits it.
+        fsdp: FSDP2 shards weights, gradients and optimizer state over the nproc devices (one
+            block is gathered whole at a time); otherwise DDP replicates them and adds its
+            gradient buckets (a second copy of the trainable gradients).
     """
 
     batch_size: int = 8
@@ -84,13 +89,15 @@ class PlanInputs:
     label_fraction: float = 1.0
     padded: bool = True
     device: str = "cuda"
+    nproc: int = 1
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("batch_size", "seq_len"):
+        for name in ("batch_size", "seq_len", "nproc"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -104,15 +111,20 @@ class PlanInputs:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def rows(self) -> int:
+        """Sequences per device: each process takes its share of the global batch."""
+        return -(-self.batch_size // self.nproc)
+
+    @property
     def tokens(self) -> int:
-        return self.batch_size * self.seq_len
+        return self.rows * self.seq_len
 
     @property
     def logit_positions(self) -> int:
         """B·K: lorakit asks for logits at the K labelled positions, or all T when every one is."""
         if self.label_fraction >= 1:
             return self.tokens
-        return self.batch_size * max(1, round(self.label_fraction * (self.seq_len - 1)))
+        return self.rows * max(1, round(self.label_fraction * (self.seq_len - 1)))
 
 
 @dataclass
@@ -296,6 +308,9 @@ def _mode_rows(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropo
         optim = Row(4 * states * lora, f"{states}·4·N_lora ({inp.optimizer} state in fp32)")
         largest = 4 * max((max(t.shape) * t.r for t in count.targets), default=0)
         trainable_bytes, head_grad = 4 * lora, 0
+    weights, grads, optim = _distribute(arch, inp, weights, grads, optim)
+    if inp.fsdp:  # the optimizer step works on this device's shards only
+        trainable_bytes, largest = trainable_bytes / inp.nproc, largest / inp.nproc
     acts = _activations(arch, count, inp, mode, dropout)
     logits = _logits(arch, inp, mode)
     temp = 0 if states == 0 else (trainable_bytes if inp.device == "cuda" else 2 * largest)
@@ -307,6 +322,20 @@ def _mode_rows(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropo
                f"{_gib(temp)} = {_gib(end)})")
     return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts,
             "logits": logits, "peak": peak}
+
+
+def _distribute(arch: Arch, inp: PlanInputs, weights: Row, grads: Row, optim: Row) -> tuple[Row, Row, Row]:
+    """Per-device weights, gradients and optimizer state under DDP or FSDP (unchanged for one process)."""
+    n = inp.nproc
+    if n == 1:
+        return weights, grads, optim
+    if not inp.fsdp:
+        return weights, Row(2 * grads.bytes, f"2 × ({grads.formula}): DDP's gradient buckets copy them"), optim
+    block = (arch.params - arch.head) / arch.layers * inp.e
+    return (Row(weights.bytes / n + block, f"({weights.formula}) / {n} devices + one block gathered whole "
+                f"({block / 2**20:,.0f} MiB)"),
+            Row(grads.bytes / n, f"({grads.formula}) / {n} devices"),
+            Row(optim.bytes / n, f"({optim.formula}) / {n} devices"))
 
 
 def _activations(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropout: float) -> Row:

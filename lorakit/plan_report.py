@@ -69,7 +69,9 @@ def _gpu_entry(gpu: GPU, memory, per_token: dict, tokens: float, dtype: str, mfu
     modes = {}
     for mode in MODES:
         compute = "bfloat16" if mode == "qlora" and dtype == "float32" else dtype
-        modes[mode] = {"fits": fits(memory.total(mode), gpu), **run_cost(per_token[mode], tokens, gpu, compute, mfu)}
+        cost = run_cost(per_token[mode], tokens, gpu, compute, mfu)
+        n = memory.inputs.nproc  # n devices share the tokens: the wall time divides, the GPU-hours do not
+        modes[mode] = {"fits": fits(memory.total(mode), gpu), "hours": cost["hours"] / n, "cost_usd": cost["cost_usd"]}
     return {"name": gpu.name, "memory_gib": gpu.memory_gib, "tflops": gpu.tflops(dtype),
             "price_per_hour": gpu.price_per_hour, "note": gpu.note, "modes": modes}
 
@@ -87,7 +89,9 @@ def format_plan(doc: dict, title: str = "", explain: bool = False) -> str:
              f"LoRA: {lo['trainable']:,} trainable in {lo['modules']} modules ({lo['percent']:.4f}%)",
              f"batch {i['batch_size']} x seq {i['seq_len']}, {i['dtype']}, {i['optimizer']}, gradient "
              f"checkpointing {'on' if i['grad_checkpointing'] else 'off'}, labelled share {i['label_fraction']:g}, "
-             f"{'padded' if i['padded'] else 'unpadded'} batches", ""]
+             f"{'padded' if i['padded'] else 'unpadded'} batches"
+             + (f"; {i['nproc']} devices ({'FSDP' if i['fsdp'] else 'DDP'}): memory per device, "
+                f"{-(-i['batch_size'] // i['nproc'])} rows each, hours are wall time" if i["nproc"] > 1 else ""), ""]
     lines.append(f"{'memory (GiB)':<20}" + "".join(f"{TITLES[m]:>16}" for m in MODES))
     for row, label in ROWS:
         lines.append(f"{label:<20}" + "".join(f"{_gib(doc['memory'][m][row]):>16}" for m in MODES))

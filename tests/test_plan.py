@@ -208,3 +208,27 @@ def test_a_model_without_a_transformers_config_is_refused():
 
     with pytest.raises(ConfigError, match="TinyTTS: the planner reads hidden_size"):
         read_arch(tiny_tts())
+
+
+def test_nproc_ddp_and_fsdp_per_device_memory():
+    """DDP: each device holds everything plus gradient buckets and 1/N of the batch; FSDP: 1/N of the states."""
+    import lorakit as lk
+    from lorakit.count import count_model, meta_model
+    from lorakit.plan import PlanInputs, plan_memory, read_arch
+
+    model = meta_model("llama-2-7b")
+    count = count_model(model, lk.LoraConfig(r=8, target_modules="all-linear"))
+    arch = read_arch(model)
+    one = plan_memory(arch, count, PlanInputs(batch_size=8, seq_len=512))
+    ddp = plan_memory(arch, count, PlanInputs(batch_size=8, seq_len=512, nproc=4))
+    fsdp = plan_memory(arch, count, PlanInputs(batch_size=8, seq_len=512, nproc=4, fsdp=True))
+    rows = lambda p, m: {k: v[m].bytes for k, v in p.rows.items()}  # noqa: E731
+    for mode in ("full", "lora"):
+        a, d, f = rows(one, mode), rows(ddp, mode), rows(fsdp, mode)
+        assert d["weights"] == a["weights"] and d["optimizer"] == a["optimizer"]
+        assert d["gradients"] == 2 * a["gradients"]
+        assert abs(d["activations"] - a["activations"] / 4) < 1e-6 * a["activations"]  # 2 rows instead of 8
+        block = (arch.params - arch.head) / arch.layers * 2
+        assert f["weights"] == a["weights"] / 4 + block
+        assert f["gradients"] == a["gradients"] / 4 and f["optimizer"] == a["optimizer"] / 4
+    assert fsdp.total("full") < ddp.total("full")
