@@ -1,0 +1,188 @@
+"""Figure 2: peak memory of a training step, over the loaded model, lorakit vs PEFT vs full fine-tuning.
+
+On CPU each case runs in its own fresh process, so one case's freed memory cannot hide another's
+peak: a worker process imports torch, transformers, peft and lorakit once, then forks one child per
+case (the worker itself never loads a model or runs a tensor op). On CUDA the worker runs the cases
+one after the other itself (allocated bytes do not depend on history, and a forked child cannot use
+CUDA once its parent touched it). Each case loads the model, builds the competitor and the batch,
+then measures two training steps (the first creates the AdamW state):
+
+- CPU: peak resident memory. The weights are made resident first (workload.load copies them out of
+  the mmapped checkpoint), and the high-water mark is reset after loading (/proc/self/clear_refs, so
+  the loading's transient peak is not counted); increase = VmHWM after the steps − VmRSS before them.
+- CUDA: torch.cuda.max_memory_allocated after the steps − memory_allocated before them.
+
+Usage of the worker (internal): ``python -m bench.step_memory --worker < spec.json``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from .common import ROOT, Context, fmt_mb, target
+
+NAME, FIGURE, TITLE = "step_memory", 2, "Peak memory of a training step"
+WHAT = ("Peak memory during two training steps minus the memory of the loaded model (with its adapter), "
+        "each case in a fresh process. Same model, batch, loss and AdamW as figure 1. Ratios < 1: lorakit "
+        "needs less.")
+STEPS = 2
+# glibc raises its mmap threshold after each large free, so later tensors land in the heap and RSS
+# follows allocation history rather than live memory; a fixed threshold keeps every tensor above
+# 128 KiB in its own mapping, returned to the system when freed.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def _status_kb(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def _measure(ctx: Context, kind: str, p: float) -> dict:
+    """One case: load, build, reset the peak, run STEPS steps, report bytes."""
+    import torch
+
+    from . import workload
+
+    torch.set_num_threads(ctx.threads)
+    model, tok = workload.load(ctx.model)
+    ctx._cache.update(model=model, tokenizer=tok)
+    model = workload.competitor(kind, ctx, p, model.to(ctx.device))
+    batch = workload.to_device(workload.text_batch(ctx), ctx)
+    step = workload.train_step(model, batch, ctx)
+    # Page in the code and scratch a forward + backward touches the first time (kernels, allocator
+    # arenas: ~300 MiB on CPU, the same for every case) with one short row, gradients dropped after.
+    workload.plain_loss(model, {k: v[:1, :8] for k, v in batch.items()}).backward()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    cuda = ctx.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_kb("VmRSS") * 1024
+    for _ in range(STEPS):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kb("VmHWM") * 1024
+    n_params = sum(t.numel() for t in model.parameters())
+    trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    inputs = sum(m.in_features for m in adapted)  # PEFT's and lorakit's LoRA Linear both know in_features
+    return {"before": before, "peak": peak, "increase": peak - before, "params": n_params, "trainable": trainable,
+            "adapted_linears": len(adapted), "adapted_input_floats_per_token": inputs,
+            "loss": [float(x) for x in step.losses]}
+
+
+def _case(ctx: Context, label: str, kind: str, p: float) -> dict:
+    try:
+        return {"label": label, **_measure(ctx, kind, p)}
+    except Exception as exc:  # reported to the parent process, which raises with it
+        return {"label": label, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _in_child(ctx: Context, label: str, kind: str, p: float) -> str:
+    """Run one case in a forked child; its JSON comes back through a pipe."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.write(write, json.dumps(_case(ctx, label, kind, p)).encode())
+        os._exit(0)  # the child must never return into the worker's loop
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    return text or json.dumps({"label": label, "error": f"child died (wait status {status})"})
+
+
+def worker() -> None:
+    """Read the spec from stdin, run each case (CPU: in a forked child), print one JSON line per case."""
+    import peft  # noqa: F401  (imported once here, before the forks)
+    import torch
+    import transformers  # noqa: F401
+
+    import lorakit  # noqa: F401
+
+    from .workload import preload
+
+    spec = json.load(sys.stdin)
+    cfg = spec["context"]
+    preload(cfg["model"])
+    ctx = Context(**{**cfg, "dropouts": tuple(cfg["dropouts"]), "infer_batches": tuple(cfg["infer_batches"])})
+    for label, kind, p in spec["cases"]:
+        if ctx.device.startswith("cuda"):
+            print(json.dumps(_case(ctx, label, kind, p)), flush=True)
+            ctx._cache.clear()  # the next case starts from an empty GPU
+            gc.collect()
+            torch.cuda.empty_cache()
+        else:
+            print(_in_child(ctx, label, kind, p), flush=True)
+
+
+def _run_worker(ctx: Context, cases, log) -> dict[str, dict]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *[p for p in sys.path if p]]), **MALLOC_ENV}
+    spec = {"context": ctx.config(), "cases": cases}
+    proc = subprocess.run([sys.executable, "-m", "bench.step_memory", "--worker"], input=json.dumps(spec),
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            found[row["label"]] = row
+            log("  " + (f"{row['label']}: +{fmt_mb(row['increase'])}" if "error" not in row else line))
+    if proc.returncode or len(found) != len(cases) or any("error" in r for r in found.values()):
+        raise RuntimeError(f"memory worker failed (exit {proc.returncode}): {proc.stderr[-2000:]}\n{found}")
+    return found
+
+
+def run(ctx: Context, done: dict, log) -> dict:
+    from .workload import training_cases
+
+    cases = training_cases(ctx)
+    rows_data = _run_worker(ctx, cases, log)
+    inc = {label: row["increase"] for label, row in rows_data.items()}
+    tokens = ctx.batch * ctx.seq
+    rows = []
+    for label, row in rows_data.items():
+        vs_peft = ""
+        if label.startswith("lorakit"):
+            vs_peft = f"**{inc[label] / inc['peft' + label.removeprefix('lorakit')]:.3f}**"
+        rows.append([label, fmt_mb(row["increase"]), vs_peft,
+                     "" if label == "full" else f"{inc[label] / inc['full']:.3f}",
+                     fmt_mb(row["before"]), f"{row['trainable']:,}"])
+    targets = []
+    for p in [q for q in ctx.dropouts if q > 0]:
+        lk, pf = inc[f"lorakit p={p:g}"], inc[f"peft p={p:g}"]
+        copy_mb = rows_data[f"lorakit p={p:g}"]["adapted_input_floats_per_token"] * tokens * 4
+        why = (f"dropout adds {fmt_mb(lk - inc.get('lorakit p=0', lk))} to lorakit's peak "
+               f"(PEFT: {fmt_mb(pf - inc.get('peft p=0', pf))}); one fp32 dropped copy of every adapted "
+               f"Linear's input for this batch is {fmt_mb(copy_mb)}")
+        targets.append(target(f"step peak memory, lorakit / PEFT at dropout {p:g}", lk / pf, 0.85, why))
+    what = "peak RSS (VmHWM) − RSS" if ctx.device == "cpu" else "max_memory_allocated − memory_allocated"
+    table = {"caption": f"{what}; text batch {ctx.batch}×{ctx.seq}, {STEPS} steps (the first creates AdamW's state)",
+             "columns": ["competitor", "peak increase", "lorakit / PEFT", "/ full FT", "loaded model", "trainable params"],
+             "rows": rows}
+    notes = [f"Measured once per case, each in a fresh process ({what} does not vary like time does; glibc's "
+             "mmap threshold is fixed at 128 KiB there, so RSS follows live tensors rather than allocation history).",
+             "full FT's increase holds its gradients and AdamW's two moments for every parameter."]
+    return {"what": WHAT, "tables": [table], "notes": notes, "targets": targets,
+            "data": {"cases": rows_data, "steps": STEPS, "measure": what}}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        worker()
+        sys.stdout.flush()
+        os._exit(0)  # skip the interpreter's teardown of torch & co. (seconds), nothing is left to clean
+    else:
+        sys.exit("internal worker of bench/step_memory.py; run the suite with: python -m bench.run --only step_memory")

@@ -1,0 +1,112 @@
+"""Figure 1: training step time, lorakit vs PEFT (dropout 0 and 0.05) and full fine-tuning.
+
+A step is zero_grad, forward, loss, backward, AdamW step. Every competitor computes the same loss
+(transformers' ``model(input_ids, labels=labels).loss`` on a text batch with every token labelled),
+so the comparison is about the adapters, not about the loss. A second table times lorakit's own
+trainer loss (evaluate.loss_sum: logits only at labelled positions) on a chat batch whose loss
+covers the answers alone, for full fine-tuning and both adapters at the larger dropout.
+"""
+
+from __future__ import annotations
+
+from .common import Context, alternate, fmt_median, ratio, summary, target
+from .workload import chat_batch, competitor, text_batch, to_device, train_step, trainer_loss, training_cases
+
+NAME, FIGURE, TITLE = "train_step", 1, "Training step time"
+WHAT = ("Seconds per training step (zero_grad, forward, loss, backward, AdamW step). Ratios < 1: lorakit "
+        "is faster. All competitors compute the same loss: transformers' model(input_ids, labels=labels).loss "
+        "on a text batch where every token is labelled, so the difference is the adapters alone.")
+
+
+def measure(ctx: Context, log) -> dict:
+    """Time every training case side by side; shared with figure 3 (lora_vs_full)."""
+    batch = to_device(text_batch(ctx), ctx)
+    steps = {label: train_step(competitor(kind, ctx, p), batch, ctx) for label, kind, p in training_cases(ctx)}
+    log(f"  text batch {tuple(batch['input_ids'].shape)}, competitors: {', '.join(steps)}")
+    samples = alternate(steps, ctx, log=log)
+    first_loss = {label: float(step.losses[0]) for label, step in steps.items()}
+    del steps  # frees the models and optimizer states before the chat row
+    chat = _chat_row(ctx, log)
+    return {"samples": samples, "first_loss": first_loss, "chat": chat,
+            "hidden_size": _config(ctx).hidden_size, "batch_shape": list(batch["input_ids"].shape)}
+
+
+def _config(ctx: Context):
+    return ctx._cache["model"].config
+
+
+def _chat_row(ctx: Context, log) -> dict | None:
+    batch = chat_batch(ctx)
+    if batch is None:
+        return None
+    batch = to_device(batch, ctx)
+    p = max(ctx.dropouts)
+    cases = [("full", "full", 0.0), (f"lorakit p={p:g}", "lorakit", p), (f"peft p={p:g}", "peft", p)]
+    steps = {label: train_step(competitor(kind, ctx, q), batch, ctx, trainer_loss) for label, kind, q in cases}
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    positions = int((batch["labels"][:, 1:] != -100).any(dim=0).sum())
+    log(f"  chat batch {tuple(batch['input_ids'].shape)}: {labelled} labelled tokens at {positions} positions")
+    return {"samples": alternate(steps, ctx, log=log), "dropout": p, "shape": list(batch["input_ids"].shape),
+            "labelled_tokens": labelled, "logit_positions": positions}
+
+
+def _rows(samples: dict, losses: dict | None = None) -> list[list[str]]:
+    rows = []
+    for label, s in samples.items():
+        row = [label, fmt_median(summary(s))]
+        if label.startswith("lorakit"):
+            r = ratio(s, samples["peft" + label.removeprefix("lorakit")])
+            row.append(f"**{r['value']:.3f}** ±{r['noise']:.1%}")
+        else:
+            row.append("")
+        row.append("" if label == "full" else f"{ratio(s, samples['full'])['value']:.3f}")
+        if losses is not None:
+            row.append(f"{losses[label]:.4f}")
+        rows.append(row)
+    return rows
+
+
+def _targets(ctx: Context, samples: dict) -> list[dict]:
+    out = []
+    for p in ctx.dropouts:
+        lk_s, pf_s = samples[f"lorakit p={p:g}"], samples[f"peft p={p:g}"]
+        r = ratio(lk_s, pf_s)
+        limit = 1.0 if p == 0 else 0.85
+        if p > 0 and 0.0 in ctx.dropouts:
+            d_lk = ratio(lk_s, samples["lorakit p=0"])["value"] - 1
+            d_pf = ratio(pf_s, samples["peft p=0"])["value"] - 1
+            at0 = ratio(samples["lorakit p=0"], samples["peft p=0"])["value"]
+            why = (f"dropout p={p:g} adds {d_lk:+.0%} to lorakit's step and {d_pf:+.0%} to PEFT's (vs p=0; "
+                   f"there lorakit / PEFT = {at0:.3f})")
+        else:
+            why = (f"lorakit/full = {ratio(lk_s, samples['full'])['value']:.3f} vs PEFT/full = "
+                   f"{ratio(pf_s, samples['full'])['value']:.3f}: lorakit's adapter path costs more per step")
+        out.append(target(f"train step, lorakit / PEFT at dropout {p:g}", r["value"], limit, why, noise=r["noise"]))
+    return out
+
+
+def run(ctx: Context, done: dict, log) -> dict:
+    data = measure(ctx, log)
+    done["_train_step_data"] = data  # figure 3 reads the same measurements
+    tables = [{"caption": f"Text batch {data['batch_shape'][0]}×{data['batch_shape'][1]}, every token labelled, "
+                          "loss = model(input_ids, labels=labels).loss",
+               "columns": ["competitor", "step (median ±½IQR)", "lorakit / PEFT", "/ full FT", "loss, 1st step"],
+               "rows": _rows(data["samples"], data["first_loss"])}]
+    notes = ["The 1st-step losses agree: B = 0 at init, so every competitor starts as the base model.",
+             "full FT trains all parameters (tied embeddings included) with the same AdamW; it has no LoRA "
+             "dropout, so it is measured once."]
+    chat = data["chat"]
+    if chat:
+        tables.append({"caption": f"Chat batch {chat['shape'][0]}×{chat['shape'][1]} (few-shot date prompts), "
+                                  f"loss on the {chat['labelled_tokens']} answer tokens only, lorakit's trainer "
+                                  f"loss (evaluate.loss_sum: logits at {chat['logit_positions']} positions)",
+                       "columns": ["competitor", "step (median ±½IQR)", "lorakit / PEFT", "/ full FT"],
+                       "rows": _rows(chat["samples"])})
+        notes.append("In the chat table PEFT's model is called through get_base_model(), since PeftModel.forward "
+                     "does not pass logits_to_keep on: all three take the same loss path.")
+    else:
+        notes.append("No chat table: the model has no tokenizer with a chat template.")
+    summaries = {k: summary(v) for k, v in data["samples"].items()}
+    return {"what": WHAT, "tables": tables, "notes": notes, "targets": _targets(ctx, data["samples"]),
+            "data": {"steps": summaries, "first_loss": data["first_loss"],
+                     "chat": chat and {**chat, "samples": {k: summary(v) for k, v in chat["samples"].items()}}}}

@@ -1,0 +1,197 @@
+"""The things being measured: the base model, the batches, and the competitors built on them.
+
+Competitors share model, data and seed: ``lorakit`` (lk.inject), ``peft`` (peft.get_peft_model with
+the same LoraConfig fields) and ``full`` (every parameter trained). All train with AdamW.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import random
+
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.data import collate, load_jsonl, tokenize_examples
+from lorakit.evaluate import loss_sum
+from lorakit.tasks import task_path
+
+from .common import Context
+
+# ---- model -------------------------------------------------------------------------------------
+
+
+def _factory(spec: str) -> tuple[str, str] | None:
+    module, sep, func = spec.partition(":")
+    return (module, func) if sep and module.replace(".", "").replace("_", "").isalnum() else None
+
+
+def preload(spec: str) -> None:
+    """Import what loading ``spec`` needs (the memory worker does it once, before forking)."""
+    factory = _factory(spec)
+    importlib.import_module(factory[0] if factory else "lorakit.models")
+
+
+def load(spec: str):
+    """(model in fp32 eval mode, tokenizer or None) from a load_model spec or a 'module:function' factory."""
+    factory = _factory(spec)
+    if factory:
+        made = getattr(importlib.import_module(factory[0]), factory[1])()
+        model, tok = made if isinstance(made, tuple) else (made, None)
+    else:
+        from lorakit.models import load_model
+
+        model, tok = load_model(spec)
+    with torch.no_grad():  # weights may be lazy views of the mmapped checkpoint: make them resident and
+        for t in (*model.parameters(), *model.buffers()):  # anonymous, or a step's first page-ins count as its memory
+            t.data = t.data.clone()
+    return model.float().eval(), tok
+
+
+def base(ctx: Context) -> nn.Module:
+    """A fresh copy of the base model on ctx.device (the model is loaded once per run)."""
+    if "model" not in ctx._cache:
+        ctx._cache["model"], ctx._cache["tokenizer"] = load(ctx.model)
+    return copy.deepcopy(ctx._cache["model"]).to(ctx.device)
+
+
+def tokenizer(ctx: Context):
+    if "model" not in ctx._cache:
+        base(ctx)
+    return ctx._cache["tokenizer"]
+
+
+def lora_fields(ctx: Context, dropout: float) -> dict:
+    """The LoRA config, as keyword arguments both lk.LoraConfig and peft.LoraConfig accept."""
+    return {"r": ctx.r, "lora_alpha": ctx.lora_alpha, "lora_dropout": dropout, "target_modules": "all-linear"}
+
+
+def make_lorakit(model: nn.Module, ctx: Context, dropout: float, name: str = "default") -> nn.Module:
+    torch.manual_seed(ctx.seed)
+    return lk.inject(model, lk.LoraConfig(**lora_fields(ctx, dropout)), name)
+
+
+def make_peft(model: nn.Module, ctx: Context, dropout: float) -> nn.Module:
+    import peft
+
+    torch.manual_seed(ctx.seed)
+    return peft.get_peft_model(model, peft.LoraConfig(**lora_fields(ctx, dropout)))
+
+
+def make_full(model: nn.Module, ctx: Context) -> nn.Module:
+    return model.requires_grad_(True)
+
+
+def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module | None = None) -> nn.Module:
+    """``model`` (default: a fresh base copy) turned into ``kind`` ("lorakit", "peft" or "full")."""
+    model = base(ctx) if model is None else model
+    if kind == "lorakit":
+        return make_lorakit(model, ctx, dropout)
+    if kind == "peft":
+        return make_peft(model, ctx, dropout)
+    return make_full(model, ctx)
+
+
+def training_cases(ctx: Context) -> list[tuple[str, str, float]]:
+    """(label, kind, dropout): full fine-tuning, then lorakit and PEFT at each dropout."""
+    cases = [("full", "full", 0.0)]
+    for p in ctx.dropouts:
+        cases += [(f"lorakit p={p:g}", "lorakit", p), (f"peft p={p:g}", "peft", p)]
+    return cases
+
+
+# ---- batches -----------------------------------------------------------------------------------
+
+def _date_records() -> list[dict]:
+    return load_jsonl(task_path("dates", "train"))
+
+
+def text_batch(ctx: Context, batch: int | None = None, seq: int | None = None) -> dict[str, torch.Tensor]:
+    """A plain-text LM batch, every token labelled (labels = input_ids): text of the packaged
+    dates task cut into rows, or random ids when the model comes without a tokenizer."""
+    batch, seq = batch or ctx.batch, seq or ctx.seq
+    tok = tokenizer(ctx)
+    if tok is None:
+        vocab = ctx._cache["model"].config.vocab_size
+        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(ctx.seed))
+    else:
+        need, text, ids = batch * seq, [], []
+        for rec in _date_records():
+            text.append(" ".join(m["content"] for m in rec["messages"]))
+            if len(text) % 16 == 0:
+                ids = tok.encode("\n".join(text), add_special_tokens=False)
+                if len(ids) >= need:
+                    break
+        ids = torch.tensor(ids[:need]).view(batch, seq)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def _conversation(shots: list[tuple[str, str]], query: tuple[str, str]) -> dict:
+    lines = [f"{q} -> {a}" for q, a in shots] + [f"{query[0]} ->"]
+    return {"messages": [{"role": "user", "content": "Dates to ISO 8601:\n" + "\n".join(lines)},
+                         {"role": "assistant", "content": query[1]}]}
+
+
+def chat_batch(ctx: Context) -> dict[str, torch.Tensor] | None:
+    """A chat batch as lorakit's trainer sees it: few-shot prompts filling up to ctx.seq tokens,
+    loss only on the assistant's answer (prompt labels -100). None without a chat tokenizer."""
+    tok = tokenizer(ctx)
+    if tok is None or not getattr(tok, "chat_template", None):
+        return None
+    pairs = [(r["messages"][0]["content"].split(": ", 1)[-1], r["messages"][1]["content"]) for r in _date_records()]
+    rng, rows = random.Random(ctx.seed), []
+    for i in range(ctx.batch):
+        query, shots, fits = pairs[i], [], None
+        pool = rng.sample(pairs[ctx.batch:], 64)
+        while pool:
+            candidate = tokenize_examples([_conversation([*shots, pool[-1]], query)], tok, 10**6).examples[0]
+            if len(candidate.input_ids) > ctx.seq:
+                break
+            shots.append(pool.pop())
+            fits = candidate
+        rows.append(fits or tokenize_examples([_conversation([], query)], tok, ctx.seq).examples[0])
+    return collate(rows, tok.pad_token_id)
+
+
+def to_device(batch: dict[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
+    return {k: v.to(ctx.device) for k, v in batch.items()}
+
+
+# ---- steps -------------------------------------------------------------------------------------
+
+def plain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers' own loss: mean next-token cross-entropy over every labelled position."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def trainer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """lorakit's trainer loss (evaluate.loss_sum): logits only where a labelled token is predicted.
+
+    A PeftModel's forward hides ``logits_to_keep`` behind **kwargs, so it gets its inner
+    transformers model (with PEFT's LoRA layers in it): every competitor takes the same path.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss, n = loss_sum(inner, batch)
+    return loss / n
+
+
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context, loss_fn=plain_loss):
+    """A closure doing one AdamW step on ``batch``; its losses collect in ``step.losses``.
+
+    Dropout masks are reseeded per call, so every competitor draws the same random stream.
+    """
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ctx.lr)
+
+    def step() -> None:
+        torch.manual_seed(ctx.seed + len(step.losses))
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        step.losses.append(loss.detach())
+
+    step.losses = []
+    return step

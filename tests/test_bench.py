@@ -1,0 +1,116 @@
+"""The benchmark suite's plumbing (bench/): every figure runs in --quick mode on a tiny random model
+and writes its JSON and the markdown table. No timing is asserted here (DESIGN.md rule 9): speed
+claims live in bench/results/, measured side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_llama
+
+TINY = "test_bench:tiny_chat_model"  # importable by the memory worker too (it inherits sys.path)
+
+
+def tiny_chat_model():
+    tok = char_tokenizer()
+    model = tiny_llama()
+    model.resize_token_embeddings(len(tok))  # the char tokenizer has a few more ids than tiny_llama's 96
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    from bench import run as bench_run
+    from bench.common import Context
+
+    out = tmp_path_factory.mktemp("bench")
+    ctx = Context.quick_run(model=TINY, out=out, repeats=2, seq=128, threads=1, threads_why="test")
+    threads = torch.get_num_threads()
+    try:
+        results = bench_run.run(ctx, command="pytest")
+    finally:
+        torch.set_num_threads(threads)  # the suite sets its own; later tests keep theirs
+    return out, {r["name"]: r for r in results}
+
+
+def test_every_figure_writes_its_json(suite):
+    from bench.common import SCHEMA, read_results
+    from bench.run import NAMES
+
+    out, results = suite
+    assert list(results) == NAMES
+    on_disk = read_results(out)
+    assert set(on_disk) == set(NAMES)
+    for name, r in on_disk.items():
+        assert r == json.loads(json.dumps(results[name], default=str))
+        assert r["schema"] == SCHEMA and r["run"]["quick"] and r["config"]["model"] == TINY
+        assert {"cpu", "torch", "peft", "transformers", "threads", "git_commit"} <= set(r["machine"])
+        assert r["run"]["load"]["min"] <= r["run"]["load"]["max"]
+        for table in r["tables"]:
+            assert table["caption"] and all(len(row) == len(table["columns"]) for row in table["rows"])
+        for t in r["targets"]:
+            assert t["status"] in ("MET", "MISSED") and t["reason"] and t["value"] > 0
+
+
+def test_figures_hold_what_the_issue_asks(suite):
+    _, r = suite
+    steps = r["train_step"]["data"]["steps"]
+    assert set(steps) == {"full", "lorakit p=0", "peft p=0", "lorakit p=0.05", "peft p=0.05"}
+    assert all(s["n"] == 2 and len(s["samples"]) == 2 for s in steps.values())
+    assert len(r["train_step"]["tables"]) == 2  # the plain-loss table and lorakit's trainer loss on chat data
+    assert [t["limit"] for t in r["train_step"]["targets"]] == [1.0, 0.85]
+    mem = r["step_memory"]["data"]["cases"]
+    assert set(mem) == set(steps) and all(c["increase"] > 0 for c in mem.values())
+    assert mem["full"]["trainable"] == mem["full"]["params"] > mem["lorakit p=0"]["trainable"]
+    assert mem["lorakit p=0"]["trainable"] == mem["peft p=0"]["trainable"]
+    assert r["lora_vs_full"]["data"]["limit"] == pytest.approx(2 / 3 + 2 * 8 / 32)
+    assert [t["op"] for t in r["forward_latency"]["targets"]] == ["within", "within"]
+    assert r["adapter_io"]["targets"][0]["limit"] == 0.5
+    assert "CPU only" in r["mixed_throughput"]["skipped"]
+
+
+def test_competitors_compute_the_same_thing(suite):
+    """Sanity, not speed: at B = 0 every competitor starts from the base model's loss, and lorakit
+    and PEFT hold the same adapter in the latency figure."""
+    _, r = suite
+    losses = list(r["train_step"]["data"]["first_loss"].values())
+    assert max(losses) - min(losses) < 1e-5
+    for key, diff in r["forward_latency"]["data"]["batch 1"]["max_abs_logit_diff"].items():
+        assert diff > 1e-3 if key.startswith("adapter effect") else diff < 1e-4, key
+
+
+def test_readme_table(suite):
+    out, results = suite
+    text = (out / "README.md").read_text()
+    assert "QUICK RUN" in text and "## Targets (issue 7)" in text and "| machine |" in text
+    for r in results.values():
+        assert f"## {r['figure']}. {r['title']}" in text
+        assert all(t["what"] in text for t in r["targets"])
+    assert "SKIPPED" in text and (out / ".gitignore").read_text() == "*\n"
+
+
+def test_mixed_figure_from_mixed_batch_results():
+    from bench.mixed_throughput import summarize
+
+    row = {"max_abs_logit_diff_vs_peft": 1e-6, "prefill_tokens_per_s": {"lorakit": 300.0, "peft": 100.0},
+           "decode_tokens_per_s": {"lorakit": 20.0, "peft": 16.0}, "prefill_speedup": 3.0, "decode_speedup": 1.25}
+    res = {"model": "m", "rows": 8, "seq": 64, "rank": 16, "threads": 1, "reps": 5,
+           "mixed": [{**row, "adapters": n} for n in (1, 4, 8)],
+           "latency": {"unmerged_over_base": 1.1, "merged_over_base": 1.0, "base_ms": 100.0}}
+    fig = summarize(res)
+    assert [t["status"] for t in fig["targets"]] == ["MET", "MISSED"]
+    assert len(fig["tables"][0]["rows"]) == 3
+
+
+def test_command_line():
+    from bench.run import parse
+
+    ctx, names = parse(["--quick", "--only", "train_step", "adapter_io", "--repeats", "4", "--threads", "1"])
+    assert names == ["train_step", "adapter_io"] and ctx.quick and ctx.repeats == 4 and ctx.threads == 1
+    assert ctx.out.name == "quick"
+    ctx, names = parse([])
+    assert names is None and ctx.repeats == 5 and ctx.batch == 4 and ctx.seq == 128 and ctx.out.name == "results"
+    with pytest.raises(SystemExit):
+        parse(["--only", "nonsense"])
