@@ -156,3 +156,17 @@ def test_real_smollm2_trains_a_few_steps(tmp_path):
     summary = train(cfg, progress=False)
     assert summary["steps"] == 3 and summary["after"]["n"] == 4
     assert 1.0 < summary["trainable_percent"] < 3.0  # r=8 all-linear on 135M: ~1.8%
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_a_model_dir(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    summary = train(_cfg(tiny_model_dir, tmp_path, max_steps=6, lr=1e-3, full=True), progress=False)
+    assert summary["mode"] == "full" and summary["trainable_percent"] == 100.0
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters(), strict=True)
+               if not torch.equal(a, b)]
+    assert len(changed) == len(list(base.named_parameters()))  # every tensor moved, norms included
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "adapter").exists()
