@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test torture lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ demo: $(STAMP)
 	$(VENV)/bin/lorakit train configs/demo.yaml --out runs/demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check lorakit tests scripts
+	$(VENV)/bin/ruff check lorakit tests scripts bench
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the fault, fuzz and server-load tests at scale (20 kills, 2000+1200 fuzz cases, 32x20 requests; ~2 min)
+torture: $(STAMP)
+	LORAKIT_TORTURE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_io.py tests/test_serve_load.py
 
 bench: $(STAMP)
 	$(PY) -m bench.run

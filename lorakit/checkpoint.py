@@ -66,7 +66,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, params: dict[str, torch.Tensor], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".{old.name}.old")  # renamed first: a kill mid-delete leaves only a dot-dir
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

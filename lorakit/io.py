@@ -365,7 +365,6 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                            "delete_adapter it first or load under another name")
     where = str(path)
     cfg, tensors, metadata = read_adapter(path)
-    _check_metadata(metadata, model, where)
     modules = candidate_modules(model)
     save_paths = {n for n in modules if cfg.modules_to_save and _matches_list(n, cfg.modules_to_save)}
     lora, saves = _split_keys(tensors, modules, save_paths, where)
@@ -377,6 +376,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                                      f"have{_closest(p, modules)}; is it for another base model?")
         _check_factors(p, parts, modules[p], cfg, where)
     _check_saves(saves, modules, where)
+    _check_metadata(metadata, model, where)  # after the shape checks: its warning says the shapes fit
     try:
         _apply(model, adapter_name, cfg, lora, saves, modules)
     except BaseException:

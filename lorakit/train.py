@@ -126,11 +126,15 @@ def check_space(out: Path, model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 
 def _clean_partial_checkpoints(ckpt_dir: Path) -> None:
-    """Remove temporary directories left by a checkpoint write that was killed."""
+    """Remove what a killed checkpoint write or prune left: temp dot-dirs and incomplete step dirs."""
     import shutil
 
-    for tmp in ckpt_dir.glob(".step-*") if ckpt_dir.is_dir() else []:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not ckpt_dir.is_dir():
+        return
+    complete = set(list_checkpoints(ckpt_dir))
+    for path in [*ckpt_dir.glob(".step-*"), *ckpt_dir.glob("step-*")]:
+        if path not in complete:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def score(model, tokenizer, path: Path | None, cfg: TrainConfig, progress: bool = True) -> dict[str, Any] | None:

@@ -20,14 +20,6 @@ import lorakit as lk
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and much faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class One(nn.Module):
     """A model that is a single Linear, so adapter outputs can be computed by hand."""

@@ -18,7 +18,9 @@ from lorakit.recipe import TrainConfig
 from lorakit.train import train
 
 pytestmark = pytest.mark.slow
-STEPS = 40
+TORTURE = os.environ.get("LORAKIT_TORTURE") == "1"  # `make torture`: the same faults at scale
+STEPS = 120 if TORTURE else 40
+KILLS = 20 if TORTURE else 6
 
 
 def _args(model_dir, data, out):
@@ -58,27 +60,41 @@ def test_kill_nine_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     ckpts = out / "checkpoints"
     rng = random.Random(0)
 
-    def n_complete():
-        return len(list(ckpts.glob("step-*"))) if ckpts.exists() else 0
+    # each condition is made when its process starts: it watches what that process does
+    def writing():  # it has begun writing a checkpoint (not a temp dir an earlier kill left)
+        old = set(ckpts.glob(".step-*"))
+        return lambda: bool(set(ckpts.glob(".step-*")) - old)
 
-    def writing():
-        return ckpts.exists() and any(ckpts.glob(".step-*"))
+    def after_checkpoint():  # it has just completed a checkpoint
+        old = set(ckpts.glob("step-*"))
+        return lambda: bool(set(ckpts.glob("step-*")) - old)
 
-    def after_checkpoints(k):
-        return lambda: n_complete() >= k
+    def after_steps(k):  # it has logged k steps past the checkpoint it resumes from
+        target = max((int(p.name[5:]) for p in ckpts.glob("step-*")), default=0) + k
+        since, log = time.time(), out / "metrics.jsonl"
 
-    def after_seconds(s):
+        def ready():
+            try:  # an older log (before the resumed run truncates it) or a line being written does not count
+                return log.stat().st_mtime > since and json.loads(log.read_text().splitlines()[-1])["step"] >= target
+            except (OSError, ValueError, IndexError, KeyError):
+                return False
+        return ready
+
+    def after_seconds(s):  # s seconds after it started: at import, or during training
         t = time.monotonic()
         return lambda: time.monotonic() - t > s
 
-    # six kills: mid-checkpoint-write twice, right after a checkpoint, and at random moments
-    plans = [writing, after_checkpoints(1), after_seconds(rng.uniform(0.5, 3.0)), writing,
-             after_seconds(rng.uniform(2.0, 6.0)), after_checkpoints(2)]
+    # six kills (KILLS under torture): mid-checkpoint-write, right after a checkpoint, k steps into training,
+    # and a random time (last: it may let the run finish)
+    plans = [(writing,), (after_checkpoint,), (after_steps, rng.randint(1, 6)), (writing,),
+             (after_steps, rng.randint(1, 6))]
+    plans += [rng.choice([(writing,), (after_checkpoint,), (after_steps, rng.randint(1, 8))])
+              for _ in range(KILLS - len(plans) - 1)] + [(after_seconds, rng.uniform(0.5, 3.0))]
     kills = 0
-    for ready in plans:
+    for plan, *arg in plans:
         proc = _start([*_args(tiny_model_dir, data, out), "--resume"])
-        kills += _kill_when(proc, ready)
-    assert kills >= 5
+        kills += _kill_when(proc, plan(*arg))
+    assert kills >= KILLS - 1
     final = _start([*_args(tiny_model_dir, data, out), "--resume"])
     assert final.wait() == 0, final.stderr.read()[-2000:]
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
@@ -86,6 +102,9 @@ def test_kill_nine_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert not list(ckpts.glob(".step-*"))  # no half-written checkpoint left behind
+    from lorakit.checkpoint import list_checkpoints
+
+    assert sorted(p.name for p in ckpts.iterdir()) == [p.name for p in list_checkpoints(ckpts)]  # nor half-deleted
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == STEPS
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 import random
 import shutil
@@ -24,15 +25,9 @@ from safetensors.torch import load_file, save_file
 import lorakit as lk
 
 ATOL = 1e-5
+TORTURE = os.environ.get("LORAKIT_TORTURE") == "1"  # `make torture`: ten times the fuzz cases
+FUZZ_BYTES, FUZZ_CONFIG = (2000, 1200) if TORTURE else (200, 120)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and much faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logits(model, ids):
@@ -611,7 +606,7 @@ def test_fuzz_safetensors_bytes(saved):
     def mutate(rng):
         file.write_bytes(_mutate(original, rng))
 
-    problems = _fuzz(model, path, mutate, 200, seed=1234)
+    problems = _fuzz(model, path, mutate, FUZZ_BYTES, seed=1234)
     assert not problems, "\n".join(problems)
 
 
@@ -628,5 +623,5 @@ def test_fuzz_config_json(saved):
             cfg = rng.choice([[], "x", 3, None])
         (path / "adapter_config.json").write_text(json.dumps(cfg))
 
-    problems = _fuzz(model, path, mutate, 120, seed=99)
+    problems = _fuzz(model, path, mutate, FUZZ_CONFIG, seed=99)
     assert not problems, "\n".join(problems)

@@ -10,15 +10,6 @@ import lorakit as lk
 from lorakit.layer import LoraLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls are fastest on one thread; two spin-waiting threads crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _three_adapters(model):
     """Adapters of different ranks, targets (one adapts the embedding) and scalings; random B."""
     specs = {"a": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),

@@ -26,14 +26,6 @@ LIMITS = dict(max_prompt_tokens=64, max_tokens=24, max_adapters=4, batch_window_
 ADAPTERS = {"alpha": (2, "all-linear"), "beta": (4, ["q_proj", "v_proj", "embed_tokens"]), "gamma": (3, ["o_proj"])}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls are fastest on one thread; two spin-waiting threads crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def root(tiny_model_dir, tmp_path_factory):
