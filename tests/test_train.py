@@ -170,3 +170,18 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_model_dir(tiny_model_d
     assert len(changed) == len(list(base.named_parameters()))  # every tensor moved, norms included
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_non_finite_gradient_norm_stops_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def exploding(params, max_norm):
+        norm = real(params, max_norm)
+        calls["n"] += 1
+        return torch.tensor(float("inf")) if calls["n"] == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", exploding)
+    with pytest.raises(lk.LorakitError, match=r"non-finite gradient norm at step 3.*none"):
+        train(_cfg(tiny_model_dir, tmp_path), progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
