@@ -91,6 +91,9 @@ class TrainConfig:
     """Base weight dtype: float32, bfloat16 or float16 (LoRA weights stay float32)."""
     threads: int = 0
     """torch CPU threads (0: all cores)."""
+    gradient_checkpointing: bool = False
+    """Keep only each block's input and recompute the block in backward (non-reentrant, so it works
+    with a frozen base whose inputs need no gradient): less activation memory, about a third more compute."""
     fsdp: bool = False
     """Under torchrun: shard the frozen base and the adapters with FSDP2 instead of replicating (DDP)."""
     dist_timeout: int = 300

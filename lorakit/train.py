@@ -76,6 +76,9 @@ def build_model(cfg: TrainConfig):
     from .models import load_model
 
     model, tokenizer = load_model(cfg.model, dtype=_DTYPES[cfg.dtype])
+    if cfg.gradient_checkpointing:
+        # non-reentrant: the reentrant variant needs inputs that require grad (PEFT's pitfall with frozen bases)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.full:
         model.requires_grad_(True)
         return model, tokenizer
