@@ -26,17 +26,12 @@ def add_lora_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 
 def lora_config_from_args(args: argparse.Namespace, **extra):
     """Build a LoraConfig from add_lora_args flags."""
-    from .config import LoraConfig
+    from .config import LoraConfig, target_modules_from_flags
 
-    tm = args.target_modules
-    target = tm[0] if len(tm) == 1 and (tm[0].lower() == "all-linear" or _is_regex(tm[0])) else tm
+    target = target_modules_from_flags(args.target_modules)
     return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=target,
                       exclude_modules=args.exclude_modules, layers_to_transform=args.layers,
                       use_rslora=bool(args.rslora), **extra)
-
-
-def _is_regex(s: str) -> bool:
-    return any(c in s for c in "*+?[]()|^$\\")
 
 
 def meta_model(spec: str):

@@ -152,6 +152,14 @@ class LoraConfig:
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
 
+def target_modules_from_flags(names: list[str]) -> list[str] | str:
+    """``--target-modules`` values → LoraConfig.target_modules: one "all-linear" or one regex stays a
+    string, anything else is a list of names (the same rule for every verb and recipe)."""
+    if len(names) == 1 and (names[0].lower() == ALL_LINEAR or any(c in names[0] for c in "*+?[]()|^$\\")):
+        return names[0]
+    return list(names)
+
+
 def scaling_of(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """The factor on B·A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     return lora_alpha / (r**0.5) if use_rslora else lora_alpha / r

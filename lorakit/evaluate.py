@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -38,10 +39,16 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP wraps the model; its own forward takes *args
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """Read once per model class: inspect.signature is too slow for every training step."""
     import inspect
 
-    inner = getattr(model, "module", model)  # DDP wraps the model; its own forward takes *args
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 @torch.no_grad()

@@ -100,17 +100,15 @@ class TrainConfig:
     """Seconds a collective may wait before the run fails (a dead rank must not hang the others)."""
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints",
-                    "max_new_tokens")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("eval_every", "save_every", "patience", "eval_batches", "warmup_steps", "log_every",
-                     "score_limit", "threads", "dist_timeout", "stop_after"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        at_least = {1: ("max_steps", "batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints",
+                        "max_new_tokens"),
+                    0: ("eval_every", "save_every", "patience", "eval_batches", "warmup_steps", "log_every",
+                        "score_limit", "threads", "dist_timeout", "stop_after")}
+        for minimum, names in at_least.items():
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                    raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:

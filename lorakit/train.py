@@ -71,7 +71,7 @@ def prepare_out(out: Path, resume: bool) -> None:
 
 def build_model(cfg: TrainConfig):
     """Load the model and tokenizer, then inject LoRA (or unfreeze everything for --full)."""
-    from .config import LoraConfig
+    from .config import LoraConfig, target_modules_from_flags
     from .inject import inject
     from .models import load_model
 
@@ -82,9 +82,8 @@ def build_model(cfg: TrainConfig):
     if cfg.full:
         model.requires_grad_(True)
         return model, tokenizer
-    tm = cfg.target_modules
-    target = tm[0] if len(tm) == 1 and tm[0].lower() == "all-linear" else tm
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=target_modules_from_flags(cfg.target_modules),
                       use_rslora=cfg.rslora, base_model_name_or_path=cfg.model, task_type="CAUSAL_LM")
     inject(model, lcfg)
     return model, tokenizer

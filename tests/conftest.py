@@ -11,8 +11,9 @@ def tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
+    cfg = LlamaConfig(**{"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                         **overrides})
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -20,9 +21,9 @@ def tiny_qwen2(seed: int = 0, **overrides):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, **overrides)
+    cfg = Qwen2Config(**{"vocab_size": 80, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 3,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                         "tie_word_embeddings": True, **overrides})
     return Qwen2ForCausalLM(cfg).eval()
 
 

@@ -31,16 +31,6 @@ S = torch.tensor([3.0, 2.0, 1.0, 0.5])  # Σσ² = 14.25: energies 9, 13, 14, 14
 EXPECTED_ENERGY = {1: 9 / 14.25, 2: 13 / 14.25, 4: 1.0, 8: 1.0}
 
 
-def llama(**overrides):
-    """tiny_llama's architecture with any field changed (tiny_llama fixes the sizes it sets)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, **overrides}
-    return LlamaForCausalLM(LlamaConfig(**cfg))
-
-
 def known_delta(shape: tuple[int, int], s: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """U·diag(s)·Vᵀ with orthonormal U (out, n), V (in, n)."""
     gen = torch.Generator().manual_seed(seed)
@@ -63,6 +53,12 @@ def pair(tmp_path_factory):
     """(base dir, tuned dir, base model): tuned = base + known ΔW in SPECTRA, plus one changed norm."""
     root = tmp_path_factory.mktemp("pair")
     base = tiny_llama()
+    save_known_pair(base, root)
+    return root / "base", root / "tuned", base
+
+
+def save_known_pair(base, root) -> None:
+    """Write root/base and root/tuned = base + the known ΔW of SPECTRA, with the final norm scaled by 1.5."""
     tuned = copy.deepcopy(base)
     with torch.no_grad():
         for i, (name, s) in enumerate(SPECTRA.items()):
@@ -71,7 +67,6 @@ def pair(tmp_path_factory):
         tuned.model.norm.weight.mul_(1.5)
     base.save_pretrained(root / "base")
     tuned.save_pretrained(root / "tuned")
-    return root / "base", root / "tuned", base
 
 
 def test_metrics_of_a_known_spectrum():
@@ -188,11 +183,11 @@ def test_fresh_adapter_is_all_unchanged(tmp_path):
 
 
 def test_mismatched_models_name_the_first_differing_tensor(pair, tmp_path):
-    llama(intermediate_size=40).save_pretrained(tmp_path / "other")
+    tiny_llama(intermediate_size=40).save_pretrained(tmp_path / "other")
     with pytest.raises(lk.ModelLoadError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight'.*\(32, 48\) in base "
                                                 r"and \(32, 40\) in tuned"):
         analyze_models(pair[0], tmp_path / "other", progress=False)
-    llama(num_hidden_layers=1).save_pretrained(tmp_path / "short")
+    tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path / "short")
     with pytest.raises(lk.ModelLoadError, match=r"'model\.layers\.1\..*in base and absent in tuned"):
         analyze_models(pair[0], tmp_path / "short", progress=False)
 
@@ -219,7 +214,7 @@ def test_bad_paths_are_clear_errors(pair, tmp_path):
 def test_adapter_for_another_base_is_refused(tmp_path):
     model = lk.inject(tiny_llama(), lk.LoraConfig(r=2, target_modules=["down_proj"], init_lora_weights=False))
     lk.save_adapter(model, tmp_path / "a")
-    llama(intermediate_size=40).save_pretrained(tmp_path / "other")
+    tiny_llama(intermediate_size=40).save_pretrained(tmp_path / "other")
     with pytest.raises(lk.ShapeMismatchError, match="down_proj.*32x48.*another model"):
         analyze_adapter(tmp_path / "a", base=tmp_path / "other")
 

@@ -84,3 +84,12 @@ def test_we_read_peft_config_and_warn_on_unknown_keys():
 def test_unsupported_peft_configs_refused(patch, words):
     with pytest.raises(lk.ConfigError, match=words):
         lk.LoraConfig.from_peft_dict({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], **patch})
+
+
+def test_target_modules_flags_mean_the_same_for_every_verb():
+    from lorakit.config import target_modules_from_flags
+
+    assert target_modules_from_flags(["All-Linear"]) == "All-Linear"  # LoraConfig lower-cases it
+    assert target_modules_from_flags([r".*\.(q|v)_proj"]) == r".*\.(q|v)_proj"  # one regex stays a regex
+    assert target_modules_from_flags(["q_proj"]) == ["q_proj"]
+    assert target_modules_from_flags(["q_proj", "v_proj"]) == ["q_proj", "v_proj"]

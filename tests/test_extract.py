@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from test_analysis import SPECTRA, known_delta, llama
+from test_analysis import known_delta, save_known_pair
 
 import lorakit as lk
 from lorakit.analysis import energy_at
@@ -116,15 +116,7 @@ def test_conv1d_models_extract_too(tmp_path, ids):
 
 
 def test_energy_picks_per_module_ranks_and_lists_what_lora_cannot_hold(tmp_path):
-    base = tiny_llama()
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        for i, (name, s) in enumerate(SPECTRA.items()):
-            w = tuned.get_submodule(name).weight
-            w.add_(known_delta(tuple(w.shape), s, seed=i))
-        tuned.model.norm.weight.mul_(1.5)
-    base.save_pretrained(tmp_path / "base")
-    tuned.save_pretrained(tmp_path / "tuned")
+    save_known_pair(tiny_llama(), tmp_path)
     report = extract_into(tiny_llama(), tmp_path / "base", tmp_path / "tuned", energy=0.95, progress=False)
     got = {m.name: m for m in report.modules}
     want = {"model.layers.0.self_attn.q_proj": 3, "model.layers.1.self_attn.q_proj": 1,
@@ -164,7 +156,7 @@ def test_errors_name_the_problem(llama_pair, tmp_path):
         extract_into(tiny_llama(), base_dir, tuned_dir, energy=1.2)
     with pytest.raises(lk.ModelLoadError, match="nothing to extract"):
         extract_into(tiny_llama(), base_dir, base_dir, r=4, progress=False)
-    llama(intermediate_size=40).save_pretrained(tmp_path / "other")
+    tiny_llama(intermediate_size=40).save_pretrained(tmp_path / "other")
     with pytest.raises(lk.ModelLoadError, match=r"first differing tensor 'model\.layers\.0\.mlp\.down_proj\.weight'"):
         extract_into(tiny_llama(), base_dir, tmp_path / "other", r=4, progress=False)
     with pytest.raises(lk.ModelLoadError, match="no such file or directory"):
