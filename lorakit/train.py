@@ -264,6 +264,13 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ds = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len)
     eval_ds = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len) if eval_examples else None
+    data_stats = {"train": vars(train_ds.stats), "eval": vars(eval_ds.stats) if eval_ds else None}
+    if info.main:
+        for split, ds in (("train", train_ds), ("eval", eval_ds)):
+            if ds is not None and (ds.stats.n_truncated or ds.stats.n_dropped):
+                print(f"lorakit: {split} data: {ds.stats.n_truncated} of {ds.stats.n_examples} examples cut to "
+                      f"max_seq_len={cfg.max_seq_len}, {ds.stats.n_dropped} dropped (nothing left to train on)",
+                      flush=True)
     if info.main:
         check_space(out, model, cfg)
         _clean_partial_checkpoints(out / "checkpoints")
@@ -348,6 +355,7 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
             return {"paused_at": step, "checkpoint": str(list_checkpoints(out / "checkpoints")[-1])} \
                 if info.main else {}
     bar.close()
+    st["data"] = data_stats
     return finish(model, tokenizer, out, cfg, paths, st, step, stopped_early, info, progress)
 
 
@@ -376,6 +384,7 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
         "peak_memory_mb": _peak_memory_mb(), "final_train_loss": _last_value(out / "metrics.jsonl", "loss"),
         "final_eval_loss": st["last_eval"], "best_eval_loss": st["best_eval"],
         "before": st["before"], "after": after, "output": str(product), "threads": torch.get_num_threads(),
+        "data": st["data"],
     }
     atomic_write_json(out / "summary.json", summary)
     return summary

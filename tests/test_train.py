@@ -198,3 +198,13 @@ def test_gradient_checkpointing_gives_the_same_adapter(tiny_model_dir, tmp_path,
     b = load_file(tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained
+
+
+def test_truncation_is_counted_and_reported(tiny_model_dir, tmp_path, capsys):
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "x" * (40 if i % 2 else 5) + " say ", "completion": "yes"}) + "\n"
+                            for i in range(8)))
+    summary = train(_cfg(tiny_model_dir, tmp_path, data=str(long), eval_data=None, max_steps=2, max_seq_len=24),
+                    progress=False)
+    assert summary["data"]["train"]["n_truncated"] == 0 and summary["data"]["train"]["n_dropped"] == 4
+    assert "4 dropped" in capsys.readouterr().out
