@@ -17,6 +17,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterError, TargetError
 from .layer import Adapter, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .siblings import link_siblings
 
 _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
@@ -194,12 +195,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    link_siblings(parent)
 
 
 def _wrap(model: nn.Module, name: str, module: nn.Module, kind: str) -> LoraLayer:
     if isinstance(module, LoraLayer):
         return module
     layer = LoraEmbedding(module) if kind == "embedding" else LoraLinear(module)
+    layer.train(module.training)  # a wrapper in an eval-mode model must not start dropping out
     _set_submodule(model, name, layer)
     return layer
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from .config import scaling_of
 from .errors import AdapterError
-from .ops import dropout_linear
+from . import siblings
+from .ops import lora_down
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LoraLayer(nn.Module):
         self.adapters[name] = spec
         self.stack_cache = None
         self._create_weights(name, spec.r)
+        self.train(self.training)  # new submodules take the layer's mode
         self.reset_adapter(name, init)
 
     def delete_adapter(self, name: str) -> None:
@@ -113,6 +115,7 @@ class LoraLinear(LoraLayer):
         if self.fan_in_fan_out:
             in_features, out_features = out_features, in_features
         self.in_features, self.out_features = in_features, out_features
+        self.siblings: tuple[LoraLinear, ...] = ()  # set by lorakit.siblings.link_siblings
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -149,11 +152,13 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.mixed is not None:  # a mixed batch: row i runs with its own adapter (lorakit.mixed)
             return result + self.mixed(x).to(result.dtype)
-        for name in self._unmerged_active():
+        names = self._unmerged_active()
+        for name in names:
             spec, a, b = self.adapters[name], self.lora_A[name].weight, self.lora_B[name].weight
-            h = x.to(a.dtype)
-            # dropout_linear = linear(dropout(h), A) without storing the dropped copy of h
-            h = dropout_linear(h, a, spec.dropout) if spec.dropout > 0 and self.training else F.linear(h, a)
+            p = spec.dropout if self.training else 0.0
+            # linear(dropout(x.to(A.dtype)), A) without keeping a dropped or upcast copy of x; one
+            # matmul for the siblings that read this x (q/k/v, gate/up) when each has one adapter
+            h = siblings.down(self, x, name, p) if len(names) == 1 else lora_down(x, a, p=p)
             result = result + F.linear(h * spec.scaling, b).to(result.dtype)  # scale the rank-r side: cheaper
         return result
 

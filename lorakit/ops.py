@@ -1,10 +1,15 @@
 """Autograd functions behind LoRA's fast paths. Each is tested against the plain computation.
 
-``dropout_linear(x, weight, p)`` is ``F.linear(F.dropout(x, p), weight)`` without keeping a
-dropped float copy of x for backward: it saves a boolean keep-mask (a quarter of the bytes)
-and x, which autograd keeps anyway. Sibling projections that read the same input (q/k/v,
-gate/up) share one mask of it, so the random draw is made once per input, not once per
-adapted Linear. PEFT keeps one dropped fp32 copy of the input per adapted Linear and draws a
+``lora_down(x, A, p)`` is LoRA's first half, ``F.linear(F.dropout(x.to(A.dtype), p), A)``,
+without the copies the plain path keeps for backward:
+
+- dropout saves a boolean keep-mask (a quarter of an fp32 copy's bytes), not the dropped input;
+  sibling projections that read the same input (q/k/v, gate/up) share one mask of it, so the
+  random draw is made once per input, not once per adapted Linear;
+- a half-precision input (a bf16/fp16 frozen base) is upcast to the adapter's fp32 on the fly
+  and saved as it came, so no fp32 copy of it outlives the forward.
+
+PEFT keeps, per adapted Linear, one fp32 copy of a half input and one dropped copy, and draws a
 mask for each.
 """
 
@@ -14,52 +19,93 @@ import threading
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 _last = threading.local()  # the most recent (input, p) → mask, for siblings reading the same tensor
 
 
+def keep_probability(p: float) -> float:
+    """The keep probability the masks realise: 1 - p rounded to a multiple of 2⁻¹⁶ (|error| ≤ 7.7e-6)."""
+    return round((1 - p) * 65536) / 65536
+
+
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A Bernoulli(1 - p) boolean keep-mask for x, shared with the previous call on the same tensor.
+    """A Bernoulli(keep_probability(p)) boolean keep-mask for x, shared with the previous call on the same tensor.
 
     Each caller still sees dropout(x) with probability p (the mask is shared across siblings,
-    as one dropout of their common input), drawn from torch's global generator, so runs are
-    reproducible and a resumed run (which restores the generator) draws the same masks.
+    as one dropout of their common input). The draw takes 16 random bits per element, four to
+    a 64-bit integer from torch's global generator: half the generator work of ``rand`` and
+    ``bernoulli_`` (which draw 32 bits each); runs are reproducible, and a resumed run (which
+    restores the generator) draws the same masks.
     """
     ref = getattr(_last, "entry", None)
     if ref is not None:
         src, version, prob, mask = ref
         if src() is x and version == x._version and prob == p:
             return mask
-    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    n = x.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    threshold = round(keep_probability(p) * 65536) - 32768  # int16 values are uniform on [-32768, 32767]
+    mask = (bits.view(torch.int16)[:n] < threshold).view(x.shape)
     _last.entry = (weakref.ref(x), x._version, p, mask)
     return mask
 
 
-class _DropoutLinear(torch.autograd.Function):
+class _LoraDown(torch.autograd.Function):
+    """x (any float dtype) → linear(x.to(A.dtype) [* mask], [A_1; A_2; ...]) * scale, saving x as it came.
+
+    Several A's (siblings reading the same x) run as one matmul; they are concatenated inside,
+    so only the parameters themselves are kept for backward. The dropout scale 1/(1 - p) is
+    applied on the rank-r side (output, and the incoming gradient in backward), where it costs
+    r/in of a full-width multiply.
+    """
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, mask)
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor | None, scale: float, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, mask, *weights)
         ctx.scale = scale
-        return torch.nn.functional.linear(x * mask * scale, weight)  # (..., r)
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        out = F.linear(_masked(x, weight.dtype, mask), weight)  # (..., sum of r)
+        return out.mul_(scale) if scale != 1 else out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, mask = ctx.saved_tensors
-        grad_x = grad_w = None
+        x, mask, *weights = ctx.saved_tensors
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        grad_out = grad_out * ctx.scale if ctx.scale != 1 else grad_out  # (..., sum of r)
+        grad_x, grad_ws = None, [None] * len(weights)
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight).mul_(mask).mul_(ctx.scale)  # (..., in)
-        if ctx.needs_input_grad[1]:
-            dropped = (x * mask * ctx.scale).reshape(-1, x.shape[-1])
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped  # (r, in)
-        return grad_x, grad_w, None, None
+            grad_x = grad_out @ weight  # (..., in), in the weights' dtype
+            grad_x = grad_x.mul_(mask).to(x.dtype) if mask is not None else grad_x.to(x.dtype)
+        if any(ctx.needs_input_grad[3:]):
+            masked = _masked(x, weight.dtype, mask).reshape(-1, x.shape[-1])
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ masked  # (sum of r, in)
+            grad_ws = grad_w.split([w.shape[0] for w in weights])
+        return grad_x, None, None, *grad_ws
 
 
-def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-    """``F.linear(F.dropout(x, p, training=True), weight)`` storing a boolean mask, not a float copy.
+def _masked(x: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor:
+    """x in ``dtype``, dropped elements zeroed: one new tensor at most (never x itself modified)."""
+    if mask is None:
+        return x.to(dtype)
+    return x.to(dtype).mul_(mask) if x.dtype != dtype else x * mask
+
+
+def lora_down(x: torch.Tensor, *weights: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+    """``F.linear(F.dropout(x.to(A.dtype), p, training=True), A)`` for A = [weights...] stacked by rows.
+
+    Saves x as it came (a bf16 frozen base's activations stay bf16) and, with p > 0, a boolean
+    mask shared with siblings reading the same x.
 
     Args:
         x: input (..., in).
-        weight: (out, in), e.g. LoRA's A.
-        p: dropout probability, 0 < p < 1.
+        weights: one or more (r_i, in) matrices of one dtype, e.g. LoRA A's (fp32).
+        p: dropout probability, 0 <= p < 1 (0: no dropout).
+
+    Returns:
+        (..., sum of r_i), in the weights' dtype.
     """
-    return _DropoutLinear.apply(x, weight, keep_mask(x, p), 1.0 / (1 - p))
+    if p == 0 and len(weights) == 1 and x.dtype == weights[0].dtype:
+        return F.linear(x, weights[0])  # nothing to save beyond x itself: autograd's own path
+    mask = keep_mask(x, p) if p > 0 else None
+    return _LoraDown.apply(x, mask, 1.0 / keep_probability(p), *weights)

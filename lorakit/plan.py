@@ -209,7 +209,7 @@ def layer_terms(arch: Arch, inp: PlanInputs, mode: str, lora: list[Target] | Non
         inp: dtype, padding, sequence length.
         mode: "full" (every weight trainable) or "lora"/"qlora" (frozen base, adapters on ``lora``).
         lora: the adapted modules of this block (see :func:`block_targets`).
-        lora_dropout: LoRA dropout (> 0 keeps a dropped copy and a mask per adapted module).
+        lora_dropout: LoRA dropout (> 0 keeps a bool mask per distinct adapted input).
     """
     e, h, inter, frozen = inp.e, arch.hidden, arch.intermediate, mode != "full"
     t: dict[str, float] = {}
@@ -232,19 +232,13 @@ def layer_terms(arch: Arch, inp: PlanInputs, mode: str, lora: list[Target] | Non
 
 
 def _lora_inputs(arch: Arch, inp: PlanInputs, lora: list[Target], dropout: float) -> float:
-    """What adapted Linears keep: x cast to fp32 for A (shared when already fp32), A·x for B, dropout copies."""
+    """What adapted Linears keep (lorakit.ops.lora_down): each distinct input once, as it came (o_proj's
+    is SDPA's own output), a bool dropout mask per distinct input, and A·x (fp32) for B per module."""
     dims = {"attn_in": arch.hidden, "attn_out": arch.q_dim, "mlp_in": arch.hidden, "mlp_out": arch.intermediate}
-    total, shared = 0.0, set()
-    for t in lora:
-        role = _role(t, arch)
-        total += 4 * t.r
-        if dropout > 0:
-            total += 5 * t.shape[1]  # the dropped fp32 copy + a bool mask
-        elif inp.e != 4:
-            total += 4 * t.shape[1]  # each module casts its own fp32 copy
-        elif role != "attn_out":  # fp32: one saved input per distinct tensor; o_proj's is SDPA's output
-            shared.add(role)
-    return total + sum(4 * dims[r] for r in shared)
+    roles = {_role(t, arch) for t in lora}
+    inputs = sum(inp.e * dims[r] for r in roles if r != "attn_out")
+    masks = sum(dims[r] for r in roles) if dropout > 0 else 0
+    return sum(4 * t.r for t in lora) + inputs + masks
 
 
 def _role(t: Target, arch: Arch) -> str:
@@ -279,7 +273,7 @@ def plan_memory(arch: Arch, count: CountReport, inp: PlanInputs, lora_dropout: f
         arch: :func:`read_arch` of the model.
         count: the LoRA count of the same model (its targets decide LoRA's activations).
         inp: batch, sequence, dtype, optimizer, checkpointing.
-        lora_dropout: the LoRA dropout (a dropped copy of each adapted input is kept).
+        lora_dropout: the LoRA dropout (a bool mask of each distinct adapted input is kept).
     """
     plan = MemoryPlan(inp, arch, count.trainable)
     for mode in MODES:

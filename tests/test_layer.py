@@ -8,6 +8,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.layer import Adapter, LoraEmbedding, LoraLinear
+from lorakit.ops import keep_mask
 
 
 def _linear_layer(r=3, alpha=6.0, rslora=False, init=False, dtype=torch.float32, bias=True):
@@ -111,8 +112,8 @@ def test_dropout_only_in_training_and_only_on_lora_path():
     layer.train()
     torch.manual_seed(1)
     y1 = layer(x)
-    torch.manual_seed(1)  # the layer draws its boolean keep-mask from the global generator (lorakit.ops)
-    mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(0.5) / 0.5
+    torch.manual_seed(1)  # the layer draws its keep-mask from the global generator (lorakit.ops)
+    mask = keep_mask(x.clone(), 0.5) / 0.5  # a fresh draw from the same seed
     assert 0.3 < (mask > 0).float().mean() < 0.7
     torch.testing.assert_close(y1, base(x) + (x * mask) @ layer.delta_weight("a").T, rtol=1e-5, atol=1e-5)
 

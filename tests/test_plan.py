@@ -123,15 +123,16 @@ def _saved_bytes_per_block(model, ids, mask) -> dict[int, int]:
     return out
 
 
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_block_activations_equal_autograd_saved_tensors(dtype, mode, padded):
+def test_block_activations_equal_autograd_saved_tensors(dtype, mode, padded, lora_dropout):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 3})).to(getattr(torch, dtype)).train()
-    cfg = LoraConfig(r=4, target_modules="all-linear")
+    cfg = LoraConfig(r=4, target_modules="all-linear", lora_dropout=lora_dropout)
     count = count_model(model, cfg)
     if mode == "lora":
         inject(model, cfg)
@@ -143,7 +144,8 @@ def test_block_activations_equal_autograd_saved_tensors(dtype, mode, padded):
     saved = _saved_bytes_per_block(model, ids, mask)
     arch = read_arch(model)
     inputs = PlanInputs(batch_size=2, seq_len=16, dtype=dtype, padded=padded)
-    predicted = sum(layer_terms(arch, inputs, mode, block_targets(arch, count.targets)[1]).values()) * 32
+    terms = layer_terms(arch, inputs, mode, block_targets(arch, count.targets)[1], lora_dropout=lora_dropout)
+    predicted = sum(terms.values()) * 32
     assert saved[1] == predicted  # block 1: shared tensors (rotary tables) were first seen in block 0
 
 

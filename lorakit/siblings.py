@@ -1,0 +1,84 @@
+"""Fused sibling adapters: q/k/v (and gate/up) read one input, so their A's run as one matmul.
+
+    [h_q | h_k | h_v] = dropout(x) · [A_q; A_k; A_v]ᵀ
+
+Siblings are adapted Linears that are children of the same module under names that read one
+input in every architecture that uses them (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/
+``up_proj``, ...) and have the same input width. Grouping is static (decided when a layer is
+wrapped) so a forward and its recomputation under activation checkpointing take the same path.
+
+Whichever sibling runs first with an input computes the whole group's first half and leaves the
+others their slices; a sibling uses a slice only if it was computed from the very tensor (and
+version) it is called with, so a wrong guess (a cross-attention whose k/v read other states)
+costs a wasted rank-r matmul, never a wrong result. The dropout mask is the one the siblings
+share anyway (lorakit.ops.keep_mask), so fused and unfused runs draw the same masks.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+from torch import nn
+
+from .ops import lora_down
+
+SIBLING_NAMES = (
+    frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}), frozenset({"q", "k", "v"}), frozenset({"wq", "wk", "wv"}),
+    frozenset({"to_q", "to_k", "to_v"}), frozenset({"w1", "w3"}), frozenset({"wi_0", "wi_1"}),
+)
+
+enabled = True  # module switch, for measuring and testing the unfused path
+
+_slices = threading.local()  # the latest group computation: (input weakref, version, {(layer id, adapter): h})
+
+
+def link_siblings(parent: nn.Module) -> None:
+    """(Re)group the adapted Linear children of ``parent``; called whenever a child is (un)wrapped."""
+    from .layer import LoraLinear
+
+    children = {name: m for name, m in parent.named_children() if isinstance(m, LoraLinear)}
+    for m in children.values():
+        m.siblings = ()
+    for names in SIBLING_NAMES:
+        found = [children[n] for n in sorted(names) if n in children]
+        widths = {m.in_features for m in found}
+        if len(found) > 1 and len(widths) == 1:
+            group = tuple(found)  # a plain tuple: not registered as submodules, deep-copied consistently
+            for m in found:
+                m.siblings = group
+
+
+def down(layer, x: torch.Tensor, name: str, p: float) -> torch.Tensor:
+    """LoRA's first half for ``layer``'s adapter ``name``: dropout(x)·Aᵀ, fused with its siblings."""
+    a = layer.lora_A[name].weight
+    if not enabled or len(layer.siblings) < 2:
+        return lora_down(x, a, p=p)
+    entry = getattr(_slices, "entry", None)
+    if entry is not None and entry[0]() is x and entry[1] == x._version:
+        h = entry[2].pop((id(layer), name), None)
+        if h is not None:
+            return h
+    others = [(m, n) for m in layer.siblings if m is not layer
+              for n in [_fusable(m, layer.training, p, a)] if n is not None]
+    if not others:
+        return lora_down(x, a, p=p)
+    weights = [a] + [m.lora_A[n].weight for m, n in others]
+    parts = lora_down(x, *weights, p=p).split([w.shape[0] for w in weights], dim=-1)
+    _slices.entry = (weakref.ref(x), x._version, {(id(m), n): h for (m, n), h in zip(others, parts[1:])})
+    return parts[0]
+
+
+def _fusable(m, training: bool, p: float, a: torch.Tensor) -> str | None:
+    """The adapter name of sibling ``m`` if its first half can share this matmul, else None."""
+    if m.mixed is not None or m.training != training:
+        return None
+    names = m._unmerged_active()
+    if len(names) != 1:
+        return None
+    weight = m.lora_A[names[0]].weight
+    dropout = m.adapters[names[0]].dropout if training else 0.0
+    same = weight.dtype == a.dtype and weight.device == a.device
+    return names[0] if same and dropout == p else None
