@@ -47,6 +47,7 @@ class Context:
     r: int = 8
     lora_alpha: int = 16
     dropouts: tuple[float, ...] = (0.0, 0.05)
+    precisions: tuple[str, ...] = ("float32", "bfloat16")  # frozen-base dtypes of the training figures
     lr: float = 1e-4
     infer_batches: tuple[int, ...] = (1, 8)
     infer_seq: int = 128
@@ -62,6 +63,7 @@ class Context:
     def config(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if not k.startswith("_") and k != "out"}
         out["dropouts"], out["infer_batches"] = list(self.dropouts), list(self.infer_batches)
+        out["precisions"] = list(self.precisions)
         return out
 
     def sync(self) -> None:

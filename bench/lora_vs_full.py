@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import train_step
 from .common import Context, ratio, target
+from .workload import SHORT
 
 NAME, FIGURE, TITLE = "lora_vs_full", 3, "LoRA step / full fine-tuning step"
 WHAT = ("LoRA training step time divided by the full fine-tuning step time (same model, batch, loss and "
@@ -25,17 +26,21 @@ def run(ctx: Context, done: dict, log) -> dict:
     samples, d = data["samples"], data["hidden_size"]
     limit = 2 / 3 + 2 * ctx.r / d
     rows, targets = [], []
-    for p in ctx.dropouts:
-        lk_r = ratio(samples[f"lorakit p={p:g}"], samples["full"])
-        pf_r = ratio(samples[f"peft p={p:g}"], samples["full"])
-        rows.append([f"{p:g}", f"**{lk_r['value']:.3f}** ±{lk_r['noise']:.1%}", f"{pf_r['value']:.3f} "
-                     f"±{pf_r['noise']:.1%}", f"{limit:.3f}", f"{lk_r['value'] - limit:+.3f}"])
-        why = (f"lorakit is {lk_r['value'] - limit:+.3f} above the {limit:.3f} compute limit"
-               + (f" and dropout p={p:g} is part of that (see figure 1)" if p > 0 else ""))
-        targets.append(target(f"LoRA / full step at dropout {p:g} (lorakit)", lk_r["value"], 0.75, why,
-                              noise=lk_r["noise"]))
+    for dtype in ctx.precisions:
+        tag = SHORT[dtype]
+        for p in ctx.dropouts:
+            lk_r = ratio(samples[f"lorakit p={p:g}{tag}"], samples["full" + tag])
+            pf_r = ratio(samples[f"peft p={p:g}{tag}"], samples["full" + tag])
+            rows.append([dtype, f"{p:g}", f"**{lk_r['value']:.3f}** ±{lk_r['noise']:.1%}",
+                         f"{pf_r['value']:.3f} ±{pf_r['noise']:.1%}", f"{limit:.3f}", f"{lk_r['value'] - limit:+.3f}"])
+            why = (f"lorakit is {lk_r['value'] - limit:+.3f} above the {limit:.3f} compute limit"
+                   + (f" and dropout p={p:g} is part of that (see figure 1)" if p > 0 else "")
+                   + ("; in bf16 the base's GEMMs are fast and the step's other work (attention, norms, "
+                      "casts, the loss, AdamW) weighs more" if dtype != "float32" else ""))
+            targets.append(target(f"LoRA / full step at dropout {p:g}, {dtype} (lorakit)", lk_r["value"], 0.75, why,
+                                  noise=lk_r["noise"]))
     table = {"caption": f"r = {ctx.r}, d = {d} (hidden size): limit 2/3 + 2r/d = {limit:.3f}",
-             "columns": ["dropout", "lorakit / full", "PEFT / full", "limit 2/3 + 2r/d", "lorakit − limit"],
+             "columns": ["base dtype", "dropout", "lorakit / full", "PEFT / full", "limit 2/3 + 2r/d", "lorakit − limit"],
              "rows": rows}
     notes = ["The limit counts the Linear layers' GEMMs only. Work both steps share (attention scores, norms, "
              "activations, the loss) pushes the measured ratio above it; the full step's AdamW update of every "

@@ -42,7 +42,7 @@ def _status_kb(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def _measure(ctx: Context, kind: str, p: float) -> dict:
+def _measure(ctx: Context, case) -> dict:
     """One case: load, build, reset the peak, run STEPS steps, report bytes."""
     import torch
 
@@ -51,7 +51,7 @@ def _measure(ctx: Context, kind: str, p: float) -> dict:
     torch.set_num_threads(ctx.threads)
     model, tok = workload.load(ctx.model)
     ctx._cache.update(model=model, tokenizer=tok)
-    model = workload.competitor(kind, ctx, p, model.to(ctx.device))
+    model = workload.build(case, ctx, model.to(ctx.device))
     batch = workload.to_device(workload.text_batch(ctx), ctx)
     step = workload.train_step(model, batch, ctx)
     # Page in the code and scratch a forward + backward touches the first time (kernels, allocator
@@ -83,26 +83,26 @@ def _measure(ctx: Context, kind: str, p: float) -> dict:
             "loss": [float(x) for x in step.losses]}
 
 
-def _case(ctx: Context, label: str, kind: str, p: float) -> dict:
+def _case(ctx: Context, case) -> dict:
     try:
-        return {"label": label, **_measure(ctx, kind, p)}
+        return {"label": case.label, **_measure(ctx, case)}
     except Exception as exc:  # reported to the parent process, which raises with it
-        return {"label": label, "error": f"{type(exc).__name__}: {exc}"}
+        return {"label": case.label, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _in_child(ctx: Context, label: str, kind: str, p: float) -> str:
+def _in_child(ctx: Context, case) -> str:
     """Run one case in a forked child; its JSON comes back through a pipe."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read)
-        os.write(write, json.dumps(_case(ctx, label, kind, p)).encode())
+        os.write(write, json.dumps(_case(ctx, case)).encode())
         os._exit(0)  # the child must never return into the worker's loop
     os.close(write)
     with os.fdopen(read) as f:
         text = f.read()
     _, status = os.waitpid(pid, 0)
-    return text or json.dumps({"label": label, "error": f"child died (wait status {status})"})
+    return text or json.dumps({"label": case.label, "error": f"child died (wait status {status})"})
 
 
 def worker() -> None:
@@ -113,20 +113,21 @@ def worker() -> None:
 
     import lorakit  # noqa: F401
 
-    from .workload import preload
+    from .workload import Case, preload
 
     spec = json.load(sys.stdin)
     cfg = spec["context"]
     preload(cfg["model"])
-    ctx = Context(**{**cfg, "dropouts": tuple(cfg["dropouts"]), "infer_batches": tuple(cfg["infer_batches"])})
-    for label, kind, p in spec["cases"]:
+    ctx = Context(**{**cfg, **{k: tuple(cfg[k]) for k in ("dropouts", "infer_batches", "precisions")}})
+    for row in spec["cases"]:
+        case = Case(*row)
         if ctx.device.startswith("cuda"):
-            print(json.dumps(_case(ctx, label, kind, p)), flush=True)
+            print(json.dumps(_case(ctx, case)), flush=True)
             ctx._cache.clear()  # the next case starts from an empty GPU
             gc.collect()
             torch.cuda.empty_cache()
         else:
-            print(_in_child(ctx, label, kind, p), flush=True)
+            print(_in_child(ctx, case), flush=True)
 
 
 def _run_worker(ctx: Context, cases, log) -> dict[str, dict]:
@@ -146,35 +147,44 @@ def _run_worker(ctx: Context, cases, log) -> dict[str, dict]:
 
 
 def run(ctx: Context, done: dict, log) -> dict:
-    from .workload import training_cases
+    from .workload import SHORT, training_cases
 
-    cases = training_cases(ctx)
+    cases = training_cases(ctx, checkpointing=True)
     rows_data = _run_worker(ctx, cases, log)
     inc = {label: row["increase"] for label, row in rows_data.items()}
     tokens = ctx.batch * ctx.seq
+    tag_of = {c.label: SHORT[c.dtype] for c in cases}
     rows = []
     for label, row in rows_data.items():
-        vs_peft = ""
-        if label.startswith("lorakit"):
-            vs_peft = f"**{inc[label] / inc['peft' + label.removeprefix('lorakit')]:.3f}**"
-        rows.append([label, fmt_mb(row["increase"]), vs_peft,
-                     "" if label == "full" else f"{inc[label] / inc['full']:.3f}",
+        base_label, vs = label.removesuffix(" +ckpt"), ""
+        if label != base_label:
+            vs = f"{inc[label] / inc[base_label]:.2f}× {base_label}"
+        elif label.startswith("lorakit"):
+            vs = f"**{inc[label] / inc['peft' + label.removeprefix('lorakit')]:.3f}**"
+        rows.append([label, fmt_mb(row["increase"]), vs,
+                     "" if label.startswith("full") else f"{inc[label] / inc['full' + tag_of[label]]:.3f}",
                      fmt_mb(row["before"]), f"{row['trainable']:,}"])
     targets = []
-    for p in [q for q in ctx.dropouts if q > 0]:
-        lk, pf = inc[f"lorakit p={p:g}"], inc[f"peft p={p:g}"]
-        copy_mb = rows_data[f"lorakit p={p:g}"]["adapted_input_floats_per_token"] * tokens * 4
-        why = (f"dropout adds {fmt_mb(lk - inc.get('lorakit p=0', lk))} to lorakit's peak "
-               f"(PEFT: {fmt_mb(pf - inc.get('peft p=0', pf))}); one fp32 dropped copy of every adapted "
-               f"Linear's input for this batch is {fmt_mb(copy_mb)}")
-        targets.append(target(f"step peak memory, lorakit / PEFT at dropout {p:g}", lk / pf, 0.85, why))
+    for dtype in ctx.precisions:
+        tag = SHORT[dtype]
+        for p in [q for q in ctx.dropouts if q > 0]:
+            lk, pf = inc[f"lorakit p={p:g}{tag}"], inc[f"peft p={p:g}{tag}"]
+            copy_mb = rows_data[f"lorakit p={p:g}{tag}"]["adapted_input_floats_per_token"] * tokens * 4
+            why = (f"dropout adds {fmt_mb(lk - inc.get(f'lorakit p=0{tag}', lk))} to lorakit's peak "
+                   f"(PEFT: {fmt_mb(pf - inc.get(f'peft p=0{tag}', pf))}); one fp32 dropped copy of every adapted "
+                   f"Linear's input for this batch is {fmt_mb(copy_mb)}")
+            targets.append(target(f"step peak memory, lorakit / PEFT at dropout {p:g}, {dtype} base", lk / pf, 0.85,
+                                  why))
     what = "peak RSS (VmHWM) − RSS" if ctx.device == "cpu" else "max_memory_allocated − memory_allocated"
     table = {"caption": f"{what}; text batch {ctx.batch}×{ctx.seq}, {STEPS} steps (the first creates AdamW's state)",
              "columns": ["competitor", "peak increase", "lorakit / PEFT", "/ full FT", "loaded model", "trainable params"],
              "rows": rows}
     notes = [f"Measured once per case, each in a fresh process ({what} does not vary like time does; glibc's "
              "mmap threshold is fixed at 128 KiB there, so RSS follows live tensors rather than allocation history).",
-             "full FT's increase holds its gradients and AdamW's two moments for every parameter."]
+             "full FT's increase holds its gradients and AdamW's two moments for every parameter (bf16 table: fp32 "
+             "weights under autocast, which also keeps bf16 copies of the weights for the step).",
+             "+ckpt: activation checkpointing in every decoder block (non-reentrant, so the frozen base needs no "
+             "input gradients): each block keeps only its input and is recomputed in backward."]
     return {"what": WHAT, "tables": [table], "notes": notes, "targets": targets,
             "data": {"cases": rows_data, "steps": STEPS, "measure": what}}
 

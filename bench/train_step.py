@@ -2,7 +2,9 @@
 
 A step is zero_grad, forward, loss, backward, AdamW step. Every competitor computes the same loss
 (transformers' ``model(input_ids, labels=labels).loss`` on a text batch with every token labelled),
-so the comparison is about the adapters, not about the loss. A second table times lorakit's own
+so the comparison is about the adapters, not about the loss. Each precision of ``ctx.precisions``
+gets its own table: an fp32 model, and a bf16 frozen base (LoRA's optional fast path where the
+hardware has bf16 units; full fine-tuning then runs fp32 weights under autocast). A second table times lorakit's own
 trainer loss (evaluate.loss_sum: logits only at labelled positions) on a chat batch whose loss
 covers the answers alone, for full fine-tuning and both adapters at the larger dropout.
 """
@@ -10,7 +12,7 @@ covers the answers alone, for full fine-tuning and both adapters at the larger d
 from __future__ import annotations
 
 from .common import Context, alternate, fmt_median, ratio, summary, target
-from .workload import chat_batch, competitor, text_batch, to_device, train_step, trainer_loss, training_cases
+from .workload import SHORT, build, chat_batch, competitor, text_batch, to_device, train_step, trainer_loss, training_cases
 
 NAME, FIGURE, TITLE = "train_step", 1, "Training step time"
 WHAT = ("Seconds per training step (zero_grad, forward, loss, backward, AdamW step). Ratios < 1: lorakit "
@@ -21,7 +23,8 @@ WHAT = ("Seconds per training step (zero_grad, forward, loss, backward, AdamW st
 def measure(ctx: Context, log) -> dict:
     """Time every training case side by side; shared with figure 3 (lora_vs_full)."""
     batch = to_device(text_batch(ctx), ctx)
-    steps = {label: train_step(competitor(kind, ctx, p), batch, ctx) for label, kind, p in training_cases(ctx)}
+    cases = training_cases(ctx, checkpointing=True)
+    steps = {c.label: train_step(build(c, ctx), batch, ctx) for c in cases}
     log(f"  text batch {tuple(batch['input_ids'].shape)}, competitors: {', '.join(steps)}")
     samples = alternate(steps, ctx, log=log)
     first_loss = {label: float(step.losses[0]) for label, step in steps.items()}
@@ -50,16 +53,22 @@ def _chat_row(ctx: Context, log) -> dict | None:
             "labelled_tokens": labelled, "logit_positions": positions}
 
 
-def _rows(samples: dict, losses: dict | None = None) -> list[list[str]]:
+def _rows(samples: dict, losses: dict | None = None, tag: str = "") -> list[list[str]]:
+    """One table's rows: the cases of one precision (label suffix ``tag``), plus "+ckpt" variants."""
     rows = []
     for label, s in samples.items():
+        base_label = label.removesuffix(" +ckpt")
+        if not base_label.endswith(tag) or (not tag and any(base_label.endswith(t) for t in SHORT.values() if t)):
+            continue
         row = [label, fmt_median(summary(s))]
-        if label.startswith("lorakit"):
-            r = ratio(s, samples["peft" + label.removeprefix("lorakit")])
+        if label != base_label:  # +ckpt: what checkpointing costs, against the same case without it
+            row.append(f"{ratio(s, samples[base_label])['value']:.2f}× {base_label}")
+        elif label.startswith("lorakit"):
+            r = ratio(s, samples["peft" + base_label.removeprefix("lorakit")])
             row.append(f"**{r['value']:.3f}** ±{r['noise']:.1%}")
         else:
             row.append("")
-        row.append("" if label == "full" else f"{ratio(s, samples['full'])['value']:.3f}")
+        row.append("" if label.startswith("full") else f"{ratio(s, samples['full' + tag])['value']:.3f}")
         if losses is not None:
             row.append(f"{losses[label]:.4f}")
         rows.append(row)
@@ -68,31 +77,45 @@ def _rows(samples: dict, losses: dict | None = None) -> list[list[str]]:
 
 def _targets(ctx: Context, samples: dict) -> list[dict]:
     out = []
-    for p in ctx.dropouts:
-        lk_s, pf_s = samples[f"lorakit p={p:g}"], samples[f"peft p={p:g}"]
-        r = ratio(lk_s, pf_s)
-        limit = 1.0 if p == 0 else 0.85
-        if p > 0 and 0.0 in ctx.dropouts:
-            d_lk = ratio(lk_s, samples["lorakit p=0"])["value"] - 1
-            d_pf = ratio(pf_s, samples["peft p=0"])["value"] - 1
-            at0 = ratio(samples["lorakit p=0"], samples["peft p=0"])["value"]
-            why = (f"dropout p={p:g} adds {d_lk:+.0%} to lorakit's step and {d_pf:+.0%} to PEFT's (vs p=0; "
-                   f"there lorakit / PEFT = {at0:.3f})")
-        else:
-            why = (f"lorakit/full = {ratio(lk_s, samples['full'])['value']:.3f} vs PEFT/full = "
-                   f"{ratio(pf_s, samples['full'])['value']:.3f}: lorakit's adapter path costs more per step")
-        out.append(target(f"train step, lorakit / PEFT at dropout {p:g}", r["value"], limit, why, noise=r["noise"]))
+    for dtype in ctx.precisions:
+        tag = SHORT[dtype]
+        for p in ctx.dropouts:
+            lk_s, pf_s = samples[f"lorakit p={p:g}{tag}"], samples[f"peft p={p:g}{tag}"]
+            r = ratio(lk_s, pf_s)
+            limit = 1.0 if p == 0 else 0.85
+            if p > 0 and 0.0 in ctx.dropouts:
+                d_lk = ratio(lk_s, samples[f"lorakit p=0{tag}"])["value"] - 1
+                d_pf = ratio(pf_s, samples[f"peft p=0{tag}"])["value"] - 1
+                at0 = ratio(samples[f"lorakit p=0{tag}"], samples[f"peft p=0{tag}"])["value"]
+                why = (f"dropout p={p:g} adds {d_lk:+.0%} to lorakit's step and {d_pf:+.0%} to PEFT's (vs p=0; "
+                       f"there lorakit / PEFT = {at0:.3f}): the rest of the step is the frozen base's own work, "
+                       "the same in both")
+            else:
+                why = (f"lorakit/full = {ratio(lk_s, samples['full' + tag])['value']:.3f} vs PEFT/full = "
+                       f"{ratio(pf_s, samples['full' + tag])['value']:.3f}: lorakit's adapter path costs more per step")
+            out.append(target(f"train step, lorakit / PEFT at dropout {p:g}, {dtype} base", r["value"], limit, why,
+                              noise=r["noise"]))
     return out
 
 
 def run(ctx: Context, done: dict, log) -> dict:
     data = measure(ctx, log)
     done["_train_step_data"] = data  # figure 3 reads the same measurements
-    tables = [{"caption": f"Text batch {data['batch_shape'][0]}×{data['batch_shape'][1]}, every token labelled, "
-                          "loss = model(input_ids, labels=labels).loss",
-               "columns": ["competitor", "step (median ±½IQR)", "lorakit / PEFT", "/ full FT", "loss, 1st step"],
-               "rows": _rows(data["samples"], data["first_loss"])}]
-    notes = ["The 1st-step losses agree: B = 0 at init, so every competitor starts as the base model.",
+    shape = f"{data['batch_shape'][0]}×{data['batch_shape'][1]}"
+    tables = []
+    for dtype in ctx.precisions:
+        base = ("fp32 model" if dtype == "float32" else
+                f"LoRA on a {dtype} frozen base (adapters fp32); full FT keeps fp32 weights and runs under "
+                f"autocast({dtype})")
+        tables.append({"caption": f"Text batch {shape}, every token labelled, loss = model(input_ids, "
+                                  f"labels=labels).loss; {base}",
+                       "columns": ["competitor", "step (median ±½IQR)", "lorakit / PEFT", "/ full FT",
+                                   "loss, 1st step"],
+                       "rows": _rows(data["samples"], data["first_loss"], SHORT[dtype])})
+    notes = ["The 1st-step losses agree within a precision: B = 0 at init, so every competitor starts as the "
+             "base model.",
+             "+ckpt: lorakit with activation checkpointing in every decoder block (non-reentrant; figure 2 shows "
+             "the memory it saves).",
              "full FT trains all parameters (tied embeddings included) with the same AdamW; it has no LoRA "
              "dropout, so it is measured once."]
     chat = data["chat"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import contextlib
 import random
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -84,21 +86,54 @@ def make_full(model: nn.Module, ctx: Context) -> nn.Module:
     return model.requires_grad_(True)
 
 
-def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module | None = None) -> nn.Module:
+SHORT = {"float32": "", "bfloat16": " bf16", "float16": " fp16"}  # label suffix of a precision
+
+
+class Case(NamedTuple):
+    """One training competitor: LoRA (lorakit or PEFT) on a frozen base in ``dtype``, or full fine-tuning
+    (fp32 weights; a half ``dtype`` runs its forward under autocast, mixed precision as usual for it)."""
+
+    label: str
+    kind: str  # "lorakit", "peft" or "full"
+    dropout: float = 0.0
+    dtype: str = "float32"
+    checkpointing: bool = False  # activation checkpointing (non-reentrant) in every decoder block
+
+
+def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module | None = None,
+               dtype: str = "float32", checkpointing: bool = False) -> nn.Module:
     """``model`` (default: a fresh base copy) turned into ``kind`` ("lorakit", "peft" or "full")."""
     model = base(ctx) if model is None else model
+    if checkpointing:
+        from lorakit.train import enable_checkpointing
+
+        enable_checkpointing(model)
+    if kind == "full":
+        if dtype != "float32":
+            model.bench_autocast = getattr(torch, dtype)  # read by train_step
+        return make_full(model, ctx)
+    model = model.to(getattr(torch, dtype))
     if kind == "lorakit":
         return make_lorakit(model, ctx, dropout)
-    if kind == "peft":
-        return make_peft(model, ctx, dropout)
-    return make_full(model, ctx)
+    return make_peft(model, ctx, dropout)
 
 
-def training_cases(ctx: Context) -> list[tuple[str, str, float]]:
-    """(label, kind, dropout): full fine-tuning, then lorakit and PEFT at each dropout."""
-    cases = [("full", "full", 0.0)]
-    for p in ctx.dropouts:
-        cases += [(f"lorakit p={p:g}", "lorakit", p), (f"peft p={p:g}", "peft", p)]
+def build(case: Case, ctx: Context, model: nn.Module | None = None) -> nn.Module:
+    return competitor(case.kind, ctx, case.dropout, model, case.dtype, case.checkpointing)
+
+
+def training_cases(ctx: Context, checkpointing: bool = False) -> list[Case]:
+    """Per precision: full fine-tuning, then lorakit and PEFT at each dropout; ``checkpointing`` adds
+    lorakit at the largest dropout with activation checkpointing (fp32)."""
+    cases = []
+    for dtype in ctx.precisions:
+        tag = SHORT[dtype]
+        cases.append(Case("full" + tag, "full", 0.0, dtype))
+        for p in ctx.dropouts:
+            cases += [Case(f"lorakit p={p:g}{tag}", "lorakit", p, dtype), Case(f"peft p={p:g}{tag}", "peft", p, dtype)]
+    if checkpointing:
+        p = max(ctx.dropouts)
+        cases.append(Case(f"lorakit p={p:g} +ckpt", "lorakit", p, "float32", True))
     return cases
 
 
@@ -185,10 +220,14 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Context, l
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ctx.lr)
 
+    autocast = getattr(model, "bench_autocast", None)
+    device_type = torch.device(ctx.device).type
+
     def step() -> None:
         torch.manual_seed(ctx.seed + len(step.losses))
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
+        with torch.autocast(device_type, autocast) if autocast else contextlib.nullcontext():
+            loss = loss_fn(model, batch)
         loss.backward()
         opt.step()
         step.losses.append(loss.detach())

@@ -69,16 +69,38 @@ def prepare_out(out: Path, resume: bool) -> None:
                             "or choose a new --out")
 
 
-def build_model(cfg: TrainConfig):
-    """Load the model and tokenizer, then inject LoRA (or unfreeze everything for --full)."""
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively (then a bf16 frozen base pays: ~4x the fp32
+    GEMM rate on an AVX512-BF16 CPU, measured in bench/; without bf16 units bf16 is emulated and slower)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own capability probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(cfg: TrainConfig, device: str) -> tuple[str, str]:
+    """(dtype name, why) for the frozen base: ``cfg.dtype`` unless it is "auto"."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "as configured"
+    if cfg.full:
+        return "float32", "auto: --full trains every weight, kept in float32"
+    if native_bf16(device):
+        return "bfloat16", f"auto: {device} computes bf16 natively; LoRA weights stay float32"
+    return "float32", f"auto: {device} has no native bf16 units"
+
+
+def build_model(cfg: TrainConfig, dtype: str = "float32"):
+    """Load the model (base weights in ``dtype``) and tokenizer, then inject LoRA (or unfreeze
+    everything for --full)."""
     from .config import LoraConfig, target_modules_from_flags
     from .inject import inject
     from .models import load_model
 
-    model, tokenizer = load_model(cfg.model, dtype=_DTYPES[cfg.dtype])
+    model, tokenizer = load_model(cfg.model, dtype=_DTYPES[dtype])
     if cfg.gradient_checkpointing:
-        # non-reentrant: the reentrant variant needs inputs that require grad (PEFT's pitfall with frozen bases)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.full:
         model.requires_grad_(True)
         return model, tokenizer
@@ -87,6 +109,16 @@ def build_model(cfg: TrainConfig):
                       use_rslora=cfg.rslora, base_model_name_or_path=cfg.model, task_type="CAUSAL_LM")
     inject(model, lcfg)
     return model, tokenizer
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing in every decoder block of a transformers model, non-reentrant: the
+    reentrant variant needs block inputs that require grad (PEFT's pitfall with frozen bases)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _peak_memory_mb() -> float:
@@ -259,7 +291,10 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build_model(cfg)
+    dtype, dtype_why = resolve_dtype(cfg, info.device)
+    if info.main:
+        print(f"lorakit: base weights in {dtype} ({dtype_why})", flush=True)
+    model, tokenizer = build_model(cfg, dtype)
     model.to(info.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ds = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len)
@@ -280,11 +315,13 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = BatchSampler(len(train_ds), cfg.batch_size, seed=cfg.seed)
-    st = {"best_eval": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0, "before": None, "last_eval": None}
+    st = {"best_eval": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0, "before": None, "last_eval": None,
+          "dtype": dtype}
     metrics = out / "metrics.jsonl"
     ckpts = list_checkpoints(out / "checkpoints")
     if cfg.resume and ckpts:
         step, st = _restore(ckpts[-1], model, opt, sched, sampler, info)
+        st["dtype"] = dtype  # this process's base dtype (auto resolves per machine)
         if info.main:
             _truncate_metrics(metrics, step)
     else:
@@ -377,7 +414,7 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
     rep = trainable_report(unwrap(model))
     summary = {
         "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "stopped_early": stopped_early,
-        "processes": info.world, "sharded": is_sharded(model),
+        "processes": info.world, "sharded": is_sharded(model), "dtype": st["dtype"],
         "trainable_params": rep.trainable, "total_params": rep.total, "trainable_percent": rep.percent,
         "train_wall_s": st["elapsed"], "tokens": st["tokens"],
         "tokens_per_s": st["tokens"] / st["elapsed"] if st["elapsed"] else None,

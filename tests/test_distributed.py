@@ -25,7 +25,7 @@ def _run(model_dir, tmp_path, out, nproc, *extra, expect_ok=True):
     args = ["train", "--model", str(model_dir), "--data", str(_data(tmp_path)), "--eval-data",
             str(_data(tmp_path)), "--out", str(tmp_path / out), "--max-steps", "6", "--batch-size", "8",
             "--lr", "1e-2", "--warmup-steps", "1", "--max-seq-len", "32", "--r", "4", "--eval-every", "3",
-            "--save-every", "3", "--log-every", "1", "--seed", "1", "--nproc", str(nproc), *extra]
+            "--save-every", "3", "--log-every", "1", "--seed", "1", "--nproc", str(nproc), "--dtype", "float32", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
     proc = subprocess.run([sys.executable, "-m", "lorakit", *args], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -27,7 +27,7 @@ def _args(model_dir, data, out):
     return ["train", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data), "--out", str(out),
             "--max-steps", str(STEPS), "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "2",
             "--max-seq-len", "32", "--r", "4", "--eval-every", "10", "--save-every", "3", "--log-every", "1",
-            "--seed", "5", "--keep-checkpoints", "2"]
+            "--seed", "5", "--keep-checkpoints", "2", "--dtype", "float32"]
 
 
 def _start(args):

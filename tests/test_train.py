@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit.recipe import TrainConfig, load_recipe
-from lorakit.train import train
+from lorakit.errors import ConfigError
+from lorakit.train import native_bf16, resolve_dtype, train
 
 
 def _data(tmp_path, n=24):
@@ -23,7 +24,7 @@ def _data(tmp_path, n=24):
 def _cfg(model_dir, tmp_path, out="run", **kw):
     base = dict(model=str(model_dir), data=str(_data(tmp_path)), eval_data=str(_data(tmp_path)),
                 out=str(tmp_path / out), max_steps=20, batch_size=4, lr=1e-2, warmup_steps=2,
-                eval_every=5, save_every=5, log_every=1, max_seq_len=32, r=4, alpha=8, seed=3)
+                eval_every=5, save_every=5, log_every=1, max_seq_len=32, r=4, alpha=8, seed=3, dtype="float32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -135,6 +136,20 @@ def test_recipe_unknown_key_lists_valid_keys_and_flags_override(tmp_path):
         load_recipe(good, {"batch_size": 0})
 
 
+def test_auto_dtype_is_bf16_only_where_it_is_native(monkeypatch):
+    cfg = TrainConfig(model="m", data="dates")
+    assert cfg.dtype == "auto"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_dtype(cfg, "cpu")[0] == "bfloat16"
+    assert resolve_dtype(TrainConfig(model="m", data="dates", full=True), "cpu")[0] == "float32"
+    assert resolve_dtype(TrainConfig(model="m", data="dates", dtype="float16"), "cpu") == ("float16", "as configured")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_dtype(cfg, "cpu")[0] == "float32"
+    with pytest.raises(ConfigError, match="dtype must be auto, float32"):
+        TrainConfig(model="m", data="dates", dtype="fp8")
+
+
 def test_cli_train_prints_table(tiny_model_dir, tmp_path, capsys):
     from lorakit.cli import main
 
@@ -145,6 +160,9 @@ def test_cli_train_prints_table(tiny_model_dir, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "trainable params" in out and "lora result" in out
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    expected = "bfloat16" if native_bf16("cpu") else "float32"  # no --dtype: auto
+    assert summary["dtype"] == expected and f"base weights in {expected} (auto: " in out
     cfg = json.loads((tmp_path / "cli" / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
 
