@@ -12,7 +12,17 @@ covers the answers alone, for full fine-tuning and both adapters at the larger d
 from __future__ import annotations
 
 from .common import Context, alternate, fmt_median, ratio, summary, target
-from .workload import SHORT, build, chat_batch, competitor, text_batch, to_device, train_step, trainer_loss, training_cases
+from .workload import (
+    SHORT,
+    build,
+    chat_batch,
+    competitor,
+    text_batch,
+    to_device,
+    train_step,
+    trainer_loss,
+    training_cases,
+)
 
 NAME, FIGURE, TITLE = "train_step", 1, "Training step time"
 WHAT = ("Seconds per training step (zero_grad, forward, loss, backward, AdamW step). Ratios < 1: lorakit "

@@ -6,9 +6,9 @@ the same LoraConfig fields) and ``full`` (every parameter trained). All train wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
-import contextlib
 import random
 from typing import NamedTuple
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import siblings
 from .config import scaling_of
 from .errors import AdapterError
-from . import siblings
 from .ops import lora_down
 
 

@@ -67,7 +67,7 @@ def down(layer, x: torch.Tensor, name: str, p: float) -> torch.Tensor:
         return lora_down(x, a, p=p)
     weights = [a] + [m.lora_A[n].weight for m, n in others]
     parts = lora_down(x, *weights, p=p).split([w.shape[0] for w in weights], dim=-1)
-    _slices.entry = (weakref.ref(x), x._version, {(id(m), n): h for (m, n), h in zip(others, parts[1:])})
+    _slices.entry = (weakref.ref(x), x._version, {(id(m), n): h for (m, n), h in zip(others, parts[1:], strict=True)})
     return parts[0]
 
 

@@ -126,5 +126,5 @@ def test_stacked_weights_equal_one_call_each():
     ref.backward(g)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, x2.grad)
-    for w, w2 in zip(ws, ws2):
+    for w, w2 in zip(ws, ws2, strict=True):
         torch.testing.assert_close(w.grad, w2.grad)

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit as lk
-from lorakit.recipe import TrainConfig, load_recipe
 from lorakit.errors import ConfigError
+from lorakit.recipe import TrainConfig, load_recipe
 from lorakit.train import native_bf16, resolve_dtype, train
 
 
