@@ -53,7 +53,7 @@ def _measure(ctx: Context, case) -> dict:
     ctx._cache.update(model=model, tokenizer=tok)
     model = workload.build(case, ctx, model.to(ctx.device))
     batch = workload.to_device(workload.text_batch(ctx), ctx)
-    step = workload.train_step(model, batch, ctx)
+    step = workload.train_step(model, batch, ctx, workload.loss_of(case))
     # Page in the code and scratch a forward + backward touches the first time (kernels, allocator
     # arenas: ~300 MiB on CPU, the same for every case) with one short row, gradients dropped after.
     workload.plain_loss(model, {k: v[:1, :8] for k, v in batch.items()}).backward()
@@ -147,18 +147,18 @@ def _run_worker(ctx: Context, cases, log) -> dict[str, dict]:
 
 
 def run(ctx: Context, done: dict, log) -> dict:
-    from .workload import SHORT, training_cases
+    from .workload import SHORT, base_label, training_cases
 
-    cases = training_cases(ctx, checkpointing=True)
+    cases = training_cases(ctx, variants=True)
     rows_data = _run_worker(ctx, cases, log)
     inc = {label: row["increase"] for label, row in rows_data.items()}
     tokens = ctx.batch * ctx.seq
     tag_of = {c.label: SHORT[c.dtype] for c in cases}
     rows = []
     for label, row in rows_data.items():
-        base_label, vs = label.removesuffix(" +ckpt"), ""
-        if label != base_label:
-            vs = f"{inc[label] / inc[base_label]:.2f}× {base_label}"
+        plain, vs = base_label(label), ""
+        if label != plain:
+            vs = f"{inc[label] / inc[plain]:.2f}× {plain}"
         elif label.startswith("lorakit"):
             vs = f"**{inc[label] / inc['peft' + label.removeprefix('lorakit')]:.3f}**"
         rows.append([label, fmt_mb(row["increase"]), vs,
@@ -184,7 +184,8 @@ def run(ctx: Context, done: dict, log) -> dict:
              "full FT's increase holds its gradients and AdamW's two moments for every parameter (bf16 table: fp32 "
              "weights under autocast, which also keeps bf16 copies of the weights for the step).",
              "+ckpt: activation checkpointing in every decoder block (non-reentrant, so the frozen base needs no "
-             "input gradients): each block keeps only its input and is recomputed in backward."]
+             "input gradients): each block keeps only its input and is recomputed in backward. +lk loss: lorakit's "
+             "trainer loss (head and cross-entropy fused, logits in chunks, never kept) instead of transformers'."]
     return {"what": WHAT, "tables": [table], "notes": notes, "targets": targets,
             "data": {"cases": rows_data, "steps": STEPS, "measure": what}}
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 from .common import Context, alternate, fmt_median, ratio, summary, target
 from .workload import (
     SHORT,
+    base_label,
     build,
     chat_batch,
     competitor,
+    loss_of,
     text_batch,
     to_device,
     train_step,
@@ -33,8 +35,8 @@ WHAT = ("Seconds per training step (zero_grad, forward, loss, backward, AdamW st
 def measure(ctx: Context, log) -> dict:
     """Time every training case side by side; shared with figure 3 (lora_vs_full)."""
     batch = to_device(text_batch(ctx), ctx)
-    cases = training_cases(ctx, checkpointing=True)
-    steps = {c.label: train_step(build(c, ctx), batch, ctx) for c in cases}
+    cases = training_cases(ctx, variants=True)
+    steps = {c.label: train_step(build(c, ctx), batch, ctx, loss_of(c)) for c in cases}
     log(f"  text batch {tuple(batch['input_ids'].shape)}, competitors: {', '.join(steps)}")
     samples = alternate(steps, ctx, log=log)
     first_loss = {label: float(step.losses[0]) for label, step in steps.items()}
@@ -64,17 +66,17 @@ def _chat_row(ctx: Context, log) -> dict | None:
 
 
 def _rows(samples: dict, losses: dict | None = None, tag: str = "") -> list[list[str]]:
-    """One table's rows: the cases of one precision (label suffix ``tag``), plus "+ckpt" variants."""
+    """One table's rows: the cases of one precision (label suffix ``tag``), plus lorakit's variants (+ckpt, +lk loss)."""
     rows = []
     for label, s in samples.items():
-        base_label = label.removesuffix(" +ckpt")
-        if not base_label.endswith(tag) or (not tag and any(base_label.endswith(t) for t in SHORT.values() if t)):
+        plain = base_label(label)
+        if not plain.endswith(tag) or (not tag and any(plain.endswith(t) for t in SHORT.values() if t)):
             continue
         row = [label, fmt_median(summary(s))]
-        if label != base_label:  # +ckpt: what checkpointing costs, against the same case without it
-            row.append(f"{ratio(s, samples[base_label])['value']:.2f}× {base_label}")
+        if label != plain:  # a variant: what it costs or saves, against the same case without it
+            row.append(f"{ratio(s, samples[plain])['value']:.2f}× {plain}")
         elif label.startswith("lorakit"):
-            r = ratio(s, samples["peft" + base_label.removeprefix("lorakit")])
+            r = ratio(s, samples["peft" + plain.removeprefix("lorakit")])
             row.append(f"**{r['value']:.3f}** ±{r['noise']:.1%}")
         else:
             row.append("")
@@ -125,7 +127,8 @@ def run(ctx: Context, done: dict, log) -> dict:
     notes = ["The 1st-step losses agree within a precision: B = 0 at init, so every competitor starts as the "
              "base model.",
              "+ckpt: lorakit with activation checkpointing in every decoder block (non-reentrant; figure 2 shows "
-             "the memory it saves).",
+             "the memory it saves). +lk loss: lorakit's trainer loss (evaluate.loss_sum: the head and the "
+             "cross-entropy fused, logits made in chunks and never kept) instead of transformers' loss.",
              "full FT trains all parameters (tied embeddings included) with the same AdamW; it has no LoRA "
              "dropout, so it is measured once."]
     chat = data["chat"]

@@ -98,6 +98,16 @@ class Case(NamedTuple):
     dropout: float = 0.0
     dtype: str = "float32"
     checkpointing: bool = False  # activation checkpointing (non-reentrant) in every decoder block
+    loss: str = "plain"  # "plain": transformers' loss over full logits; "lorakit": evaluate.loss_sum (fused)
+
+
+VARIANTS = (" +ckpt", " +lk loss")  # label suffixes of the lorakit-only variants, compared with their base case
+
+
+def base_label(label: str) -> str:
+    for suffix in VARIANTS:
+        label = label.removesuffix(suffix)
+    return label
 
 
 def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module | None = None,
@@ -122,19 +132,24 @@ def build(case: Case, ctx: Context, model: nn.Module | None = None) -> nn.Module
     return competitor(case.kind, ctx, case.dropout, model, case.dtype, case.checkpointing)
 
 
-def training_cases(ctx: Context, checkpointing: bool = False) -> list[Case]:
-    """Per precision: full fine-tuning, then lorakit and PEFT at each dropout; ``checkpointing`` adds
-    lorakit at the largest dropout with activation checkpointing (fp32)."""
+def training_cases(ctx: Context, variants: bool = False) -> list[Case]:
+    """Per precision: full fine-tuning, then lorakit and PEFT at each dropout; ``variants`` adds lorakit
+    at the largest dropout (fp32) with activation checkpointing, and with lorakit's own loss."""
     cases = []
     for dtype in ctx.precisions:
         tag = SHORT[dtype]
         cases.append(Case("full" + tag, "full", 0.0, dtype))
         for p in ctx.dropouts:
             cases += [Case(f"lorakit p={p:g}{tag}", "lorakit", p, dtype), Case(f"peft p={p:g}{tag}", "peft", p, dtype)]
-    if checkpointing:
+    if variants:
         p = max(ctx.dropouts)
-        cases.append(Case(f"lorakit p={p:g} +ckpt", "lorakit", p, "float32", True))
+        cases += [Case(f"lorakit p={p:g} +ckpt", "lorakit", p, "float32", True),
+                  Case(f"lorakit p={p:g} +lk loss", "lorakit", p, "float32", loss="lorakit")]
     return cases
+
+
+def loss_of(case: Case):
+    return trainer_loss if case.loss == "lorakit" else plain_loss
 
 
 # ---- batches -----------------------------------------------------------------------------------

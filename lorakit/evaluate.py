@@ -13,6 +13,11 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, TokenizedDataset, collate
 from .errors import DataError
+from .ops import linear_cross_entropy
+
+# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling
+# after the head. Tested against the plain path (tests/test_evaluate.py); others take the plain path.
+FUSED_CE_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -20,22 +25,57 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
     Summing (rather than averaging per batch) lets gradient accumulation and data-parallel
     shards divide by the global token count, so results do not depend on how a batch is split.
-    Logits are computed only at positions that predict a labelled token (transformers'
-    ``logits_to_keep``): with a 49k vocabulary and loss on the answer alone this skips most of
-    the output-head work and memory.
+    Logits exist only for labelled tokens, and never all at once: for the architectures in
+    FUSED_CE_MODELS with a plain output head, the final hidden states of the labelled positions
+    go through lorakit.ops.linear_cross_entropy (chunks of logits, gradient taken in the same
+    pass). Otherwise transformers' ``logits_to_keep`` limits the logits to the positions any row
+    needs (with a 49k vocabulary and loss on the answer alone this skips most of the head's work).
     """
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    keep = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
+    labelled = labels != IGNORE_INDEX
+    n = int(labelled.sum())
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    head = fused_head(model)
+    if head is not None:
+        hidden = _final_hidden(model, kwargs)[:, :-1]  # (B, T-1, H)
+        return linear_cross_entropy(hidden[labelled], head.weight, labels[labelled]), n
+    keep = labelled.any(dim=0).nonzero().squeeze(1)  # (K,) positions any row needs
     if _accepts_logits_to_keep(model) and len(keep) < labels.shape[1]:
         logits = model(**kwargs, logits_to_keep=keep).logits  # (B, K, V)
         labels = labels[:, keep]
     else:
         logits = model(**kwargs).logits[:, :-1]  # (B, T-1, V)
-    n = int((labels != IGNORE_INDEX).sum())
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, n
+
+
+def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output head when loss_sum may fuse it with the loss: a plain bias-free Linear of a
+    FUSED_CE_MODELS architecture, unsharded (FSDP gathers weights only inside module calls)."""
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    if getattr(getattr(inner, "config", None), "model_type", None) not in FUSED_CE_MODELS:
+        return None
+    if not (_accepts_logits_to_keep(inner) and hasattr(inner, "get_decoder")):
+        return None
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or hasattr(head.weight, "device_mesh"):
+        return None
+    return head
+
+
+def _final_hidden(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    """The decoder's last hidden state, from one call of ``model`` itself (so DDP's forward runs),
+    with logits computed at the last position only."""
+    captured = []
+    decoder = getattr(model, "module", model).get_decoder()
+    handle = decoder.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        model(**kwargs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    out = captured[-1]
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:

@@ -109,3 +109,58 @@ def lora_down(x: torch.Tensor, *weights: torch.Tensor, p: float = 0.0) -> torch.
         return F.linear(x, weights[0])  # nothing to save beyond x itself: autograd's own path
     mask = keep_mask(x, p) if p > 0 else None
     return _LoraDown.apply(x, mask, 1.0 / keep_probability(p), *weights)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i·Wᵀ, y_i) with the logits made chunk by chunk and never kept.
+
+    The loss is the end of the graph, so its gradients are taken in the same pass (softmax − onehot,
+    chunk by chunk) and backward only scales them by the incoming scalar: no recomputation, and
+    memory of one chunk of logits instead of the plain path's fp32 logits, log-probabilities and
+    their gradient for every labelled token.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                grads: bool) -> torch.Tensor:
+        need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(hc, weight).float()  # (c, V): the plain path's logits.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(yc), device=g.device), yc] -= 1
+                g = g.to(weight.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = g @ weight
+                if need_w:
+                    grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")`` in chunks of rows.
+
+    Args:
+        h: (N, hidden) final hidden states of the labelled positions.
+        weight: (vocab, hidden) output head (no bias).
+        targets: (N,) token ids, all valid (select labelled rows first).
+        chunk_bytes: fp32 logits per chunk (rows = chunk_bytes / (4·vocab), at least 16).
+    """
+    chunk = max(16, chunk_bytes // (4 * weight.shape[0]))
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())
