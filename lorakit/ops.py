@@ -152,8 +152,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
+CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk of linear_cross_entropy
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+                         chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """``F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")`` in chunks of rows.
 
     Args:

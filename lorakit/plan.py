@@ -5,8 +5,10 @@ Every number comes from the architecture (a model built on the meta device) and 
 
 - parameters, gradients and AdamW state stay in the model dtype (no fp32 master copy); LoRA weights,
   their gradients and their AdamW state are fp32 (``LoraLinear`` creates them so);
-- logits are computed only at positions that predict a labelled token (``logits_to_keep``) and the
-  loss is taken in fp32;
+- logits are computed only at positions that predict a labelled token and the loss is taken in fp32:
+  for the architectures of ``evaluate.FUSED_CE_MODELS`` with a plain head, fused with the head in
+  chunks (``ops.linear_cross_entropy``: one chunk of logits at a time, the hidden-state gradient
+  kept), otherwise as whole logits (``logits_to_keep``);
 - attention is PyTorch SDPA as transformers calls it: q, k, v, output and log-sum-exp are kept, never
   the T×T matrix; a padded batch adds one additive B×T×T mask per layer and k, v repeated to all heads;
 - the peak is reached either when backward starts (every activation alive, logits gradient being
@@ -54,6 +56,8 @@ class Arch:
     matmul: int  # weights used in matmuls per token (Linear weights, the head included)
     largest: int  # the largest parameter tensor (CPU AdamW temporaries are sized by it)
     layers_path: str
+    fused_loss: bool = False  # lorakit's loss fuses this head with the cross-entropy (evaluate.fused_head)
+    head_name: str = ""  # the output head's module path (an adapted head takes the plain loss path)
 
     @property
     def q_dim(self) -> int:
@@ -172,13 +176,19 @@ def read_arch(model: nn.Module) -> Arch:
     linear = [m for m in model.modules() if module_kind(m) in ("linear", "conv1d")]
     quantizable = sum(m.weight.numel() for m in linear if m is not out)
     dropout = max(float(getattr(cfg, k, 0) or 0) for k in ("resid_pdrop", "hidden_dropout_prob", "hidden_dropout"))
+    from .evaluate import FUSED_CE_MODELS
+
+    fused = (getattr(cfg, "model_type", None) in FUSED_CE_MODELS and type(out) is nn.Linear and out.bias is None
+             and hasattr(model, "get_decoder"))
+    head_name = next((n for n, m in model.named_modules() if m is out), "") if out is not None else ""
     return Arch(hidden=hidden, intermediate=inter, layers=len(blocks), heads=heads,
                 kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
                 vocab=vocab, gated=any("gate" in n.rsplit(".", 1)[-1] for n in block_names),
                 rms_upcast=any("RMSNorm" in c for c in classes), causal=_is_causal(model), dropout=dropout > 0,
                 params=sum(p.numel() for p in model.parameters()), quantizable=quantizable,
                 head=head, matmul=sum(m.weight.numel() for m in linear),
-                largest=max(p.numel() for p in model.parameters()), layers_path=layers_path)
+                largest=max(p.numel() for p in model.parameters()), layers_path=layers_path,
+                fused_loss=fused, head_name=head_name)
 
 
 def _layer_list(model: nn.Module, cfg) -> tuple[str, list[nn.Module]]:
@@ -306,9 +316,12 @@ def _mode_rows(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropo
     if inp.fsdp:  # the optimizer step works on this device's shards only
         trainable_bytes, largest = trainable_bytes / inp.nproc, largest / inp.nproc
     acts = _activations(arch, count, inp, mode, dropout)
-    logits = _logits(arch, inp, mode)
+    fused = arch.fused_loss and (mode == "full" or all(t.name != arch.head_name for t in count.targets))
+    logits = _fused_logits(arch, inp, mode) if fused else _logits(arch, inp, mode)
     temp = 0 if states == 0 else (trainable_bytes if inp.device == "cuda" else 2 * largest)
-    start = acts.bytes + max(logits.bytes, 4 * inp.logit_positions * arch.vocab + head_grad)
+    # fused: the loss's transients are inside the logits row; plain: backward starts with the logits gradient
+    start = acts.bytes + (logits.bytes + head_grad if fused else
+                          max(logits.bytes, 4 * inp.logit_positions * arch.vocab + head_grad))
     end = grads.bytes + temp
     peak = Row(weights.bytes + optim.bytes + max(start, end),
                f"weights + optimizer + max(backward start = activations + max(logits, 4·P·V + head gradient "
@@ -357,9 +370,29 @@ def _activations(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dro
                f"{active} blocks × B·T = {inp.tokens:,} tokens × ({detail}) B per token{skipped}")
 
 
+def _final_norm(arch: Arch, inp: PlanInputs, mode: str) -> int:
+    """Bytes per token the final norm keeps."""
+    if arch.rms_upcast:
+        return 4 * arch.hidden + 4 + (inp.e * arch.hidden if mode == "full" else 0)
+    return inp.e * arch.hidden + 8
+
+
+def _fused_logits(arch: Arch, inp: PlanInputs, mode: str) -> Row:
+    from .ops import CHUNK_BYTES
+
+    p, v, h, e = inp.logit_positions, arch.vocab, arch.hidden, inp.e
+    chunk = min(p, max(16, CHUNK_BYTES // (4 * v)))
+    per_chunk = chunk * v * (4 + (e if e != 4 else 0))  # fp32 logits → softmax in place, cast to the head dtype
+    head_grad = 4 * v * h if mode == "full" else 0  # the head's gradient, accumulated in fp32 during the pass
+    norm = _final_norm(arch, inp, mode)
+    return Row(p * h * e + per_chunk + head_grad + norm * inp.tokens,
+               f"fused head + loss: P·h·e hidden-state gradient + {chunk:,} rows × V × {per_chunk // (chunk * v)} B "
+               f"(one chunk of logits) with P = {p:,} labelled positions, V = {v:,}"
+               + (" + 4·V·h head gradient (fp32)" if head_grad else "") + f"; + final norm B·T·{norm} B")
+
+
 def _logits(arch: Arch, inp: PlanInputs, mode: str) -> Row:
-    norm = (4 * arch.hidden + 4 + (inp.e * arch.hidden if mode == "full" else 0)) if arch.rms_upcast else (
-        inp.e * arch.hidden + 8)
+    norm = _final_norm(arch, inp, mode)
     head_in = inp.e * arch.hidden * inp.logit_positions if mode == "full" else 0
     p, v = inp.logit_positions, arch.vocab
     return Row(12 * p * v + norm * inp.tokens + head_in,

@@ -1,5 +1,7 @@
 """lorakit.plan / gpus / plan_report: rows against hand-computed values, activations against autograd."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -41,9 +43,10 @@ def test_hand_computed_rows_full_fine_tuning():
     per_token = 2 * (256 + 4 + 256) + (4 * (64 + 128 + 64) + 16) + 4 * 16 + 4 * 3 * 160 + 4 * (128 + 160)
     assert per_token == 5208
     assert _row(plan, "activations", "full") == 2 * 32 * per_token
-    logits = 12 * 32 * 1000 + 32 * 516 + 32 * 64 * 4  # 12·P·V + final norm + head input
+    # fused head + loss: hidden-state gradient P·h·4 + one chunk of logits + the head's fp32 gradient + final norm
+    logits = 32 * 64 * 4 + 32 * 1000 * 4 + 4 * 1000 * 64 + 32 * 516
     assert _row(plan, "logits", "full") == logits
-    start = 2 * 32 * per_token + logits
+    start = 2 * 32 * per_token + logits + 4 * 64_000  # + the head's gradient in the model dtype
     end = 4 * N + 4 * N  # gradients + the foreach AdamW temporary (one tensor the size of all weights)
     assert _row(plan, "peak", "full") == 4 * N + 8 * N + max(start, end)
 
@@ -56,9 +59,15 @@ def test_hand_computed_rows_lora_and_qlora():
     # o_proj's input is SDPA's output already kept; A·x (r floats) for each of the 7 modules
     per_token = 2 * (256 + 4) + 1040 + 64 + 1920 + (4 * 64 + 4 * 64 + 4 * 160 + 7 * 4 * 4)
     assert _row(plan, "activations", "lora") == 2 * 32 * per_token
-    logits = 12 * 32 * 1000 + 32 * 260
+    # lorakit's fused head + loss: the hidden-state gradient P·h·4, one chunk of fp32 logits (all 32 rows), final norm
+    logits = 32 * 64 * 4 + 32 * 1000 * 4 + 32 * 260
     assert _row(plan, "logits", "lora") == logits
     assert _row(plan, "peak", "lora") == 4 * N + 4 * N_LORA + 8 * N_LORA + 2 * 32 * per_token + logits
+    # the plain path (an architecture outside evaluate.FUSED_CE_MODELS): fp32 log-probs, their gradient, ...
+    plain = plan_memory(replace(plan.arch, fused_loss=False), count_model(build_meta_model(LlamaConfig(**TINY)),
+                        LoraConfig(r=4)), plan.inputs)
+    assert _row(plain, "logits", "lora") == 12 * 32 * 1000 + 32 * 260
+    assert _row(plain, "peak", "lora") == _row(plan, "peak", "lora") - logits + 12 * 32 * 1000 + 32 * 260
     linear = 2 * (4096 + 2048 + 2048 + 4096 + 3 * 10240)  # everything but the head is quantized
     assert _row(plan, "weights", "qlora") == pytest.approx(linear * NF4_BYTES + (N - linear) * 4 + 4 * N_LORA)
     assert linear * NF4_BYTES == 44_373  # 4 bits + an 8-bit absmax per 64 + an fp32 scale per 256 blocks
@@ -80,9 +89,9 @@ def test_blocks_below_the_first_adapter_keep_nothing():
 def test_sgd_has_no_state_and_cpu_adamw_temporaries_follow_the_largest_tensor():
     plan, _ = _tiny(optimizer="sgd")
     assert _row(plan, "optimizer", "full") == 0
-    assert _row(plan, "peak", "full") == 4 * N + max(2 * 32 * 5208 + 408_704, 4 * N)
+    assert _row(plan, "peak", "full") == 4 * N + max(2 * 32 * 5208 + 408_704 + 256_000, 4 * N)
     cpu, _ = _tiny(device="cpu")
-    assert _row(cpu, "peak", "full") == 12 * N + max(2 * 32 * 5208 + 408_704, 4 * N + 2 * 4 * 64_000)
+    assert _row(cpu, "peak", "full") == 12 * N + max(2 * 32 * 5208 + 408_704 + 256_000, 4 * N + 2 * 4 * 64_000)
 
 
 def test_flops_per_token():
@@ -177,7 +186,7 @@ def test_plan_document_and_explain():
     assert doc["memory"]["lora"]["gradients"] == 4 * N_LORA
     assert [g["name"] for g in doc["gpus"]] == ["T4", "H100"] and doc["gpus"][1]["modes"]["full"]["fits"]
     text = format_plan(doc, "tiny", explain=True)
-    assert "12·P·V" in text and "N·e = 214,336 × 2 B" in text and "assumptions:" in text
+    assert "fused head + loss" in text and "N·e = 214,336 × 2 B" in text and "assumptions:" in text
 
 
 @pytest.mark.parametrize("kwargs, match", [
