@@ -66,12 +66,13 @@ def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 def _final_hidden(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     """The decoder's last hidden state, from one call of ``model`` itself (so DDP's forward runs),
-    with logits computed at the last position only."""
+    asking for logits at no position (an empty index: the head runs on zero rows)."""
     captured = []
     decoder = getattr(model, "module", model).get_decoder()
     handle = decoder.register_forward_hook(lambda module, args, out: captured.append(out))
+    none = torch.empty(0, dtype=torch.long, device=kwargs["input_ids"].device)
     try:
-        model(**kwargs, logits_to_keep=1)
+        model(**kwargs, logits_to_keep=none)
     finally:
         handle.remove()
     out = captured[-1]

@@ -320,3 +320,20 @@ def test_embedded_config(embedded_home, tmp_path, monkeypatch):
         assert config.tie_word_embeddings
     assert not (tmp_path / "models").exists()
     assert models.resolve_embedded_gguf().suffix == ".gguf"
+
+
+def test_the_head_gets_a_contiguous_input(tiny_model_dir):
+    """generate's prefill slices the last position; the head must not see the strided view (PyTorch
+    #151934: a bf16 CPU Linear with a frozen weight copies the weight per row for such an input)."""
+    import torch
+
+    from lorakit.models import contiguous_head_input, load_model
+
+    model, _ = load_model(str(tiny_model_dir), dtype="bfloat16")
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(0, 50, (3, 9)), logits_to_keep=1).logits
+    assert seen == [True] and logits.shape[:2] == (3, 1)
+    contiguous_head_input(model)  # idempotent: one hook
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
