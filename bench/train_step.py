@@ -128,14 +128,17 @@ def run(ctx: Context, done: dict, log) -> dict:
              "base model.",
              "+ckpt: lorakit with activation checkpointing in every decoder block (non-reentrant; figure 2 shows "
              "the memory it saves). +lk loss: lorakit's trainer loss (evaluate.loss_sum: the head and the "
-             "cross-entropy fused, logits made in chunks and never kept) instead of transformers' loss.",
+             "cross-entropy fused, logits made in chunks and never kept) instead of transformers' loss. unfused: "
+             "lorakit with each adapter's A run alone (no sibling fusion), to show what fusing q/k/v and gate/up "
+             "saves.",
              "full FT trains all parameters (tied embeddings included) with the same AdamW; it has no LoRA "
              "dropout, so it is measured once."]
     chat = data["chat"]
     if chat:
         tables.append({"caption": f"Chat batch {chat['shape'][0]}×{chat['shape'][1]} (few-shot date prompts), "
                                   f"loss on the {chat['labelled_tokens']} answer tokens only, lorakit's trainer "
-                                  f"loss (evaluate.loss_sum: logits at {chat['logit_positions']} positions)",
+                                  f"loss (evaluate.loss_sum: the head fused with the cross-entropy, logits for the "
+                                  f"{chat['labelled_tokens']} labelled tokens only)",
                        "columns": ["competitor", "step (median ±½IQR)", "lorakit / PEFT", "/ full FT"],
                        "rows": _rows(chat["samples"])})
         notes.append("In the chat table PEFT's model is called through get_base_model(), since PeftModel.forward "

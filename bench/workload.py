@@ -99,9 +99,10 @@ class Case(NamedTuple):
     dtype: str = "float32"
     checkpointing: bool = False  # activation checkpointing (non-reentrant) in every decoder block
     loss: str = "plain"  # "plain": transformers' loss over full logits; "lorakit": evaluate.loss_sum (fused)
+    fused: bool = True  # lorakit: siblings' A's in one matmul (lorakit.siblings); False: one adapter at a time
 
 
-VARIANTS = (" +ckpt", " +lk loss")  # label suffixes of the lorakit-only variants, compared with their base case
+VARIANTS = (" +ckpt", " +lk loss", " unfused")  # label suffixes of the lorakit-only variants, compared with their base case
 
 
 def base_label(label: str) -> str:
@@ -129,12 +130,18 @@ def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module |
 
 
 def build(case: Case, ctx: Context, model: nn.Module | None = None) -> nn.Module:
-    return competitor(case.kind, ctx, case.dropout, model, case.dtype, case.checkpointing)
+    model = competitor(case.kind, ctx, case.dropout, model, case.dtype, case.checkpointing)
+    if not case.fused:
+        for module in model.modules():
+            if isinstance(module, lk.layer.LoraLinear):
+                module.siblings = ()  # this model's adapters run one at a time
+    return model
 
 
 def training_cases(ctx: Context, variants: bool = False) -> list[Case]:
     """Per precision: full fine-tuning, then lorakit and PEFT at each dropout; ``variants`` adds lorakit
-    at the largest dropout (fp32) with activation checkpointing, and with lorakit's own loss."""
+    at the largest dropout with its siblings unfused (each precision), and in fp32 with activation
+    checkpointing and with lorakit's own loss."""
     cases = []
     for dtype in ctx.precisions:
         tag = SHORT[dtype]
@@ -143,6 +150,7 @@ def training_cases(ctx: Context, variants: bool = False) -> list[Case]:
             cases += [Case(f"lorakit p={p:g}{tag}", "lorakit", p, dtype), Case(f"peft p={p:g}{tag}", "peft", p, dtype)]
     if variants:
         p = max(ctx.dropouts)
+        cases += [Case(f"lorakit p={p:g}{SHORT[d]} unfused", "lorakit", p, d, fused=False) for d in ctx.precisions]
         cases += [Case(f"lorakit p={p:g} +ckpt", "lorakit", p, "float32", True),
                   Case(f"lorakit p={p:g} +lk loss", "lorakit", p, "float32", loss="lorakit")]
     return cases

@@ -58,10 +58,11 @@ def test_figures_hold_what_the_issue_asks(suite):
     _, r = suite
     steps = r["train_step"]["data"]["steps"]
     fp32 = {"full", "lorakit p=0", "peft p=0", "lorakit p=0.05", "peft p=0.05"}
-    assert set(steps) == fp32 | {f"{k} bf16" for k in fp32} | {"lorakit p=0.05 +ckpt", "lorakit p=0.05 +lk loss"}
+    variants = {"lorakit p=0.05 +ckpt", "lorakit p=0.05 +lk loss", "lorakit p=0.05 unfused", "lorakit p=0.05 bf16 unfused"}
+    assert set(steps) == fp32 | {f"{k} bf16" for k in fp32} | variants
     assert all(s["n"] == 2 and len(s["samples"]) == 2 for s in steps.values())
     assert len(r["train_step"]["tables"]) == 3  # fp32, bf16 base, and lorakit's trainer loss on chat data
-    assert [len(t["rows"]) for t in r["train_step"]["tables"][:2]] == [7, 5]
+    assert [len(t["rows"]) for t in r["train_step"]["tables"][:2]] == [8, 6]
     assert [t["limit"] for t in r["train_step"]["targets"]] == [1.0, 0.85, 1.0, 0.85]
     assert len(r["lora_vs_full"]["targets"]) == 4
     mem = r["step_memory"]["data"]["cases"]
