@@ -92,3 +92,67 @@ def test_ddp_buckets_only_lora_parameters(tiny_model_dir):
     finally:
         dist.destroy_process_group()
     torch.manual_seed(0)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(stat))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _rank_process(pid: int, rank: int) -> int | None:
+    for child in _descendants(pid):
+        try:
+            with open(f"/proc/{child}/environ", "rb") as f:
+                if f"\0RANK={rank}\0".encode() in b"\0" + f.read():
+                    return child
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process through /proc")
+def test_a_dead_rank_fails_the_run_instead_of_hanging(tiny_model_dir, tmp_path):
+    """kill -9 rank 1 mid-training: torchrun's agent stops rank 0 and the run exits non-zero, long
+    before the collective timeout, with no adapter written."""
+    import signal
+    import time
+
+    out = tmp_path / "dead"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--out", str(out),
+            "--max-steps", "400", "--batch-size", "8", "--max-seq-len", "32", "--r", "4", "--eval-every", "0",
+            "--save-every", "0", "--log-every", "1", "--nproc", "2", "--dtype", "float32", "--dist-timeout", "120"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:  # both ranks are past a few steps
+            break
+        time.sleep(0.05)
+    victim = _rank_process(proc.pid, 1)
+    assert proc.poll() is None and victim is not None, "the run ended or rank 1 was not found"
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        code = proc.wait(timeout=100)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code != 0
+    assert time.monotonic() - killed_at < 60  # torchrun noticed the dead worker; no wait for the 120 s timeout
+    assert not (out / "adapter").exists()
