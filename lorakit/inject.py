@@ -12,6 +12,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
@@ -266,6 +267,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
         cfg.fan_in_fan_out = True
     for p in model.parameters():
         p.requires_grad_(False)
+    contiguous_head_input(model)  # a frozen bf16 head on CPU meets PyTorch #151934 without it
     modules = candidate_modules(model)
     for t in targets:
         layer = _wrap(model, t.name, modules[t.name], t.kind)
@@ -305,3 +307,22 @@ def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
             for name in names:
                 if name in d:
                     d[name].requires_grad_(flag)
+
+
+def contiguous_head_input(model: nn.Module) -> None:
+    """Make the output head's input contiguous before it runs (a no-op copy when it already is).
+
+    transformers slices the last hidden state for ``logits_to_keep`` (generation's prefill asks for
+    the last position only); on CPU a non-contiguous bf16/fp16 input to a Linear whose weight needs
+    no gradient goes through a batched matmul that copies the whole weight once per row (PyTorch
+    issue #151934): B × 56 MiB and seconds for SmolLM2's head at batch B. Idempotent.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_lorakit_contiguous", False):
+        return
+    head.register_forward_pre_hook(_contiguous_args)
+    head._lorakit_contiguous = True
+
+
+def _contiguous_args(module, args):
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)

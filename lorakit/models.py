@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufCo
 
 from .errors import ModelLoadError
 from .fileio import PICKLE_SUFFIXES
+from .inject import contiguous_head_input
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL)
@@ -332,25 +333,6 @@ def _hub_reachable(repo_id: str) -> bool:
     except Exception:  # DNS, refused, timeout, proxy, 5xx: the network's many ways of saying "unreachable"
         return False
     return True
-
-
-def contiguous_head_input(model: torch.nn.Module) -> None:
-    """Make the output head's input contiguous before it runs (a no-op copy when it already is).
-
-    transformers slices the last hidden state for ``logits_to_keep`` (generation's prefill asks for
-    the last position only); on CPU a non-contiguous bf16/fp16 input to a Linear whose weight needs
-    no gradient goes through a batched matmul that copies the whole weight once per row (PyTorch
-    issue #151934): B × 56 MiB and seconds for SmolLM2's head at batch B. Idempotent.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(head, "_lorakit_contiguous", False):
-        return
-    head.register_forward_pre_hook(_contiguous_args)
-    head._lorakit_contiguous = True
-
-
-def _contiguous_args(module, args):
-    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _finish(model, tokenizer, device: str | torch.device):

@@ -128,3 +128,12 @@ def test_second_adapter_reuses_wrappers_and_duplicate_name_refused():
     assert lk.list_adapters(model) == ["default", "b"]
     with pytest.raises(lk.AdapterError, match="already has an adapter"):
         lk.inject(model, lk.LoraConfig(target_modules=["q_proj"]), adapter_name="b")
+
+
+def test_inject_makes_the_frozen_head_see_a_contiguous_input():
+    """PyTorch #151934: freezing the head is what sends a strided bf16 input down the copying path."""
+    model = lk.inject(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    model(input_ids=torch.randint(0, 90, (2, 7)), logits_to_keep=1)
+    assert seen == [True]

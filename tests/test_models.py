@@ -327,7 +327,8 @@ def test_the_head_gets_a_contiguous_input(tiny_model_dir):
     #151934: a bf16 CPU Linear with a frozen weight copies the weight per row for such an input)."""
     import torch
 
-    from lorakit.models import contiguous_head_input, load_model
+    from lorakit.inject import contiguous_head_input
+    from lorakit.models import load_model
 
     model, _ = load_model(str(tiny_model_dir), dtype="bfloat16")
     seen = []
