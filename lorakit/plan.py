@@ -323,9 +323,11 @@ def _mode_rows(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropo
     start = acts.bytes + (logits.bytes + head_grad if fused else
                           max(logits.bytes, 4 * inp.logit_positions * arch.vocab + head_grad))
     end = grads.bytes + temp
+    backward = ("activations + logits + head gradient" if fused else
+                "activations + max(logits, 4·P·V + head gradient")
     peak = Row(weights.bytes + optim.bytes + max(start, end),
-               f"weights + optimizer + max(backward start = activations + max(logits, 4·P·V + head gradient "
-               f"{_gib(head_grad)}) = {_gib(start)}, optimizer step = gradients + AdamW temporaries "
+               f"weights + optimizer + max(backward start = {backward} {_gib(head_grad)}"
+               f"{'' if fused else ')'} = {_gib(start)}, optimizer step = gradients + AdamW temporaries "
                f"{_gib(temp)} = {_gib(end)})")
     return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts,
             "logits": logits, "peak": peak}

@@ -18,7 +18,8 @@ TITLES = {"full": "full FT", "lora": "LoRA", "qlora": "QLoRA (4-bit)"}
 ASSUMPTIONS = (
     "training as lorakit's trainer runs it: weights, gradients and optimizer state in the model dtype "
     "(no fp32 master copy); adapter weights, gradients and AdamW state in fp32",
-    "logits only at positions that predict a labelled token (logits_to_keep), loss in fp32",
+    "logits only for labelled tokens, loss in fp32; Llama/Mistral/Qwen2/Qwen3/GPT-2 heads fused with the loss "
+    "(one 64 MiB chunk of logits at a time), other heads through logits_to_keep",
     "attention through PyTorch SDPA (no T×T matrix kept); a padded batch adds a B×T×T mask per layer and "
     "repeats k, v to every head",
     "QLoRA column: every Linear but the output head in NF4 with double-quantized scales (bitsandbytes); "
