@@ -134,6 +134,30 @@ def test_lru_eviction_skips_busy_adapters(tiny_model_dir, root):
     assert lk.list_adapters(eng.model) == ["alpha"]
 
 
+def test_a_finished_request_unpins_its_adapter_before_its_answer_arrives(tiny_model_dir, root):
+    """A short request batched with a long one: when its last event arrives its adapter is free, so a
+    DELETE right after the answer succeeds (it waits for the running batch, never answers 409)."""
+    eng = _engine(tiny_model_dir, root)
+    pending_at_answer = []
+
+    def short_sink(event):
+        if event.finish_reason is not None:
+            pending_at_answer.append(eng._slots["beta"].pending)
+            done.put(event)
+
+    done, long_events = queue.Queue(), queue.Queue()
+    eng.submit(eng.encode("hi"), "alpha", SamplingParams(max_tokens=24, stop=()), long_events.put)
+    eng.submit(eng.encode("hi"), "beta", SamplingParams(max_tokens=1), short_sink)
+    with eng:  # started after both are queued: they run in one batch
+        assert done.get(timeout=60).finish_reason == "length"
+        assert pending_at_answer == [0] and eng._slots["alpha"].pending == 1
+        eng.unload_adapter("beta")
+        assert "beta" not in eng.adapters()
+        while long_events.get(timeout=60).finish_reason is None:
+            pass
+    assert eng._slots["alpha"].pending == 0  # released once, not twice (batch end is idempotent)
+
+
 def test_adapter_paths_must_stay_inside_the_root(root, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()

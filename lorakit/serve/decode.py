@@ -63,6 +63,8 @@ class Row:
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
+    on_finish: Callable[[], None] | None = None  # called once, before the final Event is sent
+    unpinned: bool = False  # the engine's bookkeeping: this row no longer holds its adapter
 
     @property
     def done(self) -> bool:
@@ -91,6 +93,9 @@ class Row:
         if self.done:
             return
         self.finish_reason = reason
+        if self.on_finish is not None:  # e.g. the engine unpins the adapter: a DELETE after the answer succeeds
+            self.on_finish()
+            self.on_finish = None
         rest = self.text[self.emitted:] if error is None else ""
         self.emitted = len(self.text)
         self.sink(Event(self.index, rest, reason, len(self.prompt_ids), len(self.tokens), error))

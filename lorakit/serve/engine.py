@@ -242,6 +242,7 @@ class Engine:
             adapter = self._pin(model)
             self.stats.requests += 1
         row = Row(list(prompt_ids), adapter, params, sink, index)
+        row.on_finish = lambda: self._release([row])
         self._queue.put(row)
         return row
 
@@ -256,10 +257,12 @@ class Engine:
         return model
 
     def _release(self, rows: list[Row]) -> None:
+        """Unpin each row's adapter once: when the row finishes, or at the end of its batch at the latest."""
         with self._registry:
             for row in rows:
-                if row.adapter is not None and row.adapter in self._slots:
+                if row.adapter is not None and not row.unpinned and row.adapter in self._slots:
                     self._slots[row.adapter].pending -= 1
+                row.unpinned = True
 
     def generate(self, prompt: str, model: str | None = None, timeout: float = 300.0, **params) -> Event:
         """Blocking convenience: generate for one prompt and return one Event with the whole text.
