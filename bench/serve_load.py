@@ -37,6 +37,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from lorakit.testing import write_tiny_model
+
 BASE = "tiny"
 CHURN = "churn"
 LIMITS = dict(max_prompt_tokens=64, max_tokens=32, max_adapters=8, max_batch_size=8, batch_window_ms=5)
@@ -47,25 +49,6 @@ CHURN_CYCLES = 200  # upper bound; the churn stops as soon as the clients are do
 
 # ---- the model, the adapters, the server ------------------------------------------------------
 
-def char_tokenizer():
-    """A character-level tokenizer (printable ASCII + newline) with ChatML specials, built in memory."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tok.decoder = decoders.Fuse()
-    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>"],
-                                   chat_template=template)
-
-
 def build_files(folder: Path, adapters: int) -> tuple[Path, Path, list[str]]:
     """A tiny random Llama directory, and an adapter root with ``adapters`` + 1 random adapters (the last
     one is churned), a corrupt one, one for another base model, a pickle-only one and a symlink out."""
@@ -73,15 +56,8 @@ def build_files(folder: Path, adapters: int) -> tuple[Path, Path, list[str]]:
 
     import lorakit as lk
 
-    tok = char_tokenizer()
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-               initializer_range=0.2)
     model_dir, root = folder / "model", folder / "adapters"
-    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(model_dir, safe_serialization=True)
-    tok.save_pretrained(model_dir)
+    write_tiny_model(model_dir)
     names = [f"a{i}" for i in range(adapters)] + [CHURN]
     for i, name in enumerate(names):
         r, targets = TARGETS[i % len(TARGETS)]
@@ -89,7 +65,7 @@ def build_files(folder: Path, adapters: int) -> tuple[Path, Path, list[str]]:
         torch.manual_seed(100 + i)
         lk.inject(model, lk.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False), name)
         lk.save_adapter(model, root / name, name)
-    wide = LlamaForCausalLM(LlamaConfig(**{**cfg, "hidden_size": 48, "num_attention_heads": 4}))
+    wide = LlamaForCausalLM(LlamaConfig.from_pretrained(model_dir, hidden_size=48, head_dim=12))
     lk.save_adapter(lk.inject(wide, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)),
                     root / "other-base")
     (root / "corrupt").mkdir()

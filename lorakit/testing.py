@@ -1,0 +1,41 @@
+"""Tiny in-memory building blocks for tests and benchmarks (no downloads): a character-level
+tokenizer with a ChatML template, shared by lorakit's own tests and bench/serve_load.py."""
+
+from __future__ import annotations
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def char_tokenizer():
+    """A character-level tokenizer (printable ASCII + newline) with ChatML specials, built in memory."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()  # characters join back without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>"],
+                                   chat_template=CHATML)
+
+
+def write_tiny_model(folder):
+    """Save a tiny random Llama (hidden 32, 2 layers, seed 0) with :func:`char_tokenizer` as a
+    transformers directory (safetensors) in ``folder``; returns the folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                      initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
