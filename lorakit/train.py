@@ -72,8 +72,8 @@ def prepare_out(out: Path, resume: bool) -> None:
 def native_bf16(device: str) -> bool:
     """Whether ``device`` computes bf16 matmuls natively (then a bf16 frozen base pays: ~4x the fp32
     GEMM rate on an AVX512-BF16 CPU, measured in bench/; without bf16 units bf16 is emulated and slower)."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.startswith("cuda"):  # emulated bf16 (e.g. a T4) does not count: it is slower than fp16/fp32 there
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own capability probes

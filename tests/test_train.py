@@ -146,6 +146,15 @@ def test_auto_dtype_is_bf16_only_where_it_is_native(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_dtype(cfg, "cpu")[0] == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+
+    def emulated_only(including_emulation=True):  # a GPU that has bf16 only by emulation (a T4)
+        seen.append(including_emulation)
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
+    assert resolve_dtype(cfg, "cuda")[0] == "float32" and seen == [False]
     with pytest.raises(ConfigError, match="dtype must be auto, float32"):
         TrainConfig(model="m", data="dates", dtype="fp8")
 
