@@ -147,13 +147,12 @@ def _run_worker(ctx: Context, cases, log) -> dict[str, dict]:
 
 
 def run(ctx: Context, done: dict, log) -> dict:
-    from .workload import SHORT, base_label, training_cases
+    from .workload import SHORT, base_label, precision_tag, training_cases
 
     cases = training_cases(ctx, variants=True)
     rows_data = _run_worker(ctx, cases, log)
     inc = {label: row["increase"] for label, row in rows_data.items()}
     tokens = ctx.batch * ctx.seq
-    tag_of = {c.label: SHORT[c.dtype] for c in cases}
     rows = []
     for label, row in rows_data.items():
         plain, vs = base_label(label), ""
@@ -162,7 +161,7 @@ def run(ctx: Context, done: dict, log) -> dict:
         elif label.startswith("lorakit"):
             vs = f"**{inc[label] / inc['peft' + label.removeprefix('lorakit')]:.3f}**"
         rows.append([label, fmt_mb(row["increase"]), vs,
-                     "" if label.startswith("full") else f"{inc[label] / inc['full' + tag_of[label]]:.3f}",
+                     "" if label.startswith("full") else f"{inc[label] / inc['full' + precision_tag(label)]:.3f}",
                      fmt_mb(row["before"]), f"{row['trainable']:,}"])
     targets = []
     for dtype in ctx.precisions:

@@ -19,6 +19,7 @@ from .workload import (
     chat_batch,
     competitor,
     loss_of,
+    precision_tag,
     text_batch,
     to_device,
     train_step,
@@ -69,9 +70,9 @@ def _rows(samples: dict, losses: dict | None = None, tag: str = "") -> list[list
     """One table's rows: the cases of one precision (label suffix ``tag``), plus lorakit's variants (+ckpt, +lk loss)."""
     rows = []
     for label, s in samples.items():
-        plain = base_label(label)
-        if not plain.endswith(tag) or (not tag and any(plain.endswith(t) for t in SHORT.values() if t)):
+        if precision_tag(label) != tag:
             continue
+        plain = base_label(label)
         row = [label, fmt_median(summary(s))]
         if label != plain:  # a variant: what it costs or saves, against the same case without it
             row.append(f"{ratio(s, samples[plain])['value']:.2f}× {plain}")

@@ -111,6 +111,12 @@ def base_label(label: str) -> str:
     return label
 
 
+def precision_tag(label: str) -> str:
+    """The SHORT suffix of a case label's precision ("" for float32)."""
+    plain = base_label(label)
+    return next((tag for tag in SHORT.values() if tag and plain.endswith(tag)), "")
+
+
 def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module | None = None,
                dtype: str = "float32", checkpointing: bool = False) -> nn.Module:
     """``model`` (default: a fresh base copy) turned into ``kind`` ("lorakit", "peft" or "full")."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import ConfigError, ModelLoadError
-from .inject import Target, candidate_modules, plan_injection
+from .inject import Target, candidate_modules, lora_param_count, plan_injection
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -110,7 +110,7 @@ class ModuleGroup:
     @property
     def each(self) -> int:
         """r·(d + k) for one module."""
-        return self.r * (self.shape[0] + self.shape[1])
+        return lora_param_count(self.r, self.shape)
 
     @property
     def subtotal(self) -> int:

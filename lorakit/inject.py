@@ -35,8 +35,12 @@ class Target:
 
     @property
     def lora_params(self) -> int:
-        """r·(d + k): A is (r, in), B is (out, r)."""
-        return self.r * (self.shape[0] + self.shape[1])
+        return lora_param_count(self.r, self.shape)
+
+
+def lora_param_count(r: int, shape: tuple[int, int]) -> int:
+    """r·(d + k) for a (d, k) weight: A is (r, in), B is (out, r)."""
+    return r * (shape[0] + shape[1])
 
 
 def _conv1d_type():

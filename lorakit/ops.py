@@ -21,7 +21,22 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-_last = threading.local()  # the most recent (input, p) → mask, for siblings reading the same tensor
+
+class LastInput(threading.local):
+    """A value remembered, per thread, for the most recent input tensor (its identity and version):
+    what sibling projections reading that same x share (a dropout mask, their A·x slices)."""
+
+    def get(self, x: torch.Tensor, key=None):
+        entry = getattr(self, "entry", None)
+        if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == key:
+            return entry[3]
+        return None
+
+    def put(self, x: torch.Tensor, value, key=None) -> None:
+        self.entry = (weakref.ref(x), x._version, key, value)
+
+
+_masks = LastInput()  # the latest input's keep-mask, keyed by p
 
 
 def keep_probability(p: float) -> float:
@@ -38,17 +53,15 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     ``bernoulli_`` (which draw 32 bits each); runs are reproducible, and a resumed run (which
     restores the generator) draws the same masks.
     """
-    ref = getattr(_last, "entry", None)
-    if ref is not None:
-        src, version, prob, mask = ref
-        if src() is x and version == x._version and prob == p:
-            return mask
+    mask = _masks.get(x, p)
+    if mask is not None:
+        return mask
     n = x.numel()
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     threshold = round(keep_probability(p) * 65536) - 32768  # int16 values are uniform on [-32768, 32767]
     # uint8, not bool: multiplying a float tensor by a uint8 one converts it vectorized, 4x faster than bool
     mask = (bits.view(torch.int16)[:n] < threshold).view(torch.uint8).view(x.shape)
-    _last.entry = (weakref.ref(x), x._version, p, mask)
+    _masks.put(x, mask, p)
     return mask
 
 

@@ -176,10 +176,9 @@ def read_arch(model: nn.Module) -> Arch:
     linear = [m for m in model.modules() if module_kind(m) in ("linear", "conv1d")]
     quantizable = sum(m.weight.numel() for m in linear if m is not out)
     dropout = max(float(getattr(cfg, k, 0) or 0) for k in ("resid_pdrop", "hidden_dropout_prob", "hidden_dropout"))
-    from .evaluate import FUSED_CE_MODELS
+    from .evaluate import fused_head
 
-    fused = (getattr(cfg, "model_type", None) in FUSED_CE_MODELS and type(out) is nn.Linear and out.bias is None
-             and hasattr(model, "get_decoder"))
+    fused = fused_head(model) is not None
     head_name = next((n for n, m in model.named_modules() if m is out), "") if out is not None else ""
     return Arch(hidden=hidden, intermediate=inter, layers=len(blocks), heads=heads,
                 kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
@@ -219,7 +218,7 @@ def layer_terms(arch: Arch, inp: PlanInputs, mode: str, lora: list[Target] | Non
         inp: dtype, padding, sequence length.
         mode: "full" (every weight trainable) or "lora"/"qlora" (frozen base, adapters on ``lora``).
         lora: the adapted modules of this block (see :func:`block_targets`).
-        lora_dropout: LoRA dropout (> 0 keeps a bool mask per distinct adapted input).
+        lora_dropout: LoRA dropout (> 0 keeps a one-byte mask per distinct adapted input).
     """
     e, h, inter, frozen = inp.e, arch.hidden, arch.intermediate, mode != "full"
     t: dict[str, float] = {}
@@ -243,7 +242,7 @@ def layer_terms(arch: Arch, inp: PlanInputs, mode: str, lora: list[Target] | Non
 
 def _lora_inputs(arch: Arch, inp: PlanInputs, lora: list[Target], dropout: float) -> float:
     """What adapted Linears keep (lorakit.ops.lora_down): each distinct input once, as it came (o_proj's
-    is SDPA's own output), a bool dropout mask per distinct input, and A·x (fp32) for B per module."""
+    is SDPA's own output), a one-byte dropout mask per distinct input, and A·x (fp32) for B per module."""
     dims = {"attn_in": arch.hidden, "attn_out": arch.q_dim, "mlp_in": arch.hidden, "mlp_out": arch.intermediate}
     roles = {_role(t, arch) for t in lora}
     inputs = sum(inp.e * dims[r] for r in roles if r != "attn_out")
@@ -283,7 +282,7 @@ def plan_memory(arch: Arch, count: CountReport, inp: PlanInputs, lora_dropout: f
         arch: :func:`read_arch` of the model.
         count: the LoRA count of the same model (its targets decide LoRA's activations).
         inp: batch, sequence, dtype, optimizer, checkpointing.
-        lora_dropout: the LoRA dropout (a bool mask of each distinct adapted input is kept).
+        lora_dropout: the LoRA dropout (a one-byte mask of each distinct adapted input is kept).
     """
     plan = MemoryPlan(inp, arch, count.trainable)
     for mode in MODES:

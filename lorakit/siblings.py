@@ -16,13 +16,10 @@ share anyway (lorakit.ops.keep_mask), so fused and unfused runs draw the same ma
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import torch
 from torch import nn
 
-from .ops import lora_down
+from .ops import LastInput, lora_down
 
 SIBLING_NAMES = (
     frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}),
@@ -32,7 +29,7 @@ SIBLING_NAMES = (
 
 enabled = True  # module switch, for measuring and testing the unfused path
 
-_slices = threading.local()  # the latest group computation: (input weakref, version, {(layer id, adapter): h})
+_slices = LastInput()  # the latest group computation on an input: {(layer id, adapter name): h}
 
 
 def link_siblings(parent: nn.Module) -> None:
@@ -56,18 +53,16 @@ def down(layer, x: torch.Tensor, name: str, p: float) -> torch.Tensor:
     a = layer.lora_A[name].weight
     if not enabled or len(layer.siblings) < 2:
         return lora_down(x, a, p=p)
-    entry = getattr(_slices, "entry", None)
-    if entry is not None and entry[0]() is x and entry[1] == x._version:
-        h = entry[2].pop((id(layer), name), None)
-        if h is not None:
-            return h
+    h = (_slices.get(x) or {}).pop((id(layer), name), None)
+    if h is not None:
+        return h
     others = [(m, n) for m in layer.siblings if m is not layer
               for n in [_fusable(m, layer.training, p, a)] if n is not None]
     if not others:
         return lora_down(x, a, p=p)
     weights = [a] + [m.lora_A[n].weight for m, n in others]
     parts = lora_down(x, *weights, p=p).split([w.shape[0] for w in weights], dim=-1)
-    _slices.entry = (weakref.ref(x), x._version, {(id(m), n): h for (m, n), h in zip(others, parts[1:], strict=True)})
+    _slices.put(x, {(id(m), n): h for (m, n), h in zip(others, parts[1:], strict=True)})
     return parts[0]
 
 

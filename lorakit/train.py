@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, read_checkpoint, save_checkpoint
-from .data import BatchSampler, collate, load_jsonl, tokenize_examples
+from .data import IGNORE_INDEX, BatchSampler, collate, load_jsonl, tokenize_examples
 from .errors import TrainingError
 from .evaluate import eval_loss, exact_match_score, loss_sum
 from .fileio import atomic_write_json, atomic_write_text
@@ -315,13 +315,11 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = BatchSampler(len(train_ds), cfg.batch_size, seed=cfg.seed)
-    st = {"best_eval": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0, "before": None, "last_eval": None,
-          "dtype": dtype}
+    st = {"best_eval": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0, "before": None, "last_eval": None}
     metrics = out / "metrics.jsonl"
     ckpts = list_checkpoints(out / "checkpoints")
     if cfg.resume and ckpts:
         step, st = _restore(ckpts[-1], model, opt, sched, sampler, info)
-        st["dtype"] = dtype  # this process's base dtype (auto resolves per machine)
         if info.main:
             _truncate_metrics(metrics, step)
     else:
@@ -344,7 +342,7 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
         t0 = time.perf_counter()
         batches = _micro_batches(train_ds, sampler, cfg, pad_id, info)  # each (rows, T)
         # every rank divides by the *global* token count; DDP/FSDP average over ranks, hence × world
-        n_tok = all_sum(info, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+        n_tok = all_sum(info, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
         local = 0.0
         for batch in batches:
             loss, _ = loss_sum(model, batch)
@@ -414,7 +412,8 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
     rep = trainable_report(unwrap(model))
     summary = {
         "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "stopped_early": stopped_early,
-        "processes": info.world, "sharded": is_sharded(model), "dtype": st["dtype"],
+        "processes": info.world, "sharded": is_sharded(model),
+        "dtype": str(next(unwrap(model).parameters()).dtype).removeprefix("torch."),  # the base's, as loaded
         "trainable_params": rep.trainable, "total_params": rep.total, "trainable_percent": rep.percent,
         "train_wall_s": st["elapsed"], "tokens": st["tokens"],
         "tokens_per_s": st["tokens"] / st["elapsed"] if st["elapsed"] else None,
