@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # the fault, fuzz and server-load tests at scale (20 kills, 2000+1200 fuzz cases, 32x20 requests; ~2 min)
 torture: $(STAMP)
-	LORAKIT_TORTURE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_io.py tests/test_serve_load.py
+	LORAKIT_TORTURE=1 $(PY) -m pytest -q -p no:cacheprovider tests/train/test_faults.py tests/lora/test_io.py tests/serve/test_serve_load.py
 
 bench: $(STAMP)
 	$(PY) -m bench.run

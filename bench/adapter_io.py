@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import lorakit as lk
-from lorakit.adapters import lora_layers
+from lorakit.lora.adapters import lora_layers
 
 from .common import Context, alternate, fmt_median, ratio, summary, target
 from .forward_latency import make_adapter

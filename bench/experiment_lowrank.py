@@ -29,10 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorakit.analysis import analyze_models  # noqa: E402
-from lorakit.analysis_report import save_plots  # noqa: E402
-from lorakit.extract import extract  # noqa: E402
-from lorakit.modeldir import checkpoint_dir  # noqa: E402
+from lorakit.analysis.extract import extract  # noqa: E402
+from lorakit.analysis.report import save_plots  # noqa: E402
+from lorakit.analysis.svd import analyze_models  # noqa: E402
+from lorakit.models.modeldir import checkpoint_dir  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 RECIPE = ROOT / "configs" / "demo.yaml"
@@ -65,11 +65,11 @@ def median_tokens_per_s(metrics: Path) -> float:
 
 def exact_match_of_adapter(adapter: Path, limit: int = 0) -> dict:
     """Greedy exact match of base + adapter on the dates test split."""
-    from lorakit.data import load_jsonl
-    from lorakit.evaluate import exact_match_score
-    from lorakit.io import load_adapter
-    from lorakit.models import load_model
-    from lorakit.tasks import task_path
+    from lorakit.data.core import load_jsonl
+    from lorakit.data.tasks import task_path
+    from lorakit.lora.io import load_adapter
+    from lorakit.models.load import load_model
+    from lorakit.train.evaluate import exact_match_score
 
     model, tokenizer = load_model(MODEL)
     load_adapter(model, adapter)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import lorakit as lk
-from lorakit.adapters import lora_layers
+from lorakit.lora.adapters import lora_layers
 
 from .common import Context, alternate, fmt_median, fmt_s, ratio, summary, target
 from .workload import base, lora_fields, text_batch

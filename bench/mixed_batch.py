@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 import lorakit as lk
-from lorakit.adapters import lora_layers
-from lorakit.models import load_model
+from lorakit.lora.adapters import lora_layers
+from lorakit.models.load import load_model
 
 MODEL = "smollm2-135m-instruct"
 ROWS, SEQ = 8, 64

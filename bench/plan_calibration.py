@@ -85,8 +85,8 @@ def run_case(mode: str, batch: int, data: str) -> dict:
     from torch.nn.modules.module import register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from lorakit.recipe import TrainConfig
-    from lorakit.train import train
+    from lorakit.train.loop import train
+    from lorakit.train.recipe import TrainConfig
 
     measured: dict = {"steps": 0}
 
@@ -124,10 +124,10 @@ def run_case(mode: str, batch: int, data: str) -> dict:
 
 def planned(mode: str, batch: int) -> dict:
     """The plan's peak minus the base weights, with its rows, for one case."""
-    from lorakit.config import LoraConfig
-    from lorakit.count import count_model, meta_model
-    from lorakit.plan import PlanInputs, plan_memory, read_arch
-    from lorakit.recipe import TrainConfig
+    from lorakit.lora.config import LoraConfig
+    from lorakit.plan.count import count_model, meta_model
+    from lorakit.plan.memory import PlanInputs, plan_memory, read_arch
+    from lorakit.train.recipe import TrainConfig
 
     defaults = TrainConfig()
     model = meta_model(MODEL)
@@ -192,7 +192,7 @@ def report(cases: list[dict]) -> str:
                      f"{_mib(c['measured_default_malloc'])} | "
                      f"{c['ratio_default_malloc']:.3f} | {_mib(r['activations'])} | {_mib(r['logits'])} | "
                      f"{_mib(r['gradients'])} | {_mib(r['optimizer'])} |")
-    lines += ["", "The rows' activation terms are pinned byte for byte to the tensors autograd saves (tests/test_plan.py: "
+    lines += ["", "The rows' activation terms are pinned byte for byte to the tensors autograd saves (tests/plan/test_plan.py: "
               "a tiny Llama, fp32 and bf16, padded and unpadded, full and LoRA). What RSS adds beyond the plan is "
               "memory no tensor owns (small-block heap kept from one step to the next, BLAS and attention "
               "workspaces): a few tens of MiB, which shows most in the smallest case (LoRA, batch 1), whose RSS "
@@ -216,7 +216,7 @@ def main() -> int:
         cases = json.loads((RESULTS / "plan_calibration.json").read_text())["cases"]
         (RESULTS / "plan_calibration.md").write_text(report(cases))
         return 0 if all(c["ok"] for c in cases) else 1
-    from lorakit.models import load_model
+    from lorakit.models.load import load_model
 
     _, tokenizer = load_model(MODEL)  # here in the parent only: converts the embedded GGUF once if needed
     with tempfile.TemporaryDirectory(prefix="plan-calibration-") as tmp:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.data import collate, load_jsonl, tokenize_examples
-from lorakit.evaluate import loss_sum
-from lorakit.tasks import task_path
+from lorakit.data.core import collate, load_jsonl, tokenize_examples
+from lorakit.data.tasks import task_path
+from lorakit.train.evaluate import loss_sum
 
 from .common import Context
 
@@ -43,7 +43,7 @@ def load(spec: str):
         made = getattr(importlib.import_module(factory[0]), factory[1])()
         model, tok = made if isinstance(made, tuple) else (made, None)
     else:
-        from lorakit.models import load_model
+        from lorakit.models.load import load_model
 
         model, tok = load_model(spec)
     with torch.no_grad():  # weights may be lazy views of the mmapped checkpoint: make them resident and
@@ -122,7 +122,7 @@ def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module |
     """``model`` (default: a fresh base copy) turned into ``kind`` ("lorakit", "peft" or "full")."""
     model = base(ctx) if model is None else model
     if checkpointing:
-        from lorakit.train import enable_checkpointing
+        from lorakit.train.loop import enable_checkpointing
 
         enable_checkpointing(model)
     if kind == "full":
@@ -139,7 +139,7 @@ def build(case: Case, ctx: Context, model: nn.Module | None = None) -> nn.Module
     model = competitor(case.kind, ctx, case.dropout, model, case.dtype, case.checkpointing)
     if not case.fused:
         for module in model.modules():
-            if isinstance(module, lk.layer.LoraLinear):
+            if isinstance(module, lk.LoraLinear):
                 module.siblings = ()  # this model's adapters run one at a time
     return model
 

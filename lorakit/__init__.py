@@ -1,15 +1,5 @@
 """lorakit: LoRA fine-tuning for PyTorch. Public API re-exports only."""
 
-from .adapters import (
-    TrainableReport,
-    active_adapters,
-    combine,
-    delete_adapter,
-    list_adapters,
-    set_active,
-    trainable_report,
-)
-from .config import LoraConfig
 from .errors import (
     AdapterError,
     AdapterFormatError,
@@ -20,11 +10,21 @@ from .errors import (
     ShapeMismatchError,
     TargetError,
 )
-from .inject import Target, inject, plan_injection
-from .io import load_adapter, read_adapter, save_adapter
-from .layer import LoraEmbedding, LoraLinear, ModulesToSave
-from .merge import merge, merge_and_unload, merged_adapters, unmerge
-from .mixed import mixed_batch
+from .lora.adapters import (
+    TrainableReport,
+    active_adapters,
+    combine,
+    delete_adapter,
+    list_adapters,
+    set_active,
+    trainable_report,
+)
+from .lora.config import LoraConfig
+from .lora.inject import Target, inject, plan_injection
+from .lora.io import load_adapter, read_adapter, save_adapter
+from .lora.layer import LoraEmbedding, LoraLinear, ModulesToSave
+from .lora.merge import merge, merge_and_unload, merged_adapters, unmerge
+from .lora.mixed import mixed_batch
 
 __version__ = "0.1.0"
 

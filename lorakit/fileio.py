@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,15 @@ def _check_header(path: Path) -> None:
     if n > size - 8 or n > 100_000_000:
         raise AdapterFormatError(f"{path}: header claims {n} bytes but the file has {size - 8} after the "
                                  "length field; the file is truncated or corrupt")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished ``src`` to ``dst``; an old ``dst`` is removed only after the move succeeds."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..mixed import mixed_batch
+from ..lora.mixed import mixed_batch
 
 
 @dataclass(frozen=True)

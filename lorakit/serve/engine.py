@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from ..adapters import delete_adapter, list_adapters
 from ..errors import AdapterError, LorakitError
-from ..io import load_adapter
-from ..layer import ModulesToSave
-from ..merge import merged_adapters
+from ..lora.adapters import delete_adapter, list_adapters
+from ..lora.io import load_adapter
+from ..lora.layer import ModulesToSave
+from ..lora.merge import merged_adapters
 from .decode import Event, Row, SamplingParams, run_batch
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
@@ -339,7 +339,7 @@ def engine_from_spec(spec: str, adapters: dict[str, str] | None = None, *, name:
         dtype: parameter dtype of the base model.
         device: where to run.
     """
-    from ..models import load_model
+    from ..models.load import load_model
 
     limits = limits or Limits()
     if len(adapters or {}) > limits.max_adapters:

@@ -1,0 +1,4 @@
+"""Exporting for other runtimes: merged model directories (safetensors).
+
+Imports: the foundation, ``lora``, ``models``.
+"""

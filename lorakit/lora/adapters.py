@@ -1,0 +1,188 @@
+"""Pure functions over a model with LoRA layers: activate, delete, list, count, combine."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+from .inject import adapter_names, set_requires_grad
+from .layer import Adapter, LoraLayer, LoraLinear, ModulesToSave
+
+COMBINE_METHODS = ("cat", "linear", "svd")
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(qualified name, layer) for every LoRA layer in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters loaded in the model."""
+    return adapter_names(model)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters currently active (in the order given to set_active)."""
+    return list(getattr(model, "lorakit_active", []))
+
+
+def _require(model: nn.Module, names: list[str]) -> None:
+    known = adapter_names(model)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise AdapterError(f"unknown adapter(s) {missing}; the model has {known or 'no adapters'}")
+
+
+def set_active(model: nn.Module, names: list[str] | str) -> None:
+    """Activate exactly these adapters (their outputs add up); [] runs the base model alone.
+
+    Args:
+        model: a model with LoRA layers.
+        names: adapter name or list of names.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    _require(model, names)
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            module.set_active(names)
+    model.lorakit_active = names
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and free its weights. A merged adapter must be unmerged first.
+
+    Args:
+        model: a model with LoRA layers.
+        name: the adapter to remove.
+    """
+    _require(model, [name])
+    layers = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave)) and name in m.adapters]
+    merged = [n for n, m in lora_layers(model) if name in m.merged]
+    if merged:
+        raise AdapterError(f"adapter {name!r} is merged into {merged[0]}; call lk.unmerge(model) before deleting it")
+    for module in layers:
+        module.delete_adapter(name)
+    model.lorakit_active = [a for a in active_adapters(model) if a != name]
+    getattr(model, "lorakit_configs", {}).pop(name, None)
+
+
+@dataclass
+class TrainableReport:
+    """Parameter counts as PEFT's get_nb_trainable_parameters gives them."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
+
+
+def trainable_report(model: nn.Module) -> TrainableReport:
+    """Count trainable and total parameters (shared tensors counted once).
+
+    Args:
+        model: any nn.Module.
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return TrainableReport(trainable, total)
+
+
+# ---- combining adapters ------------------------------------------------------------------
+
+def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of an adapter, as (r, in) and (out, r) fp32 tensors, for either layer kind."""
+    if isinstance(layer, LoraLinear):
+        return layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+    return layer.lora_embedding_A[name].float(), layer.lora_embedding_B[name].float()
+
+
+@torch.no_grad()
+def _set_factors(layer: LoraLayer, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if isinstance(layer, LoraLinear):
+        layer.lora_A[name].weight.copy_(a)
+        layer.lora_B[name].weight.copy_(b)
+    else:
+        layer.lora_embedding_A[name].copy_(a)
+        layer.lora_embedding_B[name].copy_(b)
+
+
+def _combine_factors(parts: list[tuple[float, torch.Tensor, torch.Tensor]], method: str,
+                     rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (A, B) with scaling 1 from [(weight·scaling, A, B), ...]."""
+    if method == "cat":  # exact: B_cat·A_cat = sum of w·s·B·A
+        return torch.cat([a for _, a, _ in parts]), torch.cat([w * b for w, _, b in parts], dim=1)
+    if method == "linear":  # PEFT's "linear": mixes the factors, so cross terms appear
+        ranks = {a.shape[0] for _, a, _ in parts}
+        if len(ranks) != 1:
+            raise AdapterError(f"combine(method='linear') needs adapters of equal rank, got ranks {sorted(ranks)}; "
+                               "use method='cat' or 'svd'")
+        a = sum((1 if w >= 0 else -1) * abs(w) ** 0.5 * a for w, a, _ in parts)  # sign on A, as PEFT
+        b = sum(abs(w) ** 0.5 * b for w, _, b in parts)
+        return a, b
+    delta = sum(w * (b @ a) for w, a, b in parts)  # (out, in)
+    rank = min(rank or max(a.shape[0] for _, a, _ in parts), *delta.shape)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root
+
+
+def combine(model: nn.Module, weights: dict[str, float], new_name: str, method: str = "cat",
+            rank: int | None = None) -> None:
+    """Build adapter ``new_name`` whose update is sum of weight_i · ΔW_i.
+
+    Args:
+        model: a model holding the adapters named in ``weights``.
+        weights: {adapter name: weight}.
+        new_name: name of the combined adapter (added, not activated).
+        method: "cat" (exact; rank = sum of ranks), "linear" (PEFT's weighted factor sum; equal
+            ranks; only exact for a single adapter) or "svd" (truncated SVD of the summed ΔW).
+        rank: for "svd", the rank to keep (default: the largest input rank).
+    """
+    from .inject import check_adapter_name
+
+    check_adapter_name(new_name)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise AdapterError(f"rank must be an integer >= 1 (or None for the largest input rank), got {rank!r}")
+    if method not in COMBINE_METHODS:
+        raise AdapterError(f"unknown combine method {method!r}; choose one of {COMBINE_METHODS}")
+    if not weights:
+        raise AdapterError("combine needs at least one adapter in weights")
+    _require(model, list(weights))
+    if new_name in adapter_names(model):
+        raise AdapterError(f"the model already has an adapter named {new_name!r}")
+    if any(isinstance(m, ModulesToSave) and set(weights) & set(m.adapters) for m in model.modules()):
+        raise AdapterError("combine cannot mix modules_to_save copies; combine adapters without modules_to_save")
+    for _, layer in lora_layers(model):
+        parts = [(w * layer.adapters[n].scaling, *_factors(layer, n)) for n, w in weights.items()
+                 if n in layer.adapters]
+        if not parts:
+            continue
+        a, b = _combine_factors(parts, method, rank)
+        first = layer.adapters[next(n for n in weights if n in layer.adapters)]
+        layer.add_adapter(new_name, Adapter(a.shape[0], a.shape[0], first.dropout, False))
+        _set_factors(layer, new_name, a, b)
+    set_requires_grad(model, [new_name], False)
+    configs = getattr(model, "lorakit_configs", {})
+    source = configs.get(next(iter(weights)))
+    if source is not None:
+        cfg = copy.deepcopy(source)
+        cfg.use_rslora, cfg.rank_pattern, cfg.alpha_pattern = False, {}, {}
+        configs[new_name] = cfg
+    active = active_adapters(model)
+    set_active(model, active)  # layers that just gained the adapter must not activate it
+

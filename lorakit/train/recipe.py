@@ -1,0 +1,190 @@
+"""TrainConfig: a training recipe. YAML files override the defaults, CLI flags override YAML.
+
+The CLI flags of ``lorakit train`` are generated from the fields below (litgpt style), so a
+field, its flag (``max_steps`` → ``--max-steps``) and its YAML key never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field docs double as ``lorakit train --help``."""
+
+    model: str = "smollm2-135m-instruct"
+    """Model spec: smollm2-135m-instruct (embedded), a local transformers dir, a .gguf, or a hub id."""
+    data: str = "dates"
+    """Training JSONL, or the name of a packaged task (its train split)."""
+    eval_data: str | None = None
+    """Validation JSONL; default: the packaged task's valid split when data names a task."""
+    test_data: str | None = None
+    """Held-out JSONL scored by greedy exact match before and after training (messages or prompt/completion)."""
+    out: str = "runs/demo"
+    """Output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml, summary.json."""
+    full: bool = False
+    """Train every weight (full fine-tuning baseline) instead of LoRA; saves a model directory."""
+    max_steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size × grad_accum)."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr × min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    max_seq_len: int = 128
+    """Examples longer than this keep their first max_seq_len tokens (counted and reported)."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha (scaling = alpha / r)."""
+    dropout: float = 0.0
+    """LoRA dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules to adapt: names (suffix match), one regex, or all-linear."""
+    rslora: bool = False
+    """Scale by alpha / sqrt(r) (rank-stabilised LoRA)."""
+    seed: int = 0
+    """Seed for LoRA init, data order and dropout."""
+    eval_every: int = 50
+    """Evaluate validation loss every N steps (0: only at the end)."""
+    eval_batches: int = 0
+    """Limit validation to this many batches (0: the whole set)."""
+    patience: int = 0
+    """Early stopping: stop after this many evaluations without a better validation loss (0: off)."""
+    save_every: int = 100
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in out/checkpoints."""
+    stop_after: int = 0
+    """Pause after this many steps (a checkpoint is written, the schedule still spans max_steps); continue
+    later with --resume. For time-sliced or preemptible jobs (0: off)."""
+    log_every: int = 10
+    """Write a metrics.jsonl record every N steps."""
+    max_new_tokens: int = 16
+    """Generation length for the exact-match score."""
+    score_limit: int = 0
+    """Score at most this many test examples (0: all)."""
+    dtype: str = "auto"
+    """Frozen base dtype: auto, float32, bfloat16 or float16 (LoRA weights stay float32). auto: bfloat16 where
+    the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX: about 2x faster
+    steps), else float32; --full trains float32 weights unless you choose."""
+    threads: int = 0
+    """torch CPU threads (0: all cores)."""
+    gradient_checkpointing: bool = False
+    """Keep only each block's input and recompute the block in backward (non-reentrant, so it works
+    with a frozen base whose inputs need no gradient): less activation memory, about a third more compute."""
+    fsdp: bool = False
+    """Under torchrun: shard the frozen base and the adapters with FSDP2 instead of replicating (DDP)."""
+    dist_timeout: int = 300
+    """Seconds a collective may wait before the run fails (a dead rank must not hang the others)."""
+
+    def __post_init__(self) -> None:
+        at_least = {1: ("max_steps", "batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints",
+                        "max_new_tokens"),
+                    0: ("eval_every", "save_every", "patience", "eval_batches", "warmup_steps", "log_every",
+                        "score_limit", "threads", "dist_timeout", "stop_after")}
+        for minimum, names in at_least.items():
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                    raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_docs() -> dict[str, str]:
+    """Docstrings under each field, read from this file's source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; default None means 'keep the recipe's value'."""
+    docs = _field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        # --lora-r: torchrun's own parser takes a bare --r for an ambiguous abbreviation of its flags
+        flags = [flag, "--lora-r"] if f.name == "r" else [flag]
+        if f.type in ("bool", bool):
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
+        elif f.name == "target_modules":
+            p.add_argument(*flags, nargs="+", default=None, help=docs.get(f.name))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(*flags, type=kind, default=None, help=docs.get(f.name))
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults ← YAML recipe ← overrides (CLI flags). Unknown YAML keys are an error listing valid ones.
+
+    Args:
+        path: a YAML file, or None for the packaged demo recipe.
+        overrides: {field: value}; None values are ignored.
+    """
+    path = Path(path) if path else DEFAULT_RECIPE
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"recipe {path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of settings, got {type(data).__name__}")
+    valid = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"recipe {path}: unknown key {key!r}{hint}. Valid keys: {', '.join(valid)}")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig(**data)
+    except TypeError as exc:
+        raise ConfigError(f"recipe {path}: {exc}") from None
+
+
+def save_recipe(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved recipe as YAML (atomically)."""
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,76 @@
+"""The CLI verbs as a user runs them, on a tiny model directory."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import lorakit as lk
+from lorakit.cli.main import main
+
+
+def _adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                   base_model_name_or_path=str(tiny_model_dir)))
+    return lk.save_adapter(model, tmp_path / "adapter"), model
+
+
+def test_targets_lists_modules_and_counts(tiny_model_dir, capsys):
+    assert main(["targets", str(tiny_model_dir), "--target-modules", "q_proj", "down_proj", "--r", "4",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {f"model.layers.{i}.{m}" for i in (0, 1)
+                                          for m in ("self_attn.q_proj", "mlp.down_proj")}
+    down = next(r for r in rows if r["name"].endswith("down_proj"))
+    assert down["shape"] == [32, 64] and down["params"] == 4 * (32 + 64)
+
+
+def test_targets_bad_pattern_is_a_clean_error(tiny_model_dir, capsys):
+    assert main(["targets", str(tiny_model_dir), "--target-modules", "qproj"]) == 2
+    err = capsys.readouterr().err
+    assert "qproj" in err and "q_proj" in err and "Traceback" not in err
+
+
+def test_info_describes_adapter(tiny_model_dir, tmp_path, capsys):
+    _adapter(tiny_model_dir, tmp_path)
+    assert main(["info", str(tmp_path / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["r"] == 4 and info["modules"] == 4 and info["parameters"] == 2 * 4 * ((32 + 32) + (32 + 16))  # v_proj: 2 kv heads x 8 = 16
+
+
+def test_merge_writes_a_plain_model_with_same_outputs(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    path, model = _adapter(tiny_model_dir, tmp_path)
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(path), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.randint(0, 90, (2, 10))
+    with torch.no_grad():
+        assert (merged(ids).logits - model.eval()(ids).logits).abs().max() < 1e-5
+    assert "max |logits(merged) - logits(unmerged)|" in capsys.readouterr().out
+
+
+def test_eval_and_generate_run_on_a_task_file(tiny_model_dir, tmp_path, capsys):
+    path, _ = _adapter(tiny_model_dir, tmp_path)
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    assert main(["eval", "--adapter", str(path), "--data", str(data), "--max-new-tokens", "3"]) == 0
+    assert "exact match" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(path), "hello", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--model", str(tiny_model_dir), "hello", "--max-new-tokens", "4"]) == 0
+
+
+def test_eval_json_fields(tiny_model_dir, tmp_path, capsys):
+    path, _ = _adapter(tiny_model_dir, tmp_path)
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert main(["eval", "--adapter", str(path), "--data", str(data), "--json", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["n"] == 1 and result["eval_loss"] > 0 and 0 <= result["exact_match"] <= 1
