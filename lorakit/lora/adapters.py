@@ -10,10 +10,49 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from .inject import adapter_names, set_requires_grad
-from .layer import Adapter, LoraLayer, LoraLinear, ModulesToSave
+from .layer import Adapter, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 
 COMBINE_METHODS = ("cat", "linear", "svd")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters present anywhere in the model, in order of first appearance."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            names.update(dict.fromkeys(module.adapters))
+    return list(names)
+
+
+def check_adapter_name(name) -> None:
+    """An adapter name is a key in module dicts and state-dict paths: non-empty, no '.'."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
+def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
+    """Turn gradients on or off for the LoRA (and modules_to_save) parameters of ``names``."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            dicts = (module.lora_A, module.lora_B)
+        elif isinstance(module, LoraEmbedding):
+            dicts = (module.lora_embedding_A, module.lora_embedding_B)
+        elif isinstance(module, ModulesToSave):
+            dicts = (module.modules_to_save,)
+        else:
+            continue
+        for d in dicts:
+            for name in names:
+                if name in d:
+                    d[name].requires_grad_(flag)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter that is not a LoRA factor or a modules_to_save copy (as PEFT does)."""
+    own = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".modules_to_save.")
+    for name, p in model.named_parameters():
+        if not any(mark in f".{name}" for mark in own):
+            p.requires_grad_(False)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -153,8 +192,6 @@ def combine(model: nn.Module, weights: dict[str, float], new_name: str, method: 
             ranks; only exact for a single adapter) or "svd" (truncated SVD of the summed ΔW).
         rank: for "svd", the rank to keep (default: the largest input rank).
     """
-    from .inject import check_adapter_name
-
     check_adapter_name(new_name)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise AdapterError(f"rank must be an integer >= 1 (or None for the largest input rank), got {rank!r}")

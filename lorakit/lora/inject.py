@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, TargetError
+from .adapters import adapter_names, check_adapter_name, set_active, set_requires_grad
 from .config import ALL_LINEAR, LoraConfig
 from .layer import Adapter, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
-from .siblings import link_siblings
+from .siblings import SIBLING_NAMES
 
 _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
@@ -196,6 +197,20 @@ def _target(name: str, module: nn.Module, cfg: LoraConfig) -> Target:
     return Target(name, kind, shape, r, cfg.alpha_for(name))
 
 
+def link_siblings(parent: nn.Module) -> None:
+    """(Re)group the adapted Linear children of ``parent``; called whenever a child is (un)wrapped."""
+    children = {name: m for name, m in parent.named_children() if isinstance(m, LoraLinear)}
+    for m in children.values():
+        m.siblings = ()
+    for names in SIBLING_NAMES:
+        found = [children[n] for n in sorted(names) if n in children]
+        widths = {m.in_features for m in found}
+        if len(found) > 1 and len(widths) == 1:
+            group = tuple(found)  # a plain tuple: not registered as submodules, deep-copied consistently
+            for m in found:
+                m.siblings = group
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -230,19 +245,8 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -
     return paths
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters present anywhere in the model, in order of first appearance."""
-    names: dict[str, None] = {}
-    for module in model.modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            names.update(dict.fromkeys(module.adapters))
-    return list(names)
 
 
-def check_adapter_name(name) -> None:
-    """An adapter name is a key in module dicts and state-dict paths: non-empty, no '.'."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
 
 
 def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, activate: bool = True) -> nn.Module:
@@ -282,35 +286,10 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
     set_requires_grad(model, [adapter_name], True)
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), adapter_name: cfg}
     if activate:
-        from .adapters import set_active
-
         set_active(model, [adapter_name])
     return model
 
 
-def freeze_base(model: nn.Module) -> None:
-    """Freeze every parameter that is not a LoRA factor or a modules_to_save copy (as PEFT does)."""
-    own = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".modules_to_save.")
-    for name, p in model.named_parameters():
-        if not any(mark in f".{name}" for mark in own):
-            p.requires_grad_(False)
-
-
-def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
-    """Turn gradients on or off for the LoRA (and modules_to_save) parameters of ``names``."""
-    for module in model.modules():
-        if isinstance(module, LoraLinear):
-            dicts = (module.lora_A, module.lora_B)
-        elif isinstance(module, LoraEmbedding):
-            dicts = (module.lora_embedding_A, module.lora_embedding_B)
-        elif isinstance(module, ModulesToSave):
-            dicts = (module.modules_to_save,)
-        else:
-            continue
-        for d in dicts:
-            for name in names:
-                if name in d:
-                    d[name].requires_grad_(flag)
 
 
 def contiguous_head_input(model: nn.Module) -> None:

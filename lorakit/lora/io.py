@@ -20,16 +20,16 @@ from torch import nn
 
 from ..errors import AdapterError, AdapterFormatError, ConfigError, ShapeMismatchError
 from ..fileio import PICKLE_SUFFIXES, atomic_write_text, read_safetensors, save_safetensors
-from .adapters import lora_layers, set_active
-from .config import LoraConfig
-from .inject import (
-    _matches_list,
+from .adapters import (
     adapter_names,
-    candidate_modules,
+    check_adapter_name,
     freeze_base,
-    module_kind,
+    lora_layers,
+    set_active,
     set_requires_grad,
 )
+from .config import LoraConfig
+from .inject import _matches_list, candidate_modules, module_kind
 from .layer import LoraLayer, LoraLinear, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -357,8 +357,6 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     Returns:
         The same model object.
     """
-    from .inject import check_adapter_name
-
     check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}; "

@@ -115,7 +115,7 @@ class LoraLinear(LoraLayer):
         if self.fan_in_fan_out:
             in_features, out_features = out_features, in_features
         self.in_features, self.out_features = in_features, out_features
-        self.siblings: tuple[LoraLinear, ...] = ()  # set by lorakit.siblings.link_siblings
+        self.siblings: tuple[LoraLinear, ...] = ()  # set by inject.link_siblings
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 

@@ -17,7 +17,6 @@ share anyway (lorakit.ops.keep_mask), so fused and unfused runs draw the same ma
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .ops import LastInput, lora_down
 
@@ -32,20 +31,6 @@ enabled = True  # module switch, for measuring and testing the unfused path
 _slices = LastInput()  # the latest group computation on an input: {(layer id, adapter name): h}
 
 
-def link_siblings(parent: nn.Module) -> None:
-    """(Re)group the adapted Linear children of ``parent``; called whenever a child is (un)wrapped."""
-    from .layer import LoraLinear
-
-    children = {name: m for name, m in parent.named_children() if isinstance(m, LoraLinear)}
-    for m in children.values():
-        m.siblings = ()
-    for names in SIBLING_NAMES:
-        found = [children[n] for n in sorted(names) if n in children]
-        widths = {m.in_features for m in found}
-        if len(found) > 1 and len(widths) == 1:
-            group = tuple(found)  # a plain tuple: not registered as submodules, deep-copied consistently
-            for m in found:
-                m.siblings = group
 
 
 def down(layer, x: torch.Tensor, name: str, p: float) -> torch.Tensor:
