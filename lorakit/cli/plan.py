@@ -1,0 +1,75 @@
+"""`lorakit count | plan`: exact parameter counts and memory / time / cost plans before a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import add_lora_args, lora_config_from_args, meta_model
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    """Exact LoRA parameter count and adapter file size (meta device), or the formula for one --shape."""
+    from ..errors import ConfigError
+    from ..plan.count import count_spec, format_count, format_shape, parse_shape, shape_count
+
+    if (args.model is None) == (args.shape is None):
+        raise ConfigError("give a model (preset, config.json or model spec) or --shape DxK, one of the two")
+    if args.shape is not None:
+        view = shape_count(*parse_shape(args.shape), args.r)
+        print(json.dumps(view, indent=2) if args.json else format_shape(view))
+        return 0
+    report = count_spec(args.model, lora_config_from_args(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_count(report, args.model))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Memory, FLOPs, time and cost of full fine-tuning vs LoRA vs LoRA on a 4-bit base."""
+    from ..plan.count import count_model
+    from ..plan.gpus import parse_count, select_gpus
+    from ..plan.memory import PlanInputs
+    from ..plan.report import build_plan, format_plan
+
+    inputs = PlanInputs(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
+                        grad_checkpointing=args.grad_checkpointing, label_fraction=args.label_fraction,
+                        padded=not args.no_padding, nproc=args.nproc, fsdp=args.fsdp)
+    model, cfg = meta_model(args.model), lora_config_from_args(args)
+    doc = build_plan(model, count_model(model, cfg), inputs, select_gpus(args.gpus, args.price),
+                     parse_count(args.tokens), args.mfu, cfg.lora_dropout)
+    print(json.dumps(doc, indent=2) if args.json else format_plan(doc, args.model, args.explain))
+    return 0
+
+
+def add_planner_verbs(sub) -> None:
+    spec = "preset (llama-2-7b, qwen2-0.5b, ...), a config.json, or a model spec"
+    p = sub.add_parser("count", help="exact LoRA parameter count and adapter size, no weights needed")
+    p.add_argument("model", nargs="?", default=None, help=spec)
+    p.add_argument("--shape", default=None, metavar="DxK", help="the formula for one d×k matrix instead")
+    add_lora_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("plan", help="memory / FLOPs / time / cost: full FT vs LoRA vs 4-bit base, per GPU")
+    p.add_argument("model", help=spec)
+    add_lora_args(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence after padding")
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--label-fraction", type=float, default=1.0, help="share of positions with a loss (logits "
+                   "are computed there only)")
+    g.add_argument("--no-padding", action="store_true", help="sequences in a batch have equal length")
+    g.add_argument("--nproc", type=int, default=1, help="devices in a torchrun job: memory is per device, "
+                   "--batch-size is the global batch")
+    g.add_argument("--fsdp", action="store_true", help="with --nproc: FSDP2 shards weights, gradients and "
+                   "optimizer state (default: DDP replicates them)")
+    g.add_argument("--tokens", default="100M", help="tokens to train on, e.g. 2e9, 500M (default 100M)")
+    g.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    g.add_argument("--gpus", nargs="+", default=None, help="GPU presets (default: all)")
+    g.add_argument("--price", nargs="+", default=None, metavar="[GPU=]USD", help="price per GPU-hour")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--explain", action="store_true", help="print each row's formula")
+    p.set_defaults(func=cmd_plan)

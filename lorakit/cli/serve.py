@@ -1,0 +1,56 @@
+"""`lorakit serve`: the OpenAI-compatible multi-adapter server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a base model and its adapters over an OpenAI-compatible HTTP API until interrupted."""
+    import uvicorn
+
+    from ..errors import ConfigError
+    from ..serve.app import create_app
+    from ..serve.engine import Limits, engine_from_spec
+
+    adapters: dict[str, str] = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in adapters:
+            raise ConfigError(f"--adapter {item!r}: give NAME=DIR, each name once")
+        adapters[name] = path
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise ConfigError(f"--adapter-root {args.adapter_root}: not a directory")
+    limits = Limits(**{k: v for k, v in vars(args).items() if k in Limits.__dataclass_fields__ and v is not None})
+    engine = engine_from_spec(args.model, adapters, name=args.served_model_name, limits=limits,
+                              dtype=args.dtype, device=args.device)
+    print(f"lorakit serve: {engine.name} with adapters {list(adapters) or 'none'} on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(engine, args.adapter_root), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def add_serve_verb(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base model, many adapters, batched")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model spec (default: the embedded model)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="adapter to load at start (repeatable); requests select it with \"model\": NAME")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="POST /v1/adapters may load only directories inside DIR (omit: no runtime loading)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="id of the base model (default: the spec's name)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    g = p.add_argument_group("limits (defaults: lorakit.serve.Limits)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (2048)")
+    g.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for (512)")
+    g.add_argument("--max-adapters", type=int, default=None,
+                   help="adapters held at once; the least recently used idle one is unloaded past it (16)")
+    g.add_argument("--max-batch-size", type=int, default=None, help="requests generated together at most (8)")
+    g.add_argument("--batch-window-ms", type=float, default=None,
+                   help="how long to wait for more requests to batch with the first (10)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
