@@ -1,4 +1,4 @@
-"""Generation for a batch of requests that each name their own adapter: prefill, then a KV-cached decode loop.
+"""Decoding state of one request (Row), token choice, and window batching: a batch generated to completion.
 
 Prompts are left-padded; ``attention_mask`` hides the padding and ``position_ids`` count only real
 tokens, so a row's logits do not depend on its batch-mates (batched == single, greedy). Every row
@@ -8,6 +8,7 @@ samples with its own ``torch.Generator``, so a seeded request draws the same tok
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,10 @@ class Row:
     generator: torch.Generator | None = None
     on_finish: Callable[[], None] | None = None  # called once, before the final Event is sent
     unpinned: bool = False  # the engine's bookkeeping: this row no longer holds its adapter
+    position: int = 0  # position id of the next token fed to the model (continuous batching)
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # prefill started
+    first_token_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -72,6 +77,8 @@ class Row:
 
     def push(self, token: int, tokenizer: Any, eos_ids: set[int]) -> None:
         """Append a generated token, detect eos / stop strings / max_tokens, send the text that is safe."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         if token in eos_ids:
             self.tokens.append(token)
             return self.finish("stop")
@@ -109,7 +116,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return max(hold, len(text) - len(text.rstrip("\ufffd")))
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -139,7 +146,7 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     return tokens
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
@@ -150,7 +157,8 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 @torch.no_grad()
 def run_batch(model: torch.nn.Module, tokenizer: Any, rows: list[Row], eos_ids: set[int], pad_id: int) -> None:
-    """Generate for ``rows`` together (each with its own adapter) until every row is done.
+    """Generate for ``rows`` together (each with its own adapter) until every row is done (window batching:
+    ``Limits(scheduler="window")``; continuous batching is in :mod:`lorakit.serve.continuous`).
 
     Args:
         model: a causal LM in eval mode holding the rows' adapters (none merged).
@@ -161,8 +169,8 @@ def run_batch(model: torch.nn.Module, tokenizer: Any, rows: list[Row], eos_ids: 
     """
     device = next(model.parameters()).device
     for row in rows:
-        row.generator = _generator(row.params.seed, device)
-    ids, mask = _left_pad([r.prompt_ids for r in rows], pad_id, device)
+        row.generator = new_generator(row.params.seed, device)
+    ids, mask = left_pad([r.prompt_ids for r in rows], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0 in every row
     past = None
     with mixed_batch(model, [r.adapter for r in rows]):

@@ -1,13 +1,22 @@
 """The serving engine: one base model, many adapters, requests batched across adapters in a worker thread.
 
-Requests wait in a queue; the worker takes the first, gathers more for up to ``batch_window_ms`` (or
-until ``max_batch_size``), and generates for all of them in one mixed-adapter batch
-(``lorakit.mixed_batch``), each row with its own adapter and sampling settings. Adapters are
-loaded at start or at runtime; past ``max_adapters`` the least recently used idle one is unloaded.
+Two schedulers (``Limits.scheduler``):
+
+- ``"continuous"`` (default): iteration-level scheduling. At every decoding step finished rows leave
+  the batch and waiting requests join it, oldest first, up to ``max_batch_size`` rows in flight;
+  newcomers are prefilled together, then decode with the others in one mixed-adapter batch
+  (``lorakit.mixed_batch``) over a KV cache they enter and leave without recomputing anyone else's
+  (:mod:`lorakit.serve.kvcache`). A short request never waits for a long one to finish.
+- ``"window"``: the worker takes the first request, gathers more for up to ``batch_window_ms`` and
+  generates that batch to completion (kept for comparison: ``bench/serve_load.py``).
+
+Adapters are loaded at start or at runtime; past ``max_adapters`` the least recently used idle one is
+unloaded. Loading and unloading happen between decoding steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -24,7 +33,10 @@ from ..lora.adapters import delete_adapter, list_adapters
 from ..lora.io import load_adapter
 from ..lora.layer import ModulesToSave
 from ..lora.merge import merged_adapters
+from .continuous import Running
 from .decode import Event, Row, SamplingParams, run_batch
+from .kvcache import kv_bytes_per_token, splice_error
+from .metrics import Metrics
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
@@ -52,6 +64,9 @@ class ConflictError(ServeError):
     status = 409
 
 
+SCHEDULERS = ("continuous", "window")
+
+
 @dataclass
 class Limits:
     """What the engine accepts.
@@ -60,8 +75,11 @@ class Limits:
         max_prompt_tokens: longest prompt, in tokens.
         max_tokens: largest ``max_tokens`` a request may ask for.
         max_adapters: adapters held at once; loading one more unloads the least recently used idle one.
-        max_batch_size: requests generated together at most.
-        batch_window_ms: how long the worker waits for more requests after the first one arrives.
+        max_batch_size: rows (prompt x n) in flight at most; the KV cache holds at most this many rows.
+        batch_window_ms: window scheduler only: how long to wait for more requests after the first one.
+        scheduler: "continuous" (rows join and leave at every decoding step) or "window" (a batch
+            gathered for batch_window_ms, generated to completion).
+        max_request_bytes: largest HTTP request body; larger ones get 413 before they are parsed.
     """
 
     max_prompt_tokens: int = 2048
@@ -69,13 +87,17 @@ class Limits:
     max_adapters: int = 16
     max_batch_size: int = 8
     batch_window_ms: float = 10.0
+    scheduler: str = "continuous"
+    max_request_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens", "max_adapters", "max_batch_size"):
+        for name in ("max_prompt_tokens", "max_tokens", "max_adapters", "max_batch_size", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ServeError(f"Limits.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
             raise ServeError(f"Limits.batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.scheduler not in SCHEDULERS:
+            raise ServeError(f"Limits.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
 
 
 @dataclass
@@ -89,11 +111,14 @@ class _Slot:
 
 @dataclass
 class Stats:
-    """Counters for tests and /health: batches run and the largest batch so far."""
+    """Counters for tests and /health: requests submitted, batches prefilled (window: run), the most rows
+    in flight at once, decoding steps run (continuous scheduler) and rows in flight now."""
 
     requests: int = 0
     batches: int = 0
     largest_batch: int = 0
+    steps: int = 0
+    running: int = 0
 
 
 class Engine:
@@ -125,6 +150,13 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
         self.context_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_prompt_chars = self.limits.max_prompt_tokens * _longest_token_chars(tokenizer)
+        if self.limits.scheduler == "continuous" and (why := splice_error(model.config)):
+            raise ServeError(why)
+        self.kv_bytes_per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
+        self._running = Running(model, tokenizer, self.eos_ids, self.pad_id)
+        self._writers = 0  # adapter loads/unloads waiting for the model: the worker yields to them
+        self.metrics = Metrics(self)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -169,7 +201,7 @@ class Engine:
         """
         if not name or not set(name) <= _NAME_CHARS or len(name) > 64:
             raise ServeError(f"adapter name {name!r} must be 1-64 letters, digits, '-' or '_'")
-        with self._model_lock:
+        with self._model_between_steps():
             with self._registry:
                 if name == self.name or name in self._slots:
                     raise ConflictError(f"model {name!r} is already loaded; unload it first or pick another name")
@@ -184,6 +216,19 @@ class Engine:
             with self._registry:
                 self._slots[name] = _Slot(str(path))
 
+    @contextlib.contextmanager
+    def _model_between_steps(self):
+        """Hold the model between two decoding steps (the worker yields to a waiting load or unload)."""
+        with self._registry:
+            self._writers += 1
+        try:
+            with self._model_lock:
+                self._running.adapters.close()  # the running rows' stacked factors are rebuilt next step
+                yield
+        finally:
+            with self._registry:
+                self._writers -= 1
+
     def _eviction_candidate(self) -> str | None:
         if len(self._slots) < self.limits.max_adapters:
             return None
@@ -195,7 +240,7 @@ class Engine:
 
     def unload_adapter(self, name: str) -> None:
         """Unload adapter ``name`` and free its memory; refused while requests for it are queued or running."""
-        with self._model_lock:
+        with self._model_between_steps():
             with self._registry:
                 slot = self._slots.get(name)
                 if slot is None:
@@ -211,8 +256,20 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
 
+    def check_chars(self, chars: int) -> None:
+        """Refuse a prompt of ``chars`` characters that cannot fit max_prompt_tokens, before tokenizing it.
+
+        No token of the tokenizer spans more characters than its longest vocabulary entry, so a longer
+        text needs more tokens than allowed: refusing it costs nothing, tokenizing it costs seconds.
+        """
+        if chars > self.max_prompt_chars:
+            raise ServeError(f"the prompt has {chars} characters, more than {self.limits.max_prompt_tokens} tokens "
+                             f"of this tokenizer can hold ({self.max_prompt_chars}); this server accepts at most "
+                             f"{self.limits.max_prompt_tokens} tokens (--max-prompt-tokens)", "prompt")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a prompt, refused when longer than max_prompt_tokens or empty."""
+        """Token ids of a prompt, refused when longer than max_prompt_tokens (characters first) or empty."""
+        self.check_chars(len(text))
         ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         if not ids:
             raise ServeError("the prompt is empty (0 tokens)", "prompt")
@@ -242,7 +299,7 @@ class Engine:
             adapter = self._pin(model)
             self.stats.requests += 1
         row = Row(list(prompt_ids), adapter, params, sink, index)
-        row.on_finish = lambda: self._release([row])
+        row.on_finish = lambda: self._finished(row)
         self._queue.put(row)
         return row
 
@@ -255,6 +312,10 @@ class Engine:
         slot.pending += 1
         self._slots.move_to_end(model)  # most recently used
         return model
+
+    def _finished(self, row: Row) -> None:
+        self._release([row])
+        self.metrics.finished(row)
 
     def _release(self, rows: list[Row]) -> None:
         """Unpin each row's adapter once: when the row finishes, or at the end of its batch at the latest."""
@@ -292,8 +353,69 @@ class Engine:
 
     # ---- the worker ----------------------------------------------------------------------------
 
+    def _worker(self) -> None:
+        if self.limits.scheduler == "window":
+            return self._window_worker()
+        stopping = False
+        while not stopping or len(self._running):
+            joiners, stopping = self._admissions(stopping)
+            try:
+                with self._model_lock:
+                    self._iteration(joiners)
+            except Exception as exc:  # a failing step fails its rows, never the worker
+                message = str(exc) if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
+                for row in joiners:
+                    row.finish("error", f"generation failed: {message}")
+                self._release(joiners + self._running.fail(f"generation failed: {message}"))
+            with self._registry:
+                self.stats.running = len(self._running)
+            while self._writers:  # let a waiting adapter load/unload take the model between two steps
+                time.sleep(0.0005)
+
+    def _admissions(self, stopping: bool) -> tuple[list[Row], bool]:
+        """Waiting rows that join now, oldest first, up to max_batch_size in flight; blocks while idle."""
+        joiners: list[Row] = []
+        while not stopping and len(self._running) + len(joiners) < self.limits.max_batch_size:
+            try:  # wait only when nothing runs: otherwise the running rows must step on
+                row = self._queue.get(block=not (self._running.rows or joiners))
+            except queue.Empty:
+                break
+            if row is None:
+                stopping = True  # finish the rows in flight, admit no more
+            elif row.cancelled.is_set():
+                self._release([row])
+            else:
+                joiners.append(row)
+        return joiners, stopping
+
+    def _iteration(self, joiners: list[Row]) -> None:
+        """Prefill the joiners, drop who is done, one decoding step for the rest, drop who is done."""
+        running = self._running
+        if joiners:
+            with self._registry:
+                self.stats.batches += 1
+            running.admit(joiners)
+            self._release([r for r in joiners if r.done])
+        self._gone(running.drop_done())
+        with self._registry:
+            self.stats.largest_batch = max(self.stats.largest_batch, len(running) + sum(r.done for r in joiners))
+        if len(running):
+            t0 = time.perf_counter()
+            running.step()
+            self.metrics.step(time.perf_counter() - t0, len(running))
+            with self._registry:
+                self.stats.steps += 1
+            self._gone(running.drop_done())
+
+    def _gone(self, rows: list[Row]) -> None:
+        """Rows that left the batch: unpin their adapters; count the cancelled ones (finished ones counted already)."""
+        self._release(rows)
+        for row in rows:
+            if row.finish_reason is None:
+                self.metrics.finished(row)
+
     def _next_batch(self) -> list[Row] | None:
-        """Block for a first request, then gather more for the batching window. None: shut down."""
+        """Window scheduler: block for a first request, then gather more for the window. None: shut down."""
         first = self._queue.get()
         if first is None:
             return None
@@ -309,7 +431,7 @@ class Engine:
             batch.append(row)
         return batch
 
-    def _worker(self) -> None:
+    def _window_worker(self) -> None:
         while (batch := self._next_batch()) is not None:
             live = [r for r in batch if not r.cancelled.is_set()]
             try:
@@ -318,6 +440,8 @@ class Engine:
                         self.stats.batches += 1
                         self.stats.largest_batch = max(self.stats.largest_batch, len(live))
                     with self._model_lock:
+                        for row in live:
+                            row.admitted_at = time.monotonic()
                         run_batch(self.model, self.tokenizer, live, self.eos_ids, self.pad_id)
             except Exception as exc:  # a failing batch fails its requests, never the worker
                 message = str(exc) if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
@@ -325,6 +449,30 @@ class Engine:
                     row.finish("error", f"generation failed: {message}")
             finally:
                 self._release(batch)
+
+    # ---- memory --------------------------------------------------------------------------------
+
+    def kv_cache(self) -> dict:
+        """KV cache figures (bytes): per token of a row, a row at its longest, the cap over all rows, and
+        what the running rows hold now (padding included) and use (real tokens)."""
+        per_row = self.limits.max_prompt_tokens + self.limits.max_tokens
+        if self.context_length:
+            per_row = min(per_row, self.context_length)
+        held = self._running.kv.held_bytes()
+        return {"bytes_per_token": self.kv_bytes_per_token, "row_max_bytes": per_row * self.kv_bytes_per_token,
+                "cap_bytes": self.limits.max_batch_size * per_row * self.kv_bytes_per_token,
+                "held_bytes": held, "used_bytes": self._running.kv.used_tokens() * self.kv_bytes_per_token,
+                "rows": self._running.kv.rows, "max_rows": self.limits.max_batch_size}
+
+    def waiting(self) -> int:
+        """Requests queued and not yet running (approximate: the queue may change meanwhile)."""
+        return self._queue.qsize()
+
+
+def _longest_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest vocabulary entry (byte-level BPE spells each byte as one character)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max((len(t) for t in vocab), default=0) or 64
 
 
 def engine_from_spec(spec: str, adapters: dict[str, str] | None = None, *, name: str | None = None,

@@ -241,7 +241,8 @@ def test_http_refusals_are_openai_errors(client, root):
     _refused(post("/v1/completions", json={**ok, "temperature": 9}), 400, "temperature")
     _refused(post("/v1/completions", json={**ok, "model": "nope"}), 404, "nope", "alpha", "beta")
     _refused(post("/v1/completions", json={**ok, "max_tokens": 10**9}), 400, "max_tokens", "24")
-    _refused(post("/v1/completions", json={**ok, "prompt": "x" * 5000}), 400, "5000 tokens", "64")
+    _refused(post("/v1/completions", json={**ok, "prompt": "x" * 700}), 400, "700 tokens", "64")
+    _refused(post("/v1/completions", json={**ok, "prompt": "x" * 5000}), 400, "5000 characters", "64")  # untokenized
     _refused(post("/v1/completions", json={**ok, "logprobs": 3}), 400, "logprobs")
     _refused(post("/v1/chat/completions", json={"model": "alpha", "messages": []}), 400, "messages")
     _refused(post("/v1/adapters", json={"name": "t", "path": "../etc"}), 403, "..")

@@ -1,0 +1,133 @@
+"""Iteration-level scheduling (continuous batching): rows join and leave the batch at every decoding step.
+
+A :class:`Running` batch holds the rows in flight, their shared :class:`SlotCache` and the
+mixed-adapter context their order implies. The engine calls, once per iteration:
+
+    running.admit(new_rows)   # prefill the newcomers together (their own adapters), first token each
+    running.step()            # one decoding step for every row in flight
+    running.drop_done()       # finished or cancelled rows leave; their slots are freed
+
+Each row keeps its own adapter, sampling settings, stop strings and generator, and its own position
+ids, so what it generates does not depend on which rows it shares a step with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+
+from ..lora.mixed import mixed_batch
+from .decode import Row, choose_tokens, left_pad, new_generator
+from .kvcache import SlotCache
+
+
+class AdapterContext:
+    """The mixed_batch context for one ordering of rows, kept open across steps until the rows change."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.names: tuple | None = None
+        self._stack = contextlib.ExitStack()
+
+    def use(self, names: list[str | None]) -> None:
+        key = tuple(names)
+        if key != self.names:
+            self.close()
+            self._stack.enter_context(mixed_batch(self.model, names))
+            self.names = key
+
+    def close(self) -> None:
+        """Leave the context (before the model's adapters change, or when no row runs)."""
+        self._stack.close()
+        self.names = None
+
+
+class Running:
+    """The rows in flight and their cache.
+
+    Args:
+        model: a causal LM in eval mode holding the rows' adapters (none merged).
+        tokenizer: decodes generated tokens for stop strings and streaming.
+        eos_ids: token ids that end a row.
+        pad_id: id used for left padding in prefill (masked out).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, eos_ids: set[int], pad_id: int):
+        self.model, self.tokenizer, self.eos_ids, self.pad_id = model, tokenizer, eos_ids, pad_id
+        self.device = next(model.parameters()).device
+        self.rows: list[Row] = []  # in cache order
+        self.kv = SlotCache()
+        self.adapters = AdapterContext(model)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill ``rows`` together, pick each one's first token, and add the unfinished ones to the batch."""
+        from transformers import DynamicCache
+
+        now = time.monotonic()
+        for row in rows:
+            row.generator = new_generator(row.params.seed, self.device)
+            row.admitted_at = now
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0 in every row
+        cache = DynamicCache(config=self.model.config)
+        self.adapters.use([r.adapter for r in rows])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        self._push(rows, choose_tokens(out.logits[:, -1].float(), rows))
+        for row in rows:
+            row.position = len(row.prompt_ids)
+        keep = [i for i, r in enumerate(rows) if not r.done]
+        if keep:
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask = mask.index_select(0, index)
+            self.kv.add(out.past_key_values, mask)
+            self.rows += [rows[i] for i in keep]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decoding step for every row in flight (call :meth:`drop_done` first)."""
+        if not self.rows:
+            return
+        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[r.position] for r in self.rows], device=self.device)  # (B, 1)
+        mask = self.kv.grow()  # (B, T+1)
+        self.adapters.use([r.adapter for r in self.rows])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.kv.cache,
+                         use_cache=True, logits_to_keep=1)
+        for row in self.rows:
+            row.position += 1
+        self._push(self.rows, choose_tokens(out.logits[:, -1].float(), self.rows))
+
+    def drop_done(self) -> list[Row]:
+        """Remove finished and cancelled rows from the batch and the cache; returns them."""
+        gone = [r for r in self.rows if r.done]
+        if gone:
+            keep = [i for i, r in enumerate(self.rows) if not r.done]
+            self.kv.keep(keep)
+            self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.adapters.close()
+        return gone
+
+    def fail(self, message: str) -> list[Row]:
+        """End every row with an error (after an exception), empty the batch; returns the rows."""
+        rows, self.rows = self.rows, []
+        for row in rows:
+            row.finish("error", message)
+        self.kv.keep([])
+        self.adapters.close()
+        return rows
+
+    def _push(self, rows: list[Row], tokens: torch.Tensor) -> None:
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            if not row.done:
+                row.push(token, self.tokenizer, self.eos_ids)
