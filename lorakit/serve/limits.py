@@ -1,0 +1,78 @@
+"""What the serving engine accepts (Limits), the errors it answers with, and its counters (Stats)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LorakitError
+
+
+class ServeError(LorakitError):
+    """A request the engine refuses; ``status`` is the HTTP status the server answers with, ``param`` the
+    request field at fault (if one is)."""
+
+    status = 400
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class NotFoundError(ServeError):
+    status = 404
+
+
+class ForbiddenError(ServeError):
+    status = 403
+
+
+class ConflictError(ServeError):
+    status = 409
+
+
+SCHEDULERS = ("continuous", "window")
+
+
+@dataclass
+class Limits:
+    """What the engine accepts.
+
+    Args:
+        max_prompt_tokens: longest prompt, in tokens.
+        max_tokens: largest ``max_tokens`` a request may ask for.
+        max_adapters: adapters held at once; loading one more unloads the least recently used idle one.
+        max_batch_size: rows (prompt x n) in flight at most; the KV cache holds at most this many rows.
+        batch_window_ms: window scheduler only: how long to wait for more requests after the first one.
+        scheduler: "continuous" (rows join and leave at every decoding step) or "window" (a batch
+            gathered for batch_window_ms, generated to completion).
+        max_request_bytes: largest HTTP request body; larger ones get 413 before they are parsed.
+    """
+
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512
+    max_adapters: int = 16
+    max_batch_size: int = 8
+    batch_window_ms: float = 10.0
+    scheduler: str = "continuous"
+    max_request_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_tokens", "max_adapters", "max_batch_size", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ServeError(f"Limits.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_window_ms < 0:
+            raise ServeError(f"Limits.batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.scheduler not in SCHEDULERS:
+            raise ServeError(f"Limits.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+
+
+@dataclass
+class Stats:
+    """Counters for tests and /health: requests submitted, batches prefilled (window: run), the most rows
+    in flight at once, decoding steps run (continuous scheduler) and rows in flight now."""
+
+    requests: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+    steps: int = 0
+    running: int = 0
