@@ -122,7 +122,7 @@ def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module |
     """``model`` (default: a fresh base copy) turned into ``kind`` ("lorakit", "peft" or "full")."""
     model = base(ctx) if model is None else model
     if checkpointing:
-        from lorakit.train.loop import enable_checkpointing
+        from lorakit.train.setup import enable_checkpointing
 
         enable_checkpointing(model)
     if kind == "full":

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit.errors import ConfigError
-from lorakit.train.loop import native_bf16, resolve_dtype, train
+from lorakit.train.loop import train
 from lorakit.train.recipe import TrainConfig, load_recipe
+from lorakit.train.setup import native_bf16, resolve_dtype
 
 
 def _data(tmp_path, n=24):

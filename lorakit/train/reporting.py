@@ -1,0 +1,83 @@
+"""Where a run's metrics go. The loop hands every record to one ``Reporters`` fan-out; each
+``Reporter`` writes it its own way (metrics.jsonl here; trackers plug in beside it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write_text
+
+
+class Reporter:
+    """One destination for metrics. ``log`` gets ``{"loss", "lr", "grad_norm", "tokens_per_s"}`` every
+    ``log_every`` steps and ``{"eval_loss"}`` at each evaluation; ``log_params`` the resolved recipe once."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlReporter(Reporter):
+    """``metrics.jsonl``: one JSON object per record, ``{"step": N, ...metrics}``.
+
+    A fresh run starts the file anew; a resumed one first drops the records written after the
+    checkpoint it resumes from (and a line cut by a kill), so every step appears once.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.unlink(missing_ok=True)
+        else:
+            _truncate_metrics(path, resume_step)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+class Reporters(Reporter):
+    """Every reporter of the run; rank 0 holds them all, other ranks none."""
+
+    def __init__(self, reporters: list[Reporter]) -> None:
+        self.reporters = reporters
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for r in self.reporters:
+            r.log(step, metrics)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.log_params(params)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
+
+
+def make_reporters(cfg, out: Path, main: bool, resume_step: int | None) -> Reporters:
+    """The run's reporters: metrics.jsonl on rank 0 (``resume_step``: the step a resumed run continues from)."""
+    if not main:
+        return Reporters([])
+    return Reporters([JsonlReporter(out / "metrics.jsonl", resume_step)])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint (and a line cut by a kill) from the log."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the last line of a process killed mid-write
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

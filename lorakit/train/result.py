@@ -1,0 +1,95 @@
+"""The end of a run: the product (adapter or model directory), the held-out score, the curves
+and summary.json."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.core import load_jsonl
+from ..fileio import atomic_write_json, replace_dir
+from .evaluate import exact_match_score
+from .recipe import TrainConfig
+from .setup import DataPaths
+
+
+def score(model, tokenizer, path: Path | None, cfg: TrainConfig, progress: bool = True) -> dict[str, Any] | None:
+    """Greedy exact match on the test file (None when there is none)."""
+    if path is None:
+        return None
+    records = load_jsonl(path)
+    if cfg.score_limit:
+        records = records[:cfg.score_limit]
+    return exact_match_score(model, tokenizer, records, cfg.max_new_tokens, progress=progress)
+
+
+def save_result(model, tokenizer, out: Path, cfg: TrainConfig, info) -> Path:
+    """The run's product: a PEFT adapter directory, or a full model directory for --full.
+
+    Collective under FSDP (the full tensors are gathered on every rank); rank 0 writes.
+    """
+    from .distributed import full_model_state, full_trainable_state, is_sharded, unwrap
+
+    plain = unwrap(model)
+    if cfg.full:
+        state = full_model_state(model) if is_sharded(model) else None
+        if info.main:
+            tmp = out / ".model.tmp"
+            plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            replace_dir(tmp, out / "model")
+        return out / "model"
+    from ..lora.io import save_adapter
+
+    state = full_trainable_state(model) if is_sharded(model) else None
+    if info.main:
+        save_adapter(plain, out / "adapter", state_dict=state)
+    return out / "adapter"
+
+
+def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: dict, step: int,
+           stopped_early: bool, info, progress: bool) -> dict[str, Any]:
+    """Save the product, plot the curves, score the test split and write summary.json (rank 0)."""
+    from ..lora.adapters import trainable_report
+    from ..plots import plot_loss
+    from .distributed import barrier, is_sharded, unwrap
+
+    product = save_result(model, tokenizer, out, cfg, info)
+    model.eval()
+    # FSDP needs every rank in each forward; with whole weights on each rank, rank 0 scores alone
+    after = score(unwrap(model), tokenizer, paths.test, cfg, progress) if info.main or is_sharded(model) else None
+    barrier(info)
+    if not info.main:
+        return {}
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    rep = trainable_report(unwrap(model))
+    summary = {
+        "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "stopped_early": stopped_early,
+        "processes": info.world, "sharded": is_sharded(model),
+        "dtype": str(next(unwrap(model).parameters()).dtype).removeprefix("torch."),  # the base's, as loaded
+        "trainable_params": rep.trainable, "total_params": rep.total, "trainable_percent": rep.percent,
+        "train_wall_s": st["elapsed"], "tokens": st["tokens"],
+        "tokens_per_s": st["tokens"] / st["elapsed"] if st["elapsed"] else None,
+        "peak_memory_mb": _peak_memory_mb(), "final_train_loss": _last_value(out / "metrics.jsonl", "loss"),
+        "final_eval_loss": st["last_eval"], "best_eval_loss": st["best_eval"],
+        "before": st["before"], "after": after, "output": str(product), "threads": torch.get_num_threads(),
+        "data": st["data"],
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _last_value(path: Path, key: str) -> float | None:
+    values = [json.loads(line).get(key) for line in path.read_text().splitlines() if line] if path.exists() else []
+    values = [v for v in values if v is not None]
+    return values[-1] if values else None
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,133 @@
+"""A run's set-up, before the first step: output directory, data paths, base dtype, the model
+(the *model builder*), the optimizer and its schedule. The loop (``loop.py``) calls these once."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import TrainingError
+from .checkpoint import list_checkpoints
+from .recipe import TrainConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DataPaths:
+    train: Path
+    eval: Path | None
+    test: Path | None
+
+
+def resolve_data(cfg: TrainConfig) -> DataPaths:
+    """Paths of the train / validation / test files; a packaged task name fills in all three."""
+    from ..data.tasks import task_names, task_path
+
+    if not Path(cfg.data).exists() and cfg.data in task_names():
+        return DataPaths(task_path(cfg.data, "train"),
+                         Path(cfg.eval_data) if cfg.eval_data else task_path(cfg.data, "valid"),
+                         Path(cfg.test_data) if cfg.test_data else task_path(cfg.data, "test"))
+    return DataPaths(Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None,
+                     Path(cfg.test_data) if cfg.test_data else None)
+
+
+def prepare_out(out: Path, resume: bool) -> None:
+    """Create the output directory and prove it is writable before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"--out {out}: not writable ({exc.strerror or exc}); choose another directory") from None
+    if not resume and list_checkpoints(out / "checkpoints"):
+        raise TrainingError(f"--out {out} already holds checkpoints of a run; pass --resume to continue it, "
+                            "or choose a new --out")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively (then a bf16 frozen base pays: ~4x the fp32
+    GEMM rate on an AVX512-BF16 CPU, measured in bench/; without bf16 units bf16 is emulated and slower)."""
+    if device.startswith("cuda"):  # emulated bf16 (e.g. a T4) does not count: it is slower than fp16/fp32 there
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own capability probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(cfg: TrainConfig, device: str) -> tuple[str, str]:
+    """(dtype name, why) for the frozen base: ``cfg.dtype`` unless it is "auto"."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "as configured"
+    if cfg.full:
+        return "float32", "auto: --full trains every weight, kept in float32"
+    if native_bf16(device):
+        return "bfloat16", f"auto: {device} computes bf16 natively; LoRA weights stay float32"
+    return "float32", f"auto: {device} has no native bf16 units"
+
+
+def build_model(cfg: TrainConfig, dtype: str = "float32"):
+    """Load the model (base weights in ``dtype``) and tokenizer, then inject LoRA (or unfreeze
+    everything for --full)."""
+    from ..lora.config import LoraConfig, target_modules_from_flags
+    from ..lora.inject import inject
+    from ..models.load import load_model
+
+    model, tokenizer = load_model(cfg.model, dtype=_DTYPES[dtype])
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    if cfg.full:
+        model.requires_grad_(True)
+        return model, tokenizer
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=target_modules_from_flags(cfg.target_modules),
+                      use_rslora=cfg.rslora, base_model_name_or_path=cfg.model, task_type="CAUSAL_LM")
+    inject(model, lcfg)
+    return model, tokenizer
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing in every decoder block of a transformers model, non-reentrant: the
+    reentrant variant needs block inputs that require grad (PEFT's pitfall with frozen bases)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_space(out: Path, model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints and the result (known up front)."""
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    # a checkpoint holds the parameters and two AdamW moments; keep+1 exist while the newest is written
+    need = trainable * 3 * (cfg.keep_checkpoints + 1) + trainable
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise TrainingError(f"--out {out}: {free / 2**20:.0f} MiB free, but checkpoints and the result need about "
+                            f"{need / 2**20:.0f} MiB; free space, lower --keep-checkpoints, or choose another --out")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (the LoRA factors, or every weight with --full)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at max_steps."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
