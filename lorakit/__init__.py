@@ -25,6 +25,7 @@ from .lora.io import load_adapter, read_adapter, save_adapter
 from .lora.layer import LoraEmbedding, LoraLinear, ModulesToSave
 from .lora.merge import merge, merge_and_unload, merged_adapters, unmerge
 from .lora.mixed import mixed_batch
+from .lora.quantize import quantize
 
 __version__ = "0.1.0"
 
@@ -33,5 +34,5 @@ __all__ = [
     "LoraLinear", "LorakitError", "ModelLoadError", "ModulesToSave", "ShapeMismatchError", "Target",
     "TargetError", "TrainableReport", "active_adapters", "combine", "delete_adapter", "inject",
     "list_adapters", "load_adapter", "merge", "merge_and_unload", "merged_adapters", "mixed_batch",
-    "plan_injection", "read_adapter", "save_adapter", "set_active", "trainable_report", "unmerge",
+    "plan_injection", "quantize", "read_adapter", "save_adapter", "set_active", "trainable_report", "unmerge",
 ]

@@ -67,6 +67,14 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of an nn.Linear (also a quantized one, whose weight is stored packed) or a Conv1D."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    in_f, out_f = module.weight.shape  # Conv1D stores (in, out)
+    return (out_f, in_f)
+
+
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name → module, skipping the insides of existing LoRA wrappers."""
     inner = set()
@@ -188,8 +196,7 @@ def _target(name: str, module: nn.Module, cfg: LoraConfig) -> Target:
     elif kind == "embedding":
         shape = (module.embedding_dim, module.num_embeddings)
     else:
-        out_f, in_f = module.weight.shape
-        shape = (in_f, out_f) if kind == "conv1d" else (out_f, in_f)
+        shape = linear_shape(module)
     r = cfg.rank_for(name)
     if r > min(shape):
         raise TargetError(f"r={r} is larger than module {name!r} allows: its weight is {shape[0]}x{shape[1]}, "

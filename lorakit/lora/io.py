@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import AdapterError, AdapterFormatError, ConfigError, ShapeMismatchError
 from ..fileio import PICKLE_SUFFIXES, atomic_write_text, read_safetensors, save_safetensors
+from . import quantized
 from .adapters import (
     adapter_names,
     check_adapter_name,
@@ -29,7 +30,7 @@ from .adapters import (
     set_requires_grad,
 )
 from .config import LoraConfig
-from .inject import _matches_list, candidate_modules, module_kind
+from .inject import _matches_list, candidate_modules, linear_shape, module_kind
 from .layer import LoraLayer, LoraLinear, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -80,7 +81,7 @@ def base_fingerprint(model: nn.Module) -> str:
     """Hash of the base model's parameter names and shapes (LoRA wrappers and copies ignored)."""
     h = hashlib.sha256()
     for name, p in sorted(_base_parameters(model).items()):
-        h.update(f"{name}:{tuple(p.shape)};".encode())
+        h.update(f"{name}:{quantized.logical_shape(p)};".encode())  # a 4-bit base hashes as its 16-bit self
     return h.hexdigest()[:16]
 
 
@@ -94,7 +95,7 @@ def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _weight_stats(layer: LoraLayer) -> float | None:
-    w = layer.base_layer.weight
+    w = quantized.dequantize(layer.base_layer) if quantized.kind(layer.base_layer) else layer.base_layer.weight
     return None if w.is_meta or type(w).__name__ == "DTensor" else round(float(w.detach().float().abs().mean()), 6)
 
 
@@ -215,8 +216,7 @@ def _module_shape(module: nn.Module) -> tuple[int, int] | None:
     if kind == "embedding":
         return (module.embedding_dim, module.num_embeddings)
     if kind in ("linear", "conv1d"):
-        out_f, in_f = module.weight.shape
-        return (in_f, out_f) if kind == "conv1d" else (out_f, in_f)
+        return linear_shape(module)
     return None
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
-from . import siblings
+from . import quantized, siblings
 from .config import scaling_of
 from .ops import lora_down
 
@@ -81,17 +81,25 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
-        """Add scaling·B·A of each adapter into the base weight (in fp32); idempotent."""
+        """Add scaling·B·A of each adapter into the base weight (in fp32); idempotent.
+
+        A quantized base is first replaced by a plain Linear holding its dequantized weight (the
+        packed one is kept for unmerge): re-quantizing W + ΔW would lose most of ΔW.
+        """
+        names = [n for n in names if n not in self.merged and n in self.adapters]
+        if names:
+            quantized.densify(self)
         weight = self.base_layer.weight
         for name in names:
-            if name in self.merged or name not in self.adapters:
-                continue
             weight.data = (weight.data.float() + self.delta_weight(name)).to(weight.dtype)
             self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract every merged adapter again, newest first."""
+        """Subtract every merged adapter again, newest first (a quantized base gets its packed weight back)."""
+        if quantized.restore(self):
+            self.merged.clear()
+            return
         weight = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
@@ -111,9 +119,11 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
-        out_features, in_features = base_layer.weight.shape
         if self.fan_in_fan_out:
-            in_features, out_features = out_features, in_features
+            in_features, out_features = base_layer.weight.shape
+        else:  # not weight.shape: a quantized (bitsandbytes) Linear stores its weight packed
+            out_features, in_features = base_layer.out_features, base_layer.in_features
+            quantized.prepare(base_layer)
         self.in_features, self.out_features = in_features, out_features
         self.siblings: tuple[LoraLinear, ...] = ()  # set by inject.link_siblings
         self.lora_A = nn.ModuleDict()

@@ -5,9 +5,12 @@ State changes only when asked: nothing here runs on ``.eval()`` or inside ``forw
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from ..errors import AdapterError
+from . import quantized
 from .adapters import _require, active_adapters, lora_layers
 from .inject import candidate_modules
 from .layer import LoraLayer, ModulesToSave
@@ -66,7 +69,9 @@ def merged_adapters(model: nn.Module) -> list[str]:
 def merge_and_unload(model: nn.Module, names: list[str] | str | None = None) -> nn.Module:
     """Merge adapters (default: the active ones) and return the plain model, LoRA layers removed.
 
-    modules_to_save wrappers are replaced by the copy of the (single) active adapter.
+    modules_to_save wrappers are replaced by the copy of the (single) active adapter. A quantized
+    (bitsandbytes) layer becomes a plain Linear holding dequantize(W) + ΔW in its compute dtype,
+    with a warning saying so.
 
     Args:
         model: a model with LoRA layers; modified in place.
@@ -77,9 +82,14 @@ def merge_and_unload(model: nn.Module, names: list[str] | str | None = None) -> 
     """
     active = active_adapters(model)
     merge(model, names)
+    densified = [m.base_layer for _, m in lora_layers(model) if isinstance(m.base_layer, quantized.DenseFromQuantized)]
+    if densified:
+        warnings.warn(f"{len(densified)} quantized Linear layers became plain Linear layers holding the dequantized "
+                      f"weight plus the adapter's delta, in {str(densified[0].weight.dtype).removeprefix('torch.')} "
+                      "(re-quantizing W + ΔW would lose most of ΔW)", stacklevel=2)
     for name, module in list(candidate_modules(model).items()):
         if isinstance(module, LoraLayer):
-            replacement = module.base_layer
+            replacement = quantized.plain(module.base_layer)
         elif isinstance(module, ModulesToSave):
             chosen = [a for a in active if a in module.modules_to_save]
             replacement = module.modules_to_save[chosen[0]] if chosen else module.original_module
