@@ -138,16 +138,23 @@ class Engine:
             with self._registry:
                 if name == self.name or name in self._slots:
                     raise ConflictError(f"model {name!r} is already loaded; unload it first or pick another name")
-                victim = self._eviction_candidate()
-            if victim is not None:
-                self._unload_locked(victim)
-            load_adapter(self.model, path, name, activate=False)
+                self._eviction_candidate()  # every slot busy: refuse before reading anything
+            load_adapter(self.model, path, name, activate=False)  # a broken adapter evicts nothing
             if any(isinstance(m, ModulesToSave) and name in m.adapters for m in self.model.modules()):
                 delete_adapter(self.model, name)
                 raise ServeError(f"adapter {name!r} replaces whole modules (modules_to_save), which a "
                                  "mixed-adapter batch cannot run per row; serve it merged as its own model")
-            with self._registry:
+            with self._registry:  # the victim is chosen and dropped at once: no request can pin it in between
+                try:
+                    victim = self._eviction_candidate()
+                except ConflictError:
+                    delete_adapter(self.model, name)  # the slots filled up while it loaded
+                    raise
+                if victim is not None:
+                    self._slots.pop(victim)
                 self._slots[name] = _Slot(str(path))
+            if victim is not None:
+                delete_adapter(self.model, victim)
 
     @contextlib.contextmanager
     def _model_between_steps(self):

@@ -116,8 +116,11 @@ def test_stream_holds_back_possible_stop_starts():
     assert row.finish_reason == "stop" and "".join(e.text for e in events) == "ab"
 
 
-def test_lru_eviction_skips_busy_adapters(tiny_model_dir, root):
+def test_lru_eviction_skips_busy_adapters(tiny_model_dir, root, tmp_path):
     eng = _engine(tiny_model_dir, root, max_adapters=2)  # not started: submitted requests stay queued
+    with pytest.raises(lk.AdapterFormatError):
+        eng.load_adapter("broken", tmp_path)  # an adapter that fails to load evicts nothing
+    assert list(eng.adapters()) == ["alpha", "beta"]
     sink = queue.Queue()
     eng.submit(eng.encode("hi"), "alpha", SamplingParams(), sink.put)  # alpha busy and most recently used
     eng.load_adapter("gamma", root / "gamma")  # evicts beta, the least recently used idle adapter
