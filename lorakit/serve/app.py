@@ -3,6 +3,7 @@
     POST /v1/completions, POST /v1/chat/completions   (``"stream": true`` answers with server-sent events)
     GET  /v1/models                                   the base model and every loaded adapter
     POST /v1/adapters {name, path}, DELETE /v1/adapters/{name}
+    POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter {lora_name}   (vLLM's)
     GET  /health
 
 ``model`` in a request picks the adapter by name (the base model's name: no adapter). Every refusal is
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -149,6 +150,27 @@ def unload_adapter(name: str, request: Request) -> dict:
         raise ServeError(f"{name!r} is the base model; only adapters can be unloaded")
     engine.unload_adapter(name)
     return {"id": name, "object": "model", "deleted": True}
+
+
+# vLLM's runtime routes, as aliases: vLLM's bodies, its 200 plain-text answers and its status codes (a name
+# already loaded is 400, not 409); lorakit's checks (paths only inside --adapter-root: 403; busy: 409).
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+def vllm_load_adapter(body: S.LoraAdapterLoad, request: Request) -> str:
+    engine, name = _engine(request), body.lora_name
+    if name == engine.name or name in engine.adapters():
+        hint = ("lorakit does not replace a loaded adapter in place; unload it first (POST "
+                "/v1/unload_lora_adapter)" if body.load_inplace else "unload it first or pick another name")
+        raise ServeError(f"The lora adapter '{name}' has already been loaded; {hint}.", "lora_name")
+    path = resolve_adapter_path(request.app.state.adapter_root, body.lora_path)
+    engine.load_adapter(name, path)
+    return f"Success: LoRA adapter '{name}' added successfully."
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+def vllm_unload_adapter(body: S.LoraAdapterUnload, request: Request) -> str:
+    unload_adapter(body.lora_name, request)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
 
 # ---- generation -------------------------------------------------------------------------------

@@ -97,6 +97,24 @@ class AdapterLoad(BaseModel):
     path: str = Field(min_length=1)
 
 
+class LoraAdapterLoad(BaseModel):
+    """POST /v1/load_lora_adapter, vLLM's body: load ``lora_path`` (inside --adapter-root) as ``lora_name``."""
+
+    model_config = ConfigDict(extra="ignore")  # vLLM ignores what it does not know (e.g. is_3d_lora_weight)
+
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_path: str = Field(min_length=1)
+    load_inplace: bool = False
+
+
+class LoraAdapterUnload(BaseModel):
+    """POST /v1/unload_lora_adapter, vLLM's body (its optional ``lora_int_id`` is ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+
+
 # ---- answers ----------------------------------------------------------------------------------
 
 def new_id(prefix: str) -> str:
