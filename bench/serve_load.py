@@ -182,6 +182,9 @@ def hostile_cases(folder: Path) -> list[tuple[str, int, str, str, dict]]:
         ("n = 10000", 400, "POST", comp, {"json": {**ok, "n": 10_000}}),
         ("temperature 1e9", 400, "POST", comp, {"json": {**ok, "temperature": 1e9}}),
         ("unknown adapter", 404, "POST", comp, {"json": {**ok, "model": "no-such-adapter"}}),
+        ("first use of a truncated adapter", 400, "POST", comp, {"json": {**ok, "model": "corrupt"}}),
+        ("first use of a link out of the root", 403, "POST", comp, {"json": {**ok, "model": "escape"}}),
+        ("first use of a path", 404, "POST", comp, {"json": {**ok, "model": "a0/../../x"}}),
         ("adapter path ../x", 403, "POST", load, {"json": {"name": "evil", "path": "../x"}}),
         ("adapter path a0/../../..", 403, "POST", load, {"json": {"name": "evil", "path": "a0/../../.."}}),
         ("absolute path /etc", 403, "POST", load, {"json": {"name": "evil", "path": "/etc"}}),
@@ -219,7 +222,8 @@ def _client(url: str, seed: int, requests: int, pool: list, models: list[str], r
 
 
 def _churn(url: str, pool: list, refs: dict, done: threading.Event, log: list) -> None:
-    """Load, use, double-load (409) and unload the churn adapter until ``done`` (at least twice)."""
+    """Load, use, double-load (409), unload, load on first use and unload the churn adapter until ``done`` (at
+    least twice)."""
     prompt, max_tokens = pool[0]
     with httpx.Client(base_url=url, timeout=120) as http:
         for cycle in range(CHURN_CYCLES):
@@ -229,14 +233,21 @@ def _churn(url: str, pool: list, refs: dict, done: threading.Event, log: list) -
             status, text, _ = complete(http, CHURN, prompt, max_tokens)
             steps["use"], steps["match"] = status, text == refs[prompt, CHURN]
             steps["reload"] = http.post("/v1/adapters", json={"name": CHURN, "path": CHURN}).status_code
-            for _ in range(100):  # 409 while a batch that held one of its requests is still running: retry
-                steps["unload"] = http.delete(f"/v1/adapters/{CHURN}").status_code
-                if steps["unload"] != 409:
-                    break
-                steps["unload_409"] = steps.get("unload_409", 0) + 1
-                time.sleep(0.01)
-            steps["after"] = complete(http, CHURN, prompt, max_tokens)[0]
+            steps["unload"] = _unload(http, steps)
+            status, text, _ = complete(http, CHURN, prompt, max_tokens)  # loads it again: first use
+            steps["after"], steps["match_after"] = status, text == refs[prompt, CHURN]
+            steps["unload_after"] = _unload(http, steps)
             log.append(steps)
+
+
+def _unload(http, steps: dict) -> int:
+    for _ in range(100):  # 409 while a batch that held one of its requests is still running: retry
+        status = http.delete(f"/v1/adapters/{CHURN}").status_code
+        if status != 409:
+            return status
+        steps["unload_409"] = steps.get("unload_409", 0) + 1
+        time.sleep(0.01)
+    return status
 
 
 def _hostile(url: str, cases: list, done: threading.Event, log: list, max_rounds: int = 50) -> None:
@@ -313,8 +324,8 @@ def _summarize(phase: dict, clients: int, requests: int) -> dict:
     res, churn, hostile = phase["results"], phase["churn"], phase["hostile"]
     statuses = Counter(str(r["status"]) for r in res)
     ok = [r for r in res if r["status"] == 200]
-    churn_bad = [c for c in churn if (c["load"], c["use"], c["match"], c["reload"], c["unload"], c["after"])
-                 != (201, 200, True, 409, 200, 404)]
+    churn_bad = [c for c in churn if (c["load"], c["use"], c["match"], c["reload"], c["unload"], c["after"],
+                                      c["match_after"], c["unload_after"]) != (201, 200, True, 409, 200, 200, True, 200)]
     hostile_wrong = [h for h in hostile if h["status"] != h["expected"]]
     by_case = {}
     for h in hostile:

@@ -28,7 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               dtype=args.dtype, device=args.device)
     print(f"lorakit serve: {engine.name} with adapters {list(adapters) or 'none'} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_app(engine, args.adapter_root), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(engine, args.adapter_root, load_on_first_use=args.load_on_first_use)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -38,7 +39,11 @@ def add_serve_verb(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="adapter to load at start (repeatable); requests select it with \"model\": NAME")
     p.add_argument("--adapter-root", default=None, metavar="DIR",
-                   help="POST /v1/adapters may load only directories inside DIR (omit: no runtime loading)")
+                   help="runtime loading (POST /v1/adapters, /v1/load_lora_adapter, and a request naming a "
+                        "directory of DIR: load on first use) reads only directories inside DIR (omit: none)")
+    p.add_argument("--no-load-on-first-use", dest="load_on_first_use", action="store_false",
+                   help="a request for an adapter that is not loaded is refused (404) even when --adapter-root "
+                        "holds a directory of that name")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="id of the base model (default: the spec's name)")

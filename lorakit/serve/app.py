@@ -6,7 +6,8 @@
     POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter {lora_name}   (vLLM's)
     GET  /health
 
-``model`` in a request picks the adapter by name (the base model's name: no adapter). Every refusal is
+``model`` in a request picks the adapter by name (the base model's name: no adapter); with an adapter root,
+a name that is not loaded but is a directory in the root is loaded on first use. Every refusal is
 an OpenAI-style ``{"error": {...}}`` body with a 4xx status; nothing a client sends stops the server.
 """
 
@@ -33,12 +34,14 @@ REQUEST_TIMEOUT_S = 600.0  # longest wait for the next piece of a generation
 router = APIRouter()
 
 
-def create_app(engine: Engine, adapter_root: str | Path | None = None) -> FastAPI:
+def create_app(engine: Engine, adapter_root: str | Path | None = None, *, load_on_first_use: bool = True) -> FastAPI:
     """Build the FastAPI app; starts the engine's worker, and stops it when the app shuts down.
 
     Args:
         engine: the engine to serve.
         adapter_root: POST /v1/adapters loads only directories inside it; None refuses runtime loading.
+        load_on_first_use: a request whose ``model`` is not loaded but names a directory in ``adapter_root``
+            loads it (evicting the least recently used idle adapter past max_adapters).
     """
 
     @contextlib.asynccontextmanager
@@ -51,6 +54,7 @@ def create_app(engine: Engine, adapter_root: str | Path | None = None) -> FastAP
                   lifespan=lifespan)
     app.state.engine = engine
     app.state.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
+    app.state.load_on_first_use = load_on_first_use
     app.include_router(router)
     _add_error_handlers(app)
     engine.start()
@@ -173,6 +177,18 @@ def vllm_unload_adapter(body: S.LoraAdapterUnload, request: Request) -> str:
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
 
+def _locator(request: Request):
+    """Adapter name -> its directory in --adapter-root, for load on first use (None: nothing to load)."""
+    root = request.app.state.adapter_root
+
+    def locate(name: str) -> Path | None:
+        if root is None or not request.app.state.load_on_first_use or name in (".", "..") or "/" in name \
+                or "\\" in name:
+            return None  # a name is one directory of the root, never a path
+        return resolve_adapter_path(root, name) if (root / name).is_dir() else None
+    return locate
+
+
 # ---- generation -------------------------------------------------------------------------------
 
 @router.post("/v1/completions")
@@ -181,7 +197,11 @@ async def completions(body: S.CompletionRequest, request: Request):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     prompt_ids = [await run_in_threadpool(engine.encode, p) for p in prompts]
     max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
-    return await _generate(engine, body, prompt_ids, max_tokens, chat=False)
+    release = await run_in_threadpool(engine.hold, body.model, _locator(request))  # loads on first use
+    try:
+        return await _generate(engine, body, prompt_ids, max_tokens, chat=False)
+    finally:
+        release()  # the submitted rows hold the adapter now
 
 
 @router.post("/v1/chat/completions")
@@ -193,7 +213,11 @@ async def chat_completions(body: S.ChatRequest, request: Request):
     if max_tokens is None:  # OpenAI's default: as much as fits
         room = (engine.context_length or 1 << 30) - len(ids)
         max_tokens = max(1, min(engine.limits.max_tokens, room))
-    return await _generate(engine, body, [ids], max_tokens, chat=True)
+    release = await run_in_threadpool(engine.hold, body.model, _locator(request))  # loads on first use
+    try:
+        return await _generate(engine, body, [ids], max_tokens, chat=True)
+    finally:
+        release()
 
 
 def _chat_prompt(engine: Engine, messages: list[S.ChatMessage]) -> str:

@@ -10,8 +10,9 @@ Two schedulers (``Limits.scheduler``):
 - ``"window"``: the worker takes the first request, gathers more for up to ``batch_window_ms`` and
   generates that batch to completion (kept for comparison: ``bench/serve_load.py``).
 
-Adapters are loaded at start or at runtime; past ``max_adapters`` the least recently used idle one is
-unloaded. Loading and unloading happen between decoding steps.
+Adapters are loaded at start, at runtime, or on a request's first use of them (:meth:`Engine.hold`); past
+``max_adapters`` the least recently used idle one is unloaded. Loading and unloading happen between decoding
+steps.
 """
 
 from __future__ import annotations
@@ -125,12 +126,13 @@ class Engine:
         with self._registry:
             return {n: s.created for n, s in self._slots.items()}
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
+    def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> None:
         """Load a PEFT-format adapter under ``name``; past ``max_adapters`` evict the LRU idle adapter.
 
         Args:
             name: letters, digits, '-' and '_'; not the base model's name nor a loaded adapter's.
             path: adapter directory (trusted here: the HTTP layer checks it against --adapter-root).
+            pinned: hold it as if one request used it (no eviction) until :meth:`hold`'s release runs.
         """
         if not name or not set(name) <= _NAME_CHARS or len(name) > 64:
             raise ServeError(f"adapter name {name!r} must be 1-64 letters, digits, '-' or '_'")
@@ -152,7 +154,7 @@ class Engine:
                     raise
                 if victim is not None:
                     self._slots.pop(victim)
-                self._slots[name] = _Slot(str(path))
+                self._slots[name] = _Slot(str(path), pending=int(pinned))
             if victim is not None:
                 delete_adapter(self.model, victim)
 
@@ -168,6 +170,48 @@ class Engine:
         finally:
             with self._registry:
                 self._writers -= 1
+
+    def hold(self, model: str, locate: Callable[[str], Path | None]) -> Callable[[], None]:
+        """Keep ``model`` loaded until the returned release is called; load it first if it is not loaded yet
+        and ``locate`` finds its directory (load on first use). Concurrent callers for one adapter load it
+        once: the others wait for that load and use it. Call before :meth:`submit`; an unknown model holds
+        nothing (submit then answers 404).
+
+        Args:
+            model: the base model's name or an adapter's name.
+            locate: adapter name -> its directory, or None when there is none to load.
+        """
+        if model == self.name:
+            return lambda: None
+        if not self._pin_loaded(model):
+            path = locate(model)
+            if path is None:
+                return lambda: None
+            try:  # load_adapter checks the name under the model lock: of concurrent first requests, one loads
+                self.load_adapter(model, path, pinned=True)
+            except ConflictError:
+                if not self._pin_loaded(model):  # not "loaded meanwhile" but "every slot busy"
+                    raise
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._unpin(model)
+        return release
+
+    def _pin_loaded(self, model: str) -> bool:
+        with self._registry:
+            if model not in self._slots:
+                return False
+            self._pin(model)
+            return True
+
+    def _unpin(self, model: str) -> None:
+        with self._registry:
+            if model in self._slots:  # always true: a pinned adapter is neither unloaded nor evicted
+                self._slots[model].pending -= 1
 
     def _eviction_candidate(self) -> str | None:
         if len(self._slots) < self.limits.max_adapters:

@@ -322,8 +322,9 @@ def test_openai_client_against_uvicorn(server_url):
     with pytest.raises(openai.BadRequestError, match="JSON"):
         client.post("/completions", content=b"{oops", cast_to=object,
                     options={"headers": {"Content-Type": "application/json"}})
-    with pytest.raises(openai.NotFoundError, match="gamma"):
-        client.completions.create(model="gamma", prompt="hi", max_tokens=3)
+    with pytest.raises(openai.NotFoundError, match="no-such-adapter"):
+        client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=3)
+    assert client.completions.create(model="gamma", prompt="hi", max_tokens=3).choices  # loaded on first use
     with pytest.raises(openai.PermissionDeniedError, match="outside"):
         client.post("/adapters", body={"name": "x", "path": "/tmp"}, cast_to=object)
     with pytest.raises(openai.PermissionDeniedError, match=r"\.\."):
