@@ -39,3 +39,37 @@ def write_tiny_model(folder):
     LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (the 256 byte symbols, a few merges, ChatML specials), built in memory:
+    the kind of tokenizer GGUF files carry ("gpt2" in llama.cpp's terms)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("a", "n")]
+    vocab = {s: i for i, s in enumerate(alphabet + ["".join(m) for m in merges])}
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
+                                   chat_template=CHATML)
+
+
+def write_tiny_bpe_model(folder, *, tie_word_embeddings: bool = False, seed: int = 0):
+    """Save a tiny random Llama (hidden 32, 2 layers, 4 heads, 2 kv heads) with :func:`bpe_tokenizer` as a
+    transformers directory (safetensors) in ``folder``, ready to be written as GGUF; returns the folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = bpe_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                      initializer_range=0.2, tie_word_embeddings=tie_word_embeddings)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,4 +1,5 @@
-"""Exporting for other runtimes: merged model directories (safetensors).
+"""Exporting for other runtimes: merged model directories (safetensors), GGUF LoRA adapters and merged
+GGUF models for llama.cpp, Ollama Modelfiles.
 
-Imports: the foundation, ``lora``, ``models``.
+Imports: the foundation, ``lora``, ``models``, ``plan`` (meta-device models for shape checks).
 """
