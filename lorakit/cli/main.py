@@ -11,6 +11,7 @@ import sys
 from ..errors import LorakitError
 from .adapters import add_adapter_verbs
 from .analysis import add_analysis_verbs
+from .export import add_export_verb
 from .plan import add_planner_verbs
 from .serve import add_serve_verb
 from .train import add_train_verbs
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_verbs(sub)
     add_train_verbs(sub)
     add_analysis_verbs(sub)
+    add_export_verb(sub)
     add_serve_verb(sub)
     add_planner_verbs(sub)
     return parser
