@@ -12,6 +12,7 @@ from ..errors import LorakitError
 from ..fileio import replace_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHORT = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
 def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: str = "float32") -> dict:
@@ -24,7 +25,7 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
         base: model spec (see lorakit.models.load_model).
         adapter: PEFT-format adapter directory.
         out: output directory; replaced only once the new one is complete.
-        dtype: dtype of the saved weights ("float32", "bfloat16", "float16").
+        dtype: dtype of the saved weights ("float32", "bfloat16", "float16", or f32 / bf16 / f16).
 
     Returns:
         {"out": path, "dtype": dtype, "max_abs_diff": float}
@@ -33,8 +34,9 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
     from ..lora.merge import merge_and_unload
     from ..models.load import load_model
 
+    dtype = _SHORT.get(dtype, dtype)
     if dtype not in _DTYPES:
-        raise LorakitError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise LorakitError(f"dtype must be one of {sorted(_DTYPES) + sorted(_SHORT)}, got {dtype!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out {out} exists and is not a directory")
