@@ -54,8 +54,13 @@ def add_serve_verb(sub) -> None:
     g.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for (512)")
     g.add_argument("--max-adapters", type=int, default=None,
                    help="adapters held at once; the least recently used idle one is unloaded past it (16)")
-    g.add_argument("--max-batch-size", type=int, default=None, help="requests generated together at most (8)")
+    g.add_argument("--max-batch-size", type=int, default=None, help="rows (prompts x n) in flight at most (8)")
     g.add_argument("--batch-window-ms", type=float, default=None,
-                   help="how long to wait for more requests to batch with the first (10)")
+                   help="--scheduler window: how long to wait for more requests to batch with the first (10)")
+    g.add_argument("--scheduler", choices=["continuous", "window"], default=None,
+                   help="continuous: rows join and leave the batch at every decoding step (default); "
+                        "window: batches gathered for --batch-window-ms, each generated to completion")
+    g.add_argument("--max-request-bytes", type=int, default=None,
+                   help="request bodies larger than this get 413 before parsing (1048576)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -4,7 +4,10 @@
     GET  /v1/models                                   the base model and every loaded adapter
     POST /v1/adapters {name, path}, DELETE /v1/adapters/{name}
     POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter {lora_name}   (vLLM's)
-    GET  /health
+    GET  /health                                      status, scheduler, rows in flight, KV cache bytes and cap
+    GET  /metrics                                     Prometheus text format (requests, latency, TTFT, tokens)
+
+Request bodies over ``Limits.max_request_bytes`` get 413 before anything parses them.
 
 ``model`` in a request picks the adapter by name (the base model's name: no adapter); with an adapter root,
 a name that is not loaded but is a directory in the root is loaded on first use. Every refusal is
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -29,6 +32,7 @@ from ..errors import LorakitError
 from . import schemas as S
 from .decode import Event, Row, SamplingParams
 from .engine import Engine, ForbiddenError, NotFoundError, ServeError
+from .metrics import CONTENT_TYPE
 
 REQUEST_TIMEOUT_S = 600.0  # longest wait for the next piece of a generation
 router = APIRouter()
@@ -57,6 +61,7 @@ def create_app(engine: Engine, adapter_root: str | Path | None = None, *, load_o
     app.state.load_on_first_use = load_on_first_use
     app.include_router(router)
     _add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=engine.limits.max_request_bytes)
     engine.start()
     return app
 
@@ -93,6 +98,40 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before anything reads it whole.
+
+    A Content-Length over the limit is answered at once, without reading the body; a chunked body is
+    counted as it arrives and refused at the first chunk past the limit.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"the request body is larger than this server accepts ({self.limit} bytes, "
+                                  "--max-request-bytes)")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            exc = self._too_large() if length.isdigit() else HTTPException(400, "invalid Content-Length header")
+            return await _error(exc.status_code, exc.detail)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise self._too_large()  # FastAPI re-raises an HTTPException met while reading the body
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def _engine(request: Request) -> Engine:
     return request.app.state.engine
 
@@ -102,9 +141,16 @@ def _engine(request: Request) -> Engine:
 @router.get("/health")
 def health(request: Request) -> dict:
     engine = _engine(request)
+    stats = engine.stats
     return {"status": "ok", "model": engine.name, "adapters": len(engine.adapters()),
-            "requests": engine.stats.requests, "batches": engine.stats.batches,
-            "largest_batch": engine.stats.largest_batch}
+            "requests": stats.requests, "batches": stats.batches, "largest_batch": stats.largest_batch,
+            "scheduler": engine.limits.scheduler, "rows_running": stats.running, "rows_waiting": engine.waiting(),
+            "steps": stats.steps, "kv_cache": engine.kv_cache()}
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    return Response(_engine(request).metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/models")
@@ -199,7 +245,7 @@ async def completions(body: S.CompletionRequest, request: Request):
     max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
     release = await run_in_threadpool(engine.hold, body.model, _locator(request))  # loads on first use
     try:
-        return await _generate(engine, body, prompt_ids, max_tokens, chat=False)
+        return await _generate(engine, body, prompt_ids, max_tokens, request, chat=False)
     finally:
         release()  # the submitted rows hold the adapter now
 
@@ -207,6 +253,7 @@ async def completions(body: S.CompletionRequest, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: S.ChatRequest, request: Request):
     engine = _engine(request)
+    engine.check_chars(sum(len(m.text()) for m in body.messages))  # before templating and tokenizing
     prompt = await run_in_threadpool(_chat_prompt, engine, body.messages)
     ids = await run_in_threadpool(engine.encode, prompt, False)  # the template carries the special tokens
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -215,7 +262,7 @@ async def chat_completions(body: S.ChatRequest, request: Request):
         max_tokens = max(1, min(engine.limits.max_tokens, room))
     release = await run_in_threadpool(engine.hold, body.model, _locator(request))  # loads on first use
     try:
-        return await _generate(engine, body, [ids], max_tokens, chat=True)
+        return await _generate(engine, body, [ids], max_tokens, request, chat=True)
     finally:
         release()
 
@@ -231,7 +278,8 @@ def _chat_prompt(engine: Engine, messages: list[S.ChatMessage]) -> str:
         raise ServeError(f"the chat template rejected these messages: {exc}") from None
 
 
-async def _generate(engine: Engine, body, prompt_ids: list[list[int]], max_tokens: int, chat: bool):
+async def _generate(engine: Engine, body, prompt_ids: list[list[int]], max_tokens: int, request: Request,
+                    chat: bool):
     """Submit one row per (prompt, n), then answer with one JSON body or an SSE stream."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -253,10 +301,16 @@ async def _generate(engine: Engine, body, prompt_ids: list[list[int]], max_token
     if body.stream:
         stream = _sse(events, rows, rid, body, prompt_tokens, chat)
         return StreamingResponse(stream, media_type="text/event-stream")
+    collect, gone = asyncio.ensure_future(_collect(events, len(rows))), asyncio.ensure_future(_disconnect(request))
     try:
-        finals, texts = await _collect(events, len(rows))
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        _cancel(rows)
+        _cancel(rows)  # done, or the client went away: the engine frees their rows at its next step
+        gone.cancel()
+    if not collect.done():
+        collect.cancel()
+        return Response(status_code=499)  # nobody reads it: the client closed the connection
+    finals, texts = collect.result()
     failed = next((e for e in finals if e.error), None)
     if failed is not None:
         return _error(500, failed.error)
@@ -269,6 +323,12 @@ async def _generate(engine: Engine, body, prompt_ids: list[list[int]], max_token
 def _cancel(rows: list[Row]) -> None:
     for row in rows:
         row.cancelled.set()  # a no-op for finished rows; stops the others at their next token
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client goes away (its body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _next(events: asyncio.Queue) -> Event:
