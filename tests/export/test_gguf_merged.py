@@ -129,3 +129,28 @@ def test_modules_to_save_are_written(bpe_dir, base_gguf, gguf_home, ids, tmp_pat
     save_adapter(model, adapter)
     export_merged_gguf(adapter, tmp_path / "m.gguf", base=str(base_gguf), outtype="f32")
     assert rel(logits(load_gguf(tmp_path / "m.gguf"), ids), logits(model, ids)) <= 1e-4
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_embedded_smollm2_merged_and_adapter(tmp_path):
+    """The embedded Q4_1 SmolLM2: merged f32 logits equal lorakit's; every other tensor keeps its Q4_1 bytes;
+    the adapter file names tensors the base GGUF has, in the shapes llama.cpp checks."""
+    from lorakit.export.gguf import export_adapter_gguf
+    from lorakit.models.load import resolve_embedded_gguf
+
+    source = resolve_embedded_gguf()
+    model, adapter = make_adapter("default", tmp_path / "a", target_modules=["q_proj", "k_proj", "v_proj"],
+                                  layers_to_transform=[0, 1], r=4, lora_alpha=8, use_rslora=True)
+    export_merged_gguf(adapter, tmp_path / "m.gguf", base="default", outtype="f32")
+    ids = torch.randint(0, 49152, (1, 10), generator=torch.Generator().manual_seed(0))
+    assert rel(logits(load_gguf(tmp_path / "m.gguf"), ids), logits(model, ids)) <= 1e-4
+    old = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    new = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert new["blk.0.attn_q.weight"].tensor_type.name == "F32" and old["blk.0.attn_q.weight"].tensor_type.name == "Q4_1"
+    assert np.array_equal(old["blk.5.attn_q.weight"].data, new["blk.5.attn_q.weight"].data)
+    export_adapter_gguf(adapter, tmp_path / "a.gguf", base="default")
+    for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors:
+        base, _, part = t.name.rpartition(".")
+        ne = [int(n) for n in old[base].shape]
+        assert (ne[0] == int(t.shape[0])) if part == "lora_a" else (ne[1] == int(t.shape[1]))
