@@ -34,7 +34,7 @@ def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
     """Turn gradients on or off for the LoRA (and modules_to_save) parameters of ``names``."""
     for module in model.modules():
         if isinstance(module, LoraLinear):
-            dicts = (module.lora_A, module.lora_B)
+            dicts = (module.lora_A, module.lora_B, module.lora_magnitude_vector)
         elif isinstance(module, LoraEmbedding):
             dicts = (module.lora_embedding_A, module.lora_embedding_B)
         elif isinstance(module, ModulesToSave):
@@ -49,10 +49,33 @@ def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
 
 def freeze_base(model: nn.Module) -> None:
     """Freeze every parameter that is not a LoRA factor or a modules_to_save copy (as PEFT does)."""
-    own = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".modules_to_save.")
+    own = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.",
+           ".modules_to_save.")
     for name, p in model.named_parameters():
-        if not any(mark in f".{name}" for mark in own):
+        if not any(mark in f".{name}." for mark in own):
             p.requires_grad_(False)
+
+
+def bias_keys(model: nn.Module, bias: str, keys) -> list[str]:
+    """The state-dict keys (among ``keys``) of the biases an adapter with ``bias`` trains and saves.
+
+    PEFT's meaning: "all" is every bias of the model, "lora_only" the biases of adapted modules
+    (``<path>.base_layer.bias``), "none" nothing. Trainable copies (modules_to_save) carry their own.
+    """
+    if bias == "none":
+        return []
+    if bias == "all":
+        return [k for k in keys if (k == "bias" or k.endswith(".bias"))
+                and ".modules_to_save." not in k and ".original_module." not in k]
+    layers = {f"{n}.base_layer.bias" for n, m in lora_layers(model) if getattr(m.base_layer, "bias", None) is not None}
+    return [k for k in keys if k in layers]
+
+
+def set_bias_trainable(model: nn.Module, bias: str, flag: bool) -> None:
+    """Turn gradients on or off for the biases ``bias`` selects ("none" | "all" | "lora_only")."""
+    params = dict(model.named_parameters())
+    for key in bias_keys(model, bias, params):
+        params[key].requires_grad_(flag)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -202,6 +225,11 @@ def combine(model: nn.Module, weights: dict[str, float], new_name: str, method: 
     _require(model, list(weights))
     if new_name in adapter_names(model):
         raise AdapterError(f"the model already has an adapter named {new_name!r}")
+    dora = sorted({n for _, layer in lora_layers(model) for n in weights if n in layer.adapters
+                   and layer.adapters[n].use_dora})
+    if dora:
+        raise AdapterError(f"combine works on plain LoRA factors; {dora} use DoRA, whose magnitude does not add up. "
+                           "Merge them into a model instead (lk.merge_and_unload)")
     if any(isinstance(m, ModulesToSave) and set(weights) & set(m.adapters) for m in model.modules()):
         raise AdapterError("combine cannot mix modules_to_save copies; combine adapters without modules_to_save")
     for _, layer in lora_layers(model):

@@ -16,12 +16,13 @@ from typing import Any
 from ..errors import ConfigError
 
 ALL_LINEAR = "all-linear"
+BIAS_CHOICES = ("none", "all", "lora_only")
 
 # PEFT writes these keys; at their default value they change nothing lorakit does.
 _PEFT_INERT_KEYS = {
     "peft_type": "LORA", "auto_mapping": None, "revision": None, "inference_mode": None,
     "peft_version": None, "loftq_config": {}, "megatron_config": None, "megatron_core": "megatron.core",
-    "use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+    "lora_bias": False, "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "use_qalora": False, "qalora_group_size": 16, "eva_config": None,
     "corda_config": None, "arrow_config": None, "alora_invocation_tokens": None, "ensure_weight_tying": False,
     "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "velora_config": None,
@@ -29,7 +30,7 @@ _PEFT_INERT_KEYS = {
 }
 # Of those, the ones whose non-default value means a method lorakit does not implement.
 _UNSUPPORTED_IF_SET = (
-    "use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+    "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
     "use_qalora", "alora_invocation_tokens", "use_bdlora",
 )
 
@@ -49,8 +50,14 @@ class LoraConfig:
         exclude_modules: same matching rules; these modules are never adapted.
         use_rslora: rank-stabilised scaling lora_alpha / sqrt(r).
         init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r),
-            B zeros) or False (both random: the adapter starts non-zero; for tests).
-        bias: only "none" is supported.
+            B zeros), False (both random: the adapter starts non-zero; for tests), "pissa"
+            (A, B = the top-r singular part of W, which leaves W; "pissa_niter_K": the same by a
+            randomized SVD with K subspace iterations) or "olora" (A, B from W's QR). The last
+            two move part of W into the adapter: the base weight becomes the residual.
+        use_dora: DoRA: a trainable magnitude m per output feature and W' = m·(W + s·BA)/‖W + s·BA‖
+            (row norms, detached from the graph as the paper and PEFT do).
+        bias: which biases train with the adapter and are saved in its file: "none", "all"
+            (every bias of the model) or "lora_only" (the biases of the adapted modules).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
         layers_to_transform: layer index or indices to adapt (list targets only).
         layers_pattern: name of the module list holding the layers (e.g. "layers", "h").
@@ -68,6 +75,7 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
     bias: str = "none"
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
@@ -83,10 +91,11 @@ class LoraConfig:
         _check_alpha("lora_alpha", self.lora_alpha)
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be a number with 0 <= p < 1, got {self.lora_dropout!r}")
-        if self.bias != "none":
-            raise ConfigError(f"bias={self.bias!r} is not supported: lorakit trains no biases; use bias='none'")
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
-            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise ConfigError(f"bias must be one of {', '.join(BIAS_CHOICES)} (PEFT's meaning), got {self.bias!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        check_init(self.init_lora_weights)
         self.target_modules = _names_or_regex("target_modules", self.target_modules, allow_none=False)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
@@ -108,7 +117,7 @@ class LoraConfig:
         out = dataclasses.asdict(self)
         if isinstance(out["target_modules"], list):
             out["target_modules"] = sorted(out["target_modules"])
-        out.update(peft_type="LORA", inference_mode=True, revision=None, use_dora=False, lora_bias=False)
+        out.update(peft_type="LORA", inference_mode=True, revision=None, lora_bias=False)
         return dict(sorted(out.items()))
 
     @classmethod
@@ -158,6 +167,21 @@ def target_modules_from_flags(names: list[str]) -> list[str] | str:
     if len(names) == 1 and (names[0].lower() == ALL_LINEAR or any(c in names[0] for c in "*+?[]()|^$\\")):
         return names[0]
     return list(names)
+
+
+def check_init(init) -> None:
+    """Raise ConfigError unless ``init`` is an init_lora_weights value lorakit implements."""
+    if isinstance(init, bool) or init in ("gaussian", "pissa", "olora"):
+        return
+    if isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init):
+        return
+    raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer) "
+                      f"or 'olora', got {init!r}")
+
+
+def moves_base(init) -> bool:
+    """Whether an initialisation moves part of W into the adapter (PiSSA, OLoRA): the base becomes a residual."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
 
 def scaling_of(r: int, lora_alpha: float, use_rslora: bool) -> float:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, TargetError
-from .adapters import adapter_names, check_adapter_name, set_active, set_requires_grad
-from .config import ALL_LINEAR, LoraConfig
+from .adapters import adapter_names, check_adapter_name, set_active, set_bias_trainable, set_requires_grad
+from .config import ALL_LINEAR, LoraConfig, moves_base
 from .layer import Adapter, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .siblings import SIBLING_NAMES
 
@@ -276,6 +276,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}; "
                            "delete_adapter it first or pick another name")
     targets = plan_injection(model, cfg)
+    _check_variant_targets(targets, cfg)
     if any(t.kind == "conv1d" for t in targets) and not cfg.fan_in_fan_out:
         warnings.warn("targets include Conv1D layers (weights stored (in, out)); setting fan_in_fan_out=True "
                       "as PEFT does", stacklevel=2)
@@ -286,17 +287,29 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
     modules = candidate_modules(model)
     for t in targets:
         layer = _wrap(model, t.name, modules[t.name], t.kind)
-        spec = Adapter(t.r, t.lora_alpha, cfg.lora_dropout if t.kind != "embedding" else 0.0, cfg.use_rslora)
+        spec = Adapter(t.r, t.lora_alpha, cfg.lora_dropout if t.kind != "embedding" else 0.0, cfg.use_rslora,
+                       cfg.use_dora)
         layer.add_adapter(adapter_name, spec, cfg.init_lora_weights)
     if cfg.modules_to_save:
         add_modules_to_save(model, cfg.modules_to_save, adapter_name)
     set_requires_grad(model, [adapter_name], True)
+    set_bias_trainable(model, cfg.bias, True)
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), adapter_name: cfg}
     if activate:
         set_active(model, [adapter_name])
     return model
 
 
+
+
+def _check_variant_targets(targets: list[Target], cfg: LoraConfig) -> None:
+    """DoRA and PiSSA/OLoRA are for Linear layers here: say so before anything is wrapped."""
+    embeddings = [t.name for t in targets if t.kind == "embedding"]
+    what = "use_dora=True" if cfg.use_dora else (
+        f"init_lora_weights={cfg.init_lora_weights!r}" if moves_base(cfg.init_lora_weights) else None)
+    if embeddings and what:
+        raise TargetError(f"{what} applies to Linear layers only in lorakit, but target_modules matches the "
+                          f"embedding(s) {', '.join(embeddings)}; exclude them (exclude_modules) or use plain LoRA")
 
 
 def contiguous_head_input(model: nn.Module) -> None:

@@ -23,13 +23,16 @@ from ..fileio import PICKLE_SUFFIXES, atomic_write_text, read_safetensors, save_
 from . import quantized
 from .adapters import (
     adapter_names,
+    bias_keys,
     check_adapter_name,
     freeze_base,
     lora_layers,
     set_active,
+    set_bias_trainable,
     set_requires_grad,
 )
-from .config import LoraConfig
+from .config import LoraConfig, moves_base
+from .convert import to_plain_lora
 from .inject import _matches_list, candidate_modules, linear_shape, module_kind
 from .layer import LoraLayer, LoraLinear, ModulesToSave
 
@@ -37,7 +40,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FORMAT_VERSION = "1"
-_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_VECTOR_PARTS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")  # no ".weight" in the key
 
 
 def to_peft_key(key: str, adapter_name: str) -> str:
@@ -49,7 +53,7 @@ def to_peft_key(key: str, adapter_name: str) -> str:
     name = re.escape(adapter_name)
     key = re.sub(rf"\.(lora_A|lora_B)\.{name}\.", r".\1.", key)
     key = re.sub(rf"\.modules_to_save\.{name}\.", ".", key)
-    key = re.sub(rf"\.(lora_embedding_A|lora_embedding_B)\.{name}$", r".\1", key)
+    key = re.sub(rf"\.(lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.{name}$", r".\1", key)
     return PREFIX + key
 
 
@@ -59,7 +63,7 @@ def from_peft_key(key: str, adapter_name: str, save_paths: set[str]) -> str:
     for part in ("lora_A", "lora_B"):
         if f".{part}." in key:
             return key.replace(f".{part}.", f".{part}.{adapter_name}.")
-    for part in ("lora_embedding_A", "lora_embedding_B"):
+    for part in _VECTOR_PARTS:
         if key.endswith("." + part):
             return f"{key}.{adapter_name}"
     for path in save_paths:
@@ -70,11 +74,14 @@ def from_peft_key(key: str, adapter_name: str, save_paths: set[str]) -> str:
 
 def adapter_state_dict(model: nn.Module, adapter_name: str,
                        state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under model state-dict keys (LoRA factors and modules_to_save copies)."""
+    """The adapter's tensors under model state-dict keys (LoRA factors, DoRA magnitudes, modules_to_save
+    copies, and the biases its config's ``bias`` trains)."""
     marks = [f".{p}.{adapter_name}." for p in ("lora_A", "lora_B", "modules_to_save")]
-    ends = [f".{p}.{adapter_name}" for p in ("lora_embedding_A", "lora_embedding_B")]
+    ends = [f".{p}.{adapter_name}" for p in _VECTOR_PARTS]
     source = model.state_dict() if state_dict is None else state_dict
-    return {k: v for k, v in source.items() if any(m in k for m in marks) or k.endswith(tuple(ends))}
+    out = {k: v for k, v in source.items() if any(m in k for m in marks) or k.endswith(tuple(ends))}
+    cfg = getattr(model, "lorakit_configs", {}).get(adapter_name)
+    return {**out, **{k: source[k] for k in bias_keys(model, cfg.bias if cfg else "none", source)}}
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -124,6 +131,7 @@ def saved_config(model: nn.Module, adapter_name: str) -> LoraConfig:
     cfg.rank_pattern = {re.escape(n): s.r for n, s in specs.items() if s.r != r}
     cfg.alpha_pattern = {re.escape(n): s.lora_alpha for n, s in specs.items() if s.lora_alpha != alpha}
     cfg.use_rslora = next(iter(specs.values())).use_rslora
+    cfg.use_dora = any(s.use_dora for s in specs.values())
     dropouts = [s.dropout for n, s in specs.items() if isinstance(dict(layers)[n], LoraLinear)]
     cfg.lora_dropout = dropouts[0] if dropouts else cfg.lora_dropout
     cfg.target_modules = _saved_targets(model, list(specs), cfg.modules_to_save or [])
@@ -133,7 +141,8 @@ def saved_config(model: nn.Module, adapter_name: str) -> LoraConfig:
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
-                 dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                 dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+                 convert_to_lora: bool = False) -> Path:
     """Write one adapter as a PEFT directory (adapter_config.json + adapter_model.safetensors).
 
     Files are written to temp names and renamed into place. The safetensors metadata carries a
@@ -146,6 +155,9 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         dtype: cast the weights (e.g. torch.float16); None keeps their dtype.
         state_dict: full tensors to save instead of the model's own (e.g. gathered from FSDP shards);
             keys as in model.state_dict().
+        convert_to_lora: for a PiSSA / OLoRA adapter, save the plain rank-2r LoRA that gives the same
+            model on the *original* base (lorakit.lora.convert); without it the file records
+            init_lora_weights="pissa"/"olora" and loaders redo the decomposition of the base.
 
     Returns:
         The directory path.
@@ -155,8 +167,10 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     if dtype is not None and not dtype.is_floating_point:
         raise AdapterError(f"dtype must be a floating dtype such as torch.float16, got {dtype}")
     cfg = saved_config(model, adapter_name)
-    tensors = {to_peft_key(k, adapter_name): (v if dtype is None else v.to(dtype))
-               for k, v in adapter_state_dict(model, adapter_name, state_dict).items()}
+    state = adapter_state_dict(model, adapter_name, state_dict)
+    if convert_to_lora:
+        cfg, state = to_plain_lora(model, adapter_name, cfg, state)
+    tensors = {to_peft_key(k, adapter_name): (v if dtype is None else v.to(dtype)) for k, v in state.items()}
     if not tensors:
         raise AdapterError(f"adapter {adapter_name!r} has no tensors to save")
     stats = {n: _weight_stats(m) for n, m in lora_layers(model) if adapter_name in m.adapters}
@@ -227,10 +241,13 @@ def _closest(name: str, names) -> str:
     return f" (closest modules here: {', '.join(close)})" if close else ""
 
 
-def _split_keys(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module], save_paths: set[str], where: str):
-    """Sort PEFT keys into LoRA factors {path: {part: t}} and modules_to_save {path: {param: t}}."""
+def _split_keys(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module], save_paths: set[str], where: str,
+                bias: str = "none"):
+    """Sort PEFT keys into LoRA factors {path: {part: t}}, modules_to_save {path: {param: t}} and
+    trained biases {module path: t}."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
     saves: dict[str, dict[str, torch.Tensor]] = {}
+    biases: dict[str, torch.Tensor] = {}
     for key in sorted(tensors):
         t = tensors[key]
         if not torch.isfinite(t).all():
@@ -238,7 +255,8 @@ def _split_keys(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{where}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file")
         k = key[len(PREFIX):]
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", k) or re.fullmatch(r"(.+)\.(lora_embedding_[AB])", k)
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", k) or re.fullmatch(
+            r"(.+)\.(lora_embedding_[AB]|lora_magnitude_vector)", k)
         if m:
             lora.setdefault(m.group(1), {})[m.group(2)] = t
             continue
@@ -247,11 +265,25 @@ def _split_keys(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
             _check_saved_embedding(key, t, modules[base], where)
             continue
         owner = next((p for p in save_paths if k.startswith(p + ".")), None)
+        if owner is None and bias != "none" and k.endswith(".bias"):
+            path = k.removesuffix(".bias").removesuffix(".base_layer")
+            biases[path] = _check_bias(key, t, modules.get(path), where)
+            continue
         if owner is None:
             raise AdapterFormatError(f"{where}: unexpected key {key!r}: neither a LoRA factor nor a parameter of a "
                                      f"modules_to_save module{_closest(k.rsplit('.', 1)[0], modules)}")
         saves.setdefault(owner, {})[k[len(owner) + 1:]] = t
-    return lora, saves
+    return lora, saves, biases
+
+
+def _check_bias(key: str, t: torch.Tensor, module: nn.Module | None, where: str) -> torch.Tensor:
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    own = getattr(base, "bias", None)
+    if not isinstance(own, torch.Tensor):
+        raise AdapterFormatError(f"{where}: {key} is a bias for a module this model does not have (or that has no bias)")
+    if tuple(t.shape) != tuple(own.shape):
+        raise ShapeMismatchError(f"{where}: {key} has shape {tuple(t.shape)}, the model's bias is {tuple(own.shape)}")
+    return t
 
 
 def _check_saved_embedding(key: str, t: torch.Tensor, module: nn.Module, where: str) -> None:
@@ -270,8 +302,16 @@ def _check_factors(path: str, parts: dict[str, torch.Tensor], module: nn.Module,
         raise AdapterFormatError(f"{where}: adapter has LoRA weights for {path!r}, a {type(module).__name__}, "
                                  "which LoRA cannot wrap")
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A", "lora_B")
-    if set(parts) != {a_key, b_key}:
-        raise AdapterFormatError(f"{where}: module {path!r} ({kind}) needs {a_key} and {b_key}, found {sorted(parts)}")
+    need = {a_key, b_key} | ({"lora_magnitude_vector"} if cfg.use_dora else set())
+    if set(parts) != need:
+        raise AdapterFormatError(f"{where}: module {path!r} ({kind}) needs {sorted(need)} (use_dora={cfg.use_dora}), "
+                                 f"found {sorted(parts)}")
+    if cfg.use_dora and kind == "embedding":
+        raise AdapterFormatError(f"{where}: module {path!r} is an embedding with DoRA; lorakit implements DoRA on "
+                                 "Linear layers only")
+    if cfg.use_dora and tuple(parts["lora_magnitude_vector"].shape) != (shape[0],):
+        raise ShapeMismatchError(f"{where}: {PREFIX}{path}.lora_magnitude_vector has shape "
+                                 f"{tuple(parts['lora_magnitude_vector'].shape)}; module {path!r} needs ({shape[0]},)")
     a, b = parts[a_key], parts[b_key]
     r = a.shape[0] if a.ndim == 2 else -1
     out_f, in_f = shape
@@ -308,7 +348,7 @@ def _check_metadata(metadata: dict[str, str], model: nn.Module, where: str) -> N
                       "(parameter names/shapes); its target shapes fit, so it is loaded", stacklevel=3)
 
 
-def _apply(model, name, cfg, lora, saves, modules) -> None:
+def _apply(model, name, cfg, lora, saves, biases, modules) -> None:
     from .adapters import _set_factors
     from .inject import _set_submodule, _wrap
     from .layer import Adapter
@@ -319,8 +359,17 @@ def _apply(model, name, cfg, lora, saves, modules) -> None:
         a, b = (parts["lora_A"], parts["lora_B"]) if "lora_A" in parts else (
             parts["lora_embedding_A"], parts["lora_embedding_B"])
         dropout = cfg.lora_dropout if isinstance(layer, LoraLinear) else 0.0
-        layer.add_adapter(name, Adapter(a.shape[0], cfg.alpha_for(path), dropout, cfg.use_rslora))
+        # PiSSA/OLoRA: redo the decomposition, so the base becomes the residual the adapter was trained on
+        init = cfg.init_lora_weights if moves_base(cfg.init_lora_weights) else True
+        layer.add_adapter(name, Adapter(a.shape[0], cfg.alpha_for(path), dropout, cfg.use_rslora, cfg.use_dora), init)
         _set_factors(layer, name, a, b)
+        if cfg.use_dora:
+            with torch.no_grad():
+                layer.lora_magnitude_vector[name].copy_(parts["lora_magnitude_vector"])
+    with torch.no_grad():  # trained biases (bias="all"/"lora_only") replace the model's, as in PEFT
+        for path, t in biases.items():
+            module = modules[path]
+            (module.base_layer if isinstance(module, LoraLayer) else module).bias.copy_(t)
     for path, params in saves.items():
         wrapper = modules[path]
         if not isinstance(wrapper, ModulesToSave):
@@ -365,7 +414,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     cfg, tensors, metadata = read_adapter(path)
     modules = candidate_modules(model)
     save_paths = {n for n in modules if cfg.modules_to_save and _matches_list(n, cfg.modules_to_save)}
-    lora, saves = _split_keys(tensors, modules, save_paths, where)
+    lora, saves, biases = _split_keys(tensors, modules, save_paths, where, cfg.bias)
     if not lora:
         raise AdapterFormatError(f"{where}: {WEIGHTS_NAME} holds no LoRA factors")
     for p, parts in lora.items():
@@ -376,12 +425,13 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     _check_saves(saves, modules, where)
     _check_metadata(metadata, model, where)  # after the shape checks: its warning says the shapes fit
     try:
-        _apply(model, adapter_name, cfg, lora, saves, modules)
+        _apply(model, adapter_name, cfg, lora, saves, biases, modules)
     except BaseException:
         _rollback(model, adapter_name, modules)
         raise
     freeze_base(model)
     set_requires_grad(model, [adapter_name], is_trainable)
+    set_bias_trainable(model, cfg.bias, is_trainable)
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), adapter_name: cfg}
     if activate:
         set_active(model, [adapter_name])

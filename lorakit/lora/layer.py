@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
-from . import quantized, siblings
-from .config import scaling_of
+from . import dora, init, quantized, siblings
+from .config import moves_base, scaling_of
 from .ops import lora_down
 
 
@@ -30,6 +30,7 @@ class Adapter:
     lora_alpha: float
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False  # a magnitude vector in lora_magnitude_vector[name] (lorakit.lora.dora)
 
     @property
     def scaling(self) -> float:
@@ -47,6 +48,8 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []  # adapters whose delta is currently added into base_layer.weight
         self.mixed = None  # inside lorakit.mixed_batch: callable x -> per-row delta (see mixed.py)
         self.stack_cache = None  # mixed.py's stacked factors; dropped whenever the adapter set changes
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA (A₀, B₀), on CPU
+        self.merge_factors: dict[str, torch.Tensor] = {}  # DoRA's g at merge time, to unmerge exactly
         base_layer.requires_grad_(False)
 
     # ---- adapters ------------------------------------------------------------------------
@@ -57,15 +60,20 @@ class LoraLayer(nn.Module):
             raise AdapterError(f"adapter {name!r} already exists in this layer; delete it first")
         self.adapters[name] = spec
         self.stack_cache = None
-        self._create_weights(name, spec.r)
-        self.train(self.training)  # new submodules take the layer's mode
-        self.reset_adapter(name, init)
+        try:
+            self._create_weights(name, spec)
+            self.train(self.training)  # new submodules take the layer's mode
+            self.reset_adapter(name, init)
+        except BaseException:
+            self.delete_adapter(name)
+            raise
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise AdapterError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
         self.adapters.pop(name)
         self.stack_cache = None
+        self.initial_factors.pop(name, None)
         self._delete_weights(name)
         self.active = [a for a in self.active if a != name]
 
@@ -84,26 +92,51 @@ class LoraLayer(nn.Module):
         """Add scaling·B·A of each adapter into the base weight (in fp32); idempotent.
 
         A quantized base is first replaced by a plain Linear holding its dequantized weight (the
-        packed one is kept for unmerge): re-quantizing W + ΔW would lose most of ΔW.
+        packed one is kept for unmerge): re-quantizing W + ΔW would lose most of ΔW. A DoRA adapter
+        makes W ← g·(W + scaling·B·A) with g = m / ‖W₀ + scaling·B·A‖ taken on the weight with
+        nothing merged (W₀), as its forward does; g is kept to unmerge exactly.
         """
-        names = [n for n in names if n not in self.merged and n in self.adapters]
-        if names:
+        todo = [n for n in dict.fromkeys(names) if n not in self.merged and n in self.adapters]
+        if todo:
             quantized.densify(self)
         weight = self.base_layer.weight
-        for name in names:
-            weight.data = (weight.data.float() + self.delta_weight(name)).to(weight.dtype)
+        base = self._unmerged_weight() if any(self.adapters[n].use_dora for n in todo) else None
+        for name in todo:
+            if self.adapters[name].use_dora:
+                new, self.merge_factors[name] = dora.merge_weight(self, name, self._oriented(weight.data.float()), base)
+                weight.data = self._oriented(new).to(weight.dtype)
+            else:
+                weight.data = (weight.data.float() + self.delta_weight(name)).to(weight.dtype)
             self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract every merged adapter again, newest first (a quantized base gets its packed weight back)."""
+        """Take every merged adapter out again, newest first (a quantized base gets its packed weight back)."""
         if quantized.restore(self):
             self.merged.clear()
+            self.merge_factors.clear()
             return
         weight = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
-            weight.data = (weight.data.float() - self.delta_weight(name)).to(weight.dtype)
+            weight.data = self._take_out(name, weight.data.float(), self.merge_factors.pop(name, None)).to(weight.dtype)
+
+    def _take_out(self, name: str, w: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """``w`` (fp32, the base's layout) with merged adapter ``name`` taken out (g: its DoRA factor)."""
+        if g is None:
+            return w - self.delta_weight(name)
+        return self._oriented(dora.unmerge_weight(self, name, self._oriented(w), g))
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken out, (out, in) fp32 (a copy)."""
+        w = self.base_layer.weight.data.float()
+        for name in reversed(self.merged):
+            w = self._take_out(name, w, self.merge_factors.get(name))
+        return self._oriented(w)
+
+    def _oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """(out, in) ↔ the base weight's own layout (a transpose for fan-in-fan-out bases)."""
+        return w.T if getattr(self, "fan_in_fan_out", False) else w
 
     def _unmerged_active(self) -> list[str]:
         return [n for n in self.active if n not in self.merged]
@@ -128,29 +161,56 @@ class LoraLinear(LoraLayer):
         self.siblings: tuple[LoraLinear, ...] = ()  # set by inject.link_siblings
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, (out,)
 
-    def _create_weights(self, name: str, r: int) -> None:
+    def _create_weights(self, name: str, spec: Adapter) -> None:
         factory = {"device": self.base_layer.weight.device, "dtype": torch.float32}
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.lora_A[name] = nn.Linear(self.in_features, spec.r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(spec.r, self.out_features, bias=False, **factory)
+        if spec.use_dora:
+            dora.check_base(self)
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.ones(self.out_features, **factory))
 
     def _delete_weights(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
-        """PEFT's initialisation: A kaiming-uniform (or N(0, (1/r)²)), B zeros; init=False: both random."""
+        """PEFT's initialisation: A kaiming-uniform (or N(0, (1/r)²)), B zeros; init=False: both random;
+        "pissa"/"olora": from W, which becomes the residual (lorakit.lora.init). DoRA's m = ‖W + s·BA‖."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if a.is_meta:
             return
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / self.adapters[name].r)
+        if moves_base(init):
+            self._init_from_base(name, init)
         else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if init is False:
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(b)
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / self.adapters[name].r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b)
+        if name in self.lora_magnitude_vector:
+            self.lora_magnitude_vector[name].copy_(dora.magnitude_init(self, name))
+
+    def _init_from_base(self, name: str, how: str) -> None:
+        """PiSSA / OLoRA: A, B from W; W ← W − s·B·A (so the output is unchanged); keep (A₀, B₀) to convert."""
+        if self.merged:
+            raise AdapterError(f"cannot initialise {name!r} from the base weight while {self.merged} are merged into it")
+        weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise AdapterError(f"init_lora_weights={how!r} needs a float base weight (got {weight.dtype}); initialise "
+                               "on the unquantized model, then quantize the residual")
+        w = self._oriented(weight.data.float())  # (out, in)
+        a0, b0 = init.factors(how, w, self.adapters[name].r, self.adapters[name].scaling)
+        self.lora_A[name].weight.copy_(a0)
+        self.lora_B[name].weight.copy_(b0)
+        weight.data = self._oriented(w - self.adapters[name].scaling * (b0 @ a0)).to(weight.dtype)
+        self.initial_factors[name] = (a0.cpu(), b0.cpu())
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling·B·A in fp32, laid out like the base weight."""
@@ -169,7 +229,11 @@ class LoraLinear(LoraLayer):
             # linear(dropout(x.to(A.dtype)), A) without keeping a dropped or upcast copy of x; one
             # matmul for the siblings that read this x (q/k/v, gate/up) when each has one adapter
             h = siblings.down(self, x, name, p) if len(names) == 1 else lora_down(x, a, p=p)
-            result = result + F.linear(h * spec.scaling, b).to(result.dtype)  # scale the rank-r side: cheaper
+            lora = F.linear(h * spec.scaling, b)  # scale the rank-r side: cheaper
+            if spec.use_dora:  # m·(W + s·BA)/‖W + s·BA‖ in place of W + s·BA (lorakit.lora.dora)
+                result = dora.forward(self, name, x, result, lora, p)
+            else:
+                result = result + lora.to(result.dtype)
         return result
 
 
@@ -182,10 +246,13 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def _create_weights(self, name: str, r: int) -> None:
+    def _create_weights(self, name: str, spec: Adapter) -> None:
+        if spec.use_dora:
+            raise AdapterError("lorakit implements DoRA on Linear layers only; leave embeddings out of "
+                               "target_modules (or use plain LoRA on them)")
         factory = {"device": self.base_layer.weight.device, "dtype": torch.float32}
-        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **factory))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **factory))
 
     def _delete_weights(self, name: str) -> None:
         del self.lora_embedding_A[name], self.lora_embedding_B[name]
@@ -194,6 +261,9 @@ class LoraEmbedding(LoraLayer):
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
         """PEFT's initialisation for embeddings: A zeros, B normal; init=False: both normal."""
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        if moves_base(init):
+            raise AdapterError(f"init_lora_weights={init!r} applies to Linear layers only (as in PEFT); "
+                               "leave embeddings out of target_modules")
         if a.is_meta:
             return
         if init is False:

@@ -135,6 +135,14 @@ def _check(model: nn.Module, names: list[str | None]) -> None:
         raise AdapterError("mixed_batch runs inference only (its stacked factors carry no gradient); "
                            "call model.eval() first")
     for path, layer in lora_layers(model):
+        dora = [n for n, spec in layer.adapters.items() if spec.use_dora]
+        if dora:
+            raise AdapterError(f"mixed_batch does not run DoRA adapters ({dora} in {path}): their magnitude rescales "
+                               "the base output per row. Merge such an adapter into its own model, or serve it alone")
+        if layer.initial_factors:
+            raise AdapterError(f"adapter(s) {sorted(layer.initial_factors)} moved part of {path}'s base weight into "
+                               "themselves (PiSSA/OLoRA), so other rows would see the residual base; load the plain "
+                               "form saved with save_adapter(..., convert_to_lora=True) instead")
         if layer.merged:
             raise AdapterError(f"adapter(s) {layer.merged} are merged into {path}; a mixed batch needs the base "
                                "weights alone: call lk.unmerge(model) first")

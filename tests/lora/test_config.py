@@ -14,8 +14,10 @@ import lorakit as lk
     ({"lora_alpha": 0}, "lora_alpha must be a number > 0"),
     ({"lora_dropout": 1.0}, "0 <= p < 1"),
     ({"lora_dropout": -0.1}, "0 <= p < 1"),
-    ({"bias": "all"}, "bias='none'"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"bias": "some"}, "bias must be one of none, all, lora_only"),
+    ({"init_lora_weights": "corda"}, "init_lora_weights"),
+    ({"init_lora_weights": "pissa_niter_"}, "init_lora_weights"),
+    ({"use_dora": "yes"}, "use_dora"),
     ({"target_modules": []}, "must not be an empty list"),
     ({"target_modules": None}, "target_modules is required"),
     ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
@@ -77,7 +79,7 @@ def test_we_read_peft_config_and_warn_on_unknown_keys():
 
 
 @pytest.mark.parametrize("patch, words", [
-    ({"use_dora": True}, "use_dora"),
+    ({"lora_bias": True}, "lora_bias"),
     ({"peft_type": "IA3"}, "LoRA adapters only"),
     ({"r": "eight"}, "r must be an integer"),
 ])
