@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: demo test torture lint bench clean
+.PHONY: demo test browser torture lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/lorakit train configs/demo.yaml --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check lorakit tests scripts bench
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the playground's browser test drives chromium through chromedriver; installed where apt can, and never a
+# reason to fail (without a browser that test is skipped)
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	} || echo "make: chromium + chromium-driver not installed; the playground's browser test will be skipped"
 
 # the fault, fuzz and server-load tests at scale (20 kills, 2000+1200 fuzz cases, 32x20 requests; ~2 min)
 torture: $(STAMP)

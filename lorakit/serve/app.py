@@ -6,6 +6,7 @@
     POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter {lora_name}   (vLLM's)
     GET  /health                                      status, scheduler, rows in flight, KV cache bytes and cap
     GET  /metrics                                     Prometheus text format (requests, latency, TTFT, tokens)
+    GET  /                                            the playground page (lorakit.serve.playground)
 
 Request bodies over ``Limits.max_request_bytes`` get 413 before anything parses them.
 
@@ -29,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import LorakitError
+from . import playground
 from . import schemas as S
 from .decode import Event, Row, SamplingParams
 from .engine import Engine, ForbiddenError, NotFoundError, ServeError
@@ -60,6 +62,7 @@ def create_app(engine: Engine, adapter_root: str | Path | None = None, *, load_o
     app.state.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
     app.state.load_on_first_use = load_on_first_use
     app.include_router(router)
+    app.include_router(playground.router)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=engine.limits.max_request_bytes)
     engine.start()
