@@ -58,18 +58,26 @@ def bpe_tokenizer():
                                    chat_template=CHATML)
 
 
-def write_tiny_bpe_model(folder, *, tie_word_embeddings: bool = False, seed: int = 0):
-    """Save a tiny random Llama (hidden 32, 2 layers, 4 heads, 2 kv heads) with :func:`bpe_tokenizer` as a
-    transformers directory (safetensors) in ``folder``, ready to be written as GGUF; returns the folder."""
+def write_tiny_bpe_model(folder, *, tie_word_embeddings: bool = False, seed: int = 0, model_type: str = "llama"):
+    """Save a tiny random Llama (or ``model_type`` "qwen2" / "qwen3"; hidden 32, 2 layers, 4 heads, 2 kv heads)
+    with :func:`bpe_tokenizer` as a transformers directory (safetensors) in ``folder``, ready to be written as
+    GGUF; returns the folder."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = bpe_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
-                      initializer_range=0.2, tie_word_embeddings=tie_word_embeddings)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=128 if model_type == "qwen3" else 8,  # transformers reads no other for qwen3
+                               max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+                               bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2,
+                               tie_word_embeddings=tie_word_embeddings)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # random biases, where the family has them, so their layout is checked too
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder

@@ -7,10 +7,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import ALL, make_adapter
+from conftest import ALL, PATTERNED, make_adapter
 
 from lorakit.export.gguf_hf import model_to_gguf
 from lorakit.export.gguf_merged import export_merged_gguf
+from lorakit.testing import write_tiny_bpe_model
 
 
 def load_gguf(path):
@@ -49,6 +50,20 @@ def test_merged_f32_logits_equal_unmerged_lorakit(patterned, base_gguf, bpe_dir,
     got = logits(load_gguf(tmp_path / "m.gguf"), ids)
     assert rel(got, want) <= 1e-4
     assert rel(logits(load_gguf(base_gguf), ids), want) > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_families_round_trip_and_merge(model_type, gguf_home, ids, tmp_path):
+    """No q/k permutation for Qwen; q/k/v biases (Qwen2) and q/k norms (Qwen3) find their GGUF names."""
+    from transformers import AutoModelForCausalLM
+
+    folder = write_tiny_bpe_model(tmp_path / model_type, model_type=model_type)
+    base = tmp_path / "base.gguf"
+    model_to_gguf(str(folder), base, "f32")
+    assert torch.equal(logits(load_gguf(base), ids), logits(AutoModelForCausalLM.from_pretrained(folder).eval(), ids))
+    model, adapter = make_adapter(str(base), tmp_path / "a", **PATTERNED)
+    export_merged_gguf(adapter, tmp_path / "m.gguf", base=str(base), outtype="f32")
+    assert rel(logits(load_gguf(tmp_path / "m.gguf"), ids), logits(model, ids)) <= 1e-4
 
 
 def test_merged_keeps_every_key_and_untouched_tensor(patterned, base_gguf, tmp_path):
