@@ -33,15 +33,16 @@ class Target:
     shape: tuple[int, int]
     r: int
     lora_alpha: float
+    use_dora: bool = False
 
     @property
     def lora_params(self) -> int:
-        return lora_param_count(self.r, self.shape)
+        return lora_param_count(self.r, self.shape, self.use_dora)
 
 
-def lora_param_count(r: int, shape: tuple[int, int]) -> int:
-    """r·(d + k) for a (d, k) weight: A is (r, in), B is (out, r)."""
-    return r * (shape[0] + shape[1])
+def lora_param_count(r: int, shape: tuple[int, int], use_dora: bool = False) -> int:
+    """r·(d + k) for a (d, k) weight: A is (r, in), B is (out, r); DoRA adds its magnitude m, (d,)."""
+    return r * (shape[0] + shape[1]) + (shape[0] if use_dora else 0)
 
 
 def _conv1d_type():
@@ -201,7 +202,7 @@ def _target(name: str, module: nn.Module, cfg: LoraConfig) -> Target:
     if r > min(shape):
         raise TargetError(f"r={r} is larger than module {name!r} allows: its weight is {shape[0]}x{shape[1]}, "
                           f"so r must be <= {min(shape)}. Lower r or use rank_pattern for this module.")
-    return Target(name, kind, shape, r, cfg.alpha_for(name))
+    return Target(name, kind, shape, r, cfg.alpha_for(name), cfg.use_dora and kind != "embedding")
 
 
 def link_siblings(parent: nn.Module) -> None:

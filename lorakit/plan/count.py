@@ -106,11 +106,12 @@ class ModuleGroup:
     shape: tuple[int, int]
     r: int
     count: int
+    use_dora: bool = False
 
     @property
     def each(self) -> int:
-        """r·(d + k) for one module."""
-        return lora_param_count(self.r, self.shape)
+        """r·(d + k) for one module (+ d for DoRA's magnitude)."""
+        return lora_param_count(self.r, self.shape, self.use_dora)
 
     @property
     def subtotal(self) -> int:
@@ -156,9 +157,9 @@ def group_targets(targets: list[Target]) -> list[ModuleGroup]:
     """Targets grouped by role (layer indices replaced by ``*``), kind, shape and r, in model order."""
     counts: dict[tuple, int] = {}
     for t in targets:
-        key = (re.sub(r"\.\d+(?=\.|$)", ".*", t.name), t.kind, t.shape, t.r)
+        key = (re.sub(r"\.\d+(?=\.|$)", ".*", t.name), t.kind, t.shape, t.r, t.use_dora)
         counts[key] = counts.get(key, 0) + 1
-    return [ModuleGroup(*key, n) for key, n in counts.items()]
+    return [ModuleGroup(*key[:4], n, key[4]) for key, n in counts.items()]
 
 
 def count_model(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> CountReport:
@@ -181,18 +182,35 @@ def count_model(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default"
         suffix = "" if t.kind == "embedding" else ".weight"
         saved[to_peft_key(f"{t.name}.{a}.{adapter_name}{suffix}", adapter_name)] = (t.r, t.shape[1])
         saved[to_peft_key(f"{t.name}.{b}.{adapter_name}{suffix}", adapter_name)] = (t.shape[0], t.r)
+        if t.use_dora:
+            saved[to_peft_key(f"{t.name}.lora_magnitude_vector.{adapter_name}", adapter_name)] = (t.shape[0],)
+    biases = _trained_biases(model, cfg.bias, targets)
+    saved.update({to_peft_key(k, adapter_name): tuple(p.shape) for k, p in biases.items()})
     copies = _modules_to_save(model, cfg.modules_to_save or [])
     for path, module in copies.items():
         for key, tensor in module.state_dict().items():
             saved[to_peft_key(f"{path}.modules_to_save.{adapter_name}.{key}", adapter_name)] = tuple(tensor.shape)
     trainable = sum(t.lora_params for t in targets) + sum(
-        p.numel() for m in copies.values() for p in m.parameters())
+        p.numel() for m in copies.values() for p in m.parameters()) + sum(p.numel() for p in biases.values())
     stats = _base_stats(model, targets)
     metadata = {"format": "pt", "lorakit_format_version": FORMAT_VERSION,
                 "lorakit_base_fingerprint": base_fingerprint(model),
                 "lorakit_base_stats": json.dumps({k: _META_STAT if v is None else v for k, v in stats.items()})}
     base = sum(p.numel() for p in model.parameters())
     return CountReport(targets, base, trainable, saved, metadata, None not in stats.values())
+
+
+def _trained_biases(model: nn.Module, bias: str, targets: list[Target]) -> dict[str, nn.Parameter]:
+    """The biases ``bias`` ("all" | "lora_only") trains, under the keys they have once the model is adapted."""
+    if bias == "none":
+        return {}
+    adapted = {t.name for t in targets}
+    out = {}
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if name.endswith(".bias") and (bias == "all" or owner in adapted):
+            out[f"{owner}.base_layer.bias" if owner in adapted else name] = p
+    return out
 
 
 def count_spec(spec: str, cfg: LoraConfig) -> CountReport:

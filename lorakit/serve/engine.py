@@ -141,6 +141,7 @@ class Engine:
                 if name == self.name or name in self._slots:
                     raise ConflictError(f"model {name!r} is already loaded; unload it first or pick another name")
                 self._eviction_candidate()  # every slot busy: refuse before reading anything
+            _refuse_unservable(name, Path(path))  # before loading: a PiSSA load would rewrite the shared base
             load_adapter(self.model, path, name, activate=False)  # a broken adapter evicts nothing
             if any(isinstance(m, ModulesToSave) and name in m.adapters for m in self.model.modules()):
                 delete_adapter(self.model, name)
@@ -482,3 +483,26 @@ def engine_from_spec(spec: str, adapters: dict[str, str] | None = None, *, name:
     for adapter, path in (adapters or {}).items():
         engine.load_adapter(adapter, path)
     return engine
+
+
+def _refuse_unservable(name: str, path: Path) -> None:
+    """Adapters a shared base with per-row adapters cannot run exactly: DoRA (its magnitude rescales the
+    base output per row), PiSSA/OLoRA (they rewrite the base) and trained biases (they replace the base's)."""
+    import json
+
+    from ..lora.config import moves_base
+
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # load_adapter names what is wrong with the directory
+    if not isinstance(cfg, dict):
+        return
+    why = ("it uses DoRA, whose magnitude rescales the base output per row" if cfg.get("use_dora") else
+           f"it was initialised with init_lora_weights={cfg['init_lora_weights']!r}, which rewrites the shared base "
+           "weights (save it with convert_to_lora=True for a plain LoRA)" if moves_base(cfg.get("init_lora_weights"))
+           else f"it trains biases (bias={cfg['bias']!r}), which replace the shared base's" if
+           cfg.get("bias", "none") != "none" else None)
+    if why:
+        raise ServeError(f"adapter {name!r} cannot be served next to others: {why}; merge it into its own model "
+                         "(lorakit merge) and serve that")

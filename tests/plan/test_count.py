@@ -192,3 +192,19 @@ def test_cli_count(capsys):
     assert "Presets: bert-base, gemma-2b" in capsys.readouterr().err
     assert main(["count", "--shape", "64by64"]) == 2
     assert "expected DxK" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw", [dict(use_dora=True), dict(bias="all"), dict(bias="lora_only", use_dora=True)], ids=str)
+def test_count_includes_dora_magnitudes_and_trained_biases(kw, tmp_path):
+    """The planner's count and file keys equal those of the adapter inject + save_adapter really make."""
+    from safetensors import safe_open
+
+    from lorakit.lora.adapters import trainable_report
+
+    cfg = dict(r=4, target_modules=["q_proj", "o_proj", "up_proj"], **kw)
+    report = count_model(tiny_qwen2(), LoraConfig(**cfg))
+    model = inject(tiny_qwen2(), LoraConfig(**cfg))
+    assert report.trainable == trainable_report(model).trainable
+    save_adapter(model, tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == report.saved

@@ -19,6 +19,7 @@ from lorakit.serve.engine import (
     ForbiddenError,
     Limits,
     NotFoundError,
+    ServeError,
     engine_from_spec,
 )
 
@@ -353,3 +354,16 @@ def test_cli_serve_wires_flags_into_the_app(tiny_model_dir, root, monkeypatch):
         assert http.post("/v1/adapters", json={"name": "b", "path": "beta"}).status_code == 201  # evicts a
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["base", "b"]
     assert main(["serve", "--model", str(tiny_model_dir), "--adapter", "no-equals-sign"]) == 2
+
+
+@pytest.mark.parametrize("kw, words", [(dict(use_dora=True), "DoRA"), (dict(init_lora_weights="pissa"), "convert_to_lora"),
+                                       (dict(bias="all"), "biases")], ids=str)
+def test_variants_a_shared_base_cannot_run_are_refused_before_loading(engine, tiny_model_dir, tmp_path, kw, words):
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"], **kw))
+    lk.save_adapter(model, tmp_path / "variant")
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    with pytest.raises(ServeError, match=words):
+        engine.load_adapter("variant", tmp_path / "variant")
+    after = engine.model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
