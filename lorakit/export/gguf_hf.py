@@ -50,7 +50,7 @@ def write_hf_gguf(base: str, model: torch.nn.Module, tokenizer, weights: dict[st
     arch = arch_of(config)
     _refuse_rope_scaling(config)
     vocab = _bpe_vocab(base, tokenizer, config)
-    outtype = outtype or _DTYPES.get(str(getattr(config, "dtype", None) or "").removeprefix("torch."), "f32")
+    outtype = outtype or _saved_dtype(base)
     tensors = _gguf_tensors(model, weights, config, arch)
     types: dict[str, str] = {}
 
@@ -66,6 +66,15 @@ def write_hf_gguf(base: str, model: torch.nn.Module, tokenizer, weights: dict[st
     changed = _changed(weights, config, arch)
     return {"adapted": len(weights), "types": {k: v for k, v in types.items() if k in changed},
             "added": [], "pre_tokenizer": vocab["pre"]}
+
+
+def _saved_dtype(base: str) -> str:
+    """The outtype matching the dtype the directory's weights were saved in (f32 when it does not say)."""
+    try:
+        saved = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "f32"
+    return _DTYPES.get(str(saved.get("dtype") or saved.get("torch_dtype") or ""), "f32")
 
 
 def _changed(weights, config, arch) -> set[str]:

@@ -169,3 +169,14 @@ def test_embedded_smollm2_merged_and_adapter(tmp_path):
         base, _, part = t.name.rpartition(".")
         ne = [int(n) for n in old[base].shape]
         assert (ne[0] == int(t.shape[0])) if part == "lora_a" else (ne[1] == int(t.shape[1]))
+
+
+def test_directory_dtype_is_the_default_outtype(gguf_home, tmp_path):
+    import json
+
+    folder = write_tiny_bpe_model(tmp_path / "bf")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    model_to_gguf(str(folder), tmp_path / "bf.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "bf.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == "BF16" and types["output_norm.weight"] == "F32"
