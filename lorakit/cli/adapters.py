@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_lora_args, lora_config_from_args, meta_model
+from .common import add_lora_args, dtype_type, lora_config_from_args, meta_model
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -73,8 +73,8 @@ def add_adapter_verbs(sub) -> None:
     p.add_argument("--base", required=True, help="base model spec")
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     p.add_argument("--out", required=True, help="output directory (transformers format, safetensors)")
-    p.add_argument("--dtype", choices=["f32", "bf16", "f16", "float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the saved weights (default f32)")
+    p.add_argument("--dtype", type=dtype_type(), default="float32",
+                   help="dtype of the saved weights: float32 (default), bfloat16 / bf16, float16 / fp16")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("info", help="describe an adapter directory")

@@ -18,6 +18,19 @@ def add_lora_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) instead of alpha/r")
 
 
+def dtype_type(allow_auto: bool = False):
+    """An argparse ``type=`` for dtype flags: short names too (bf16, fp16, fp32), as their canonical name."""
+    def dtype(value: str) -> str:
+        from ..errors import ConfigError
+        from ..models.dtype import parse_dtype
+
+        try:
+            return parse_dtype(value, allow_auto=allow_auto)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return dtype
+
+
 def lora_config_from_args(args: argparse.Namespace, **extra):
     """Build a LoraConfig from add_lora_args flags."""
     from ..lora.config import LoraConfig, target_modules_from_flags

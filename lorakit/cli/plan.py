@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_lora_args, lora_config_from_args, meta_model
+from .common import add_lora_args, dtype_type, lora_config_from_args, meta_model
 
 
 def cmd_count(args: argparse.Namespace) -> int:
@@ -54,11 +54,14 @@ def add_planner_verbs(sub) -> None:
     p.add_argument("model", help=spec)
     add_lora_args(p)
     g = p.add_argument_group("run")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    g.add_argument("--dtype", type=dtype_type(), default="bfloat16",
+                   help="model dtype: bfloat16 / bf16 (default), float16 / fp16, float32 / fp32")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence after padding")
-    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--gradient-checkpointing", "--grad-checkpointing", dest="grad_checkpointing",
+                   action="store_true", help="plan a run with lorakit train --gradient-checkpointing: each block "
+                   "keeps only its input and is recomputed in backward")
     g.add_argument("--label-fraction", type=float, default=1.0, help="share of positions with a loss (logits "
                    "are computed there only)")
     g.add_argument("--no-padding", action="store_true", help="sequences in a batch have equal length")

@@ -6,12 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import dtype_type
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a base model and its adapters over an OpenAI-compatible HTTP API until interrupted."""
     import uvicorn
 
     from ..errors import ConfigError
+    from ..models.dtype import resolve_dtype
     from ..serve.app import create_app
     from ..serve.engine import Limits, engine_from_spec
 
@@ -23,9 +26,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapters[name] = path
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {args.adapter_root}: not a directory")
+    dtype, why = resolve_dtype(args.dtype, args.device)
+    print(f"lorakit serve: base weights in {dtype} ({why})", file=sys.stderr)
     limits = Limits(**{k: v for k, v in vars(args).items() if k in Limits.__dataclass_fields__ and v is not None})
     engine = engine_from_spec(args.model, adapters, name=args.served_model_name, limits=limits,
-                              dtype=args.dtype, device=args.device)
+                              dtype=dtype, device=args.device)
     print(f"lorakit serve: {engine.name} with adapters {list(adapters) or 'none'} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     app = create_app(engine, args.adapter_root, load_on_first_use=args.load_on_first_use)
@@ -47,7 +52,9 @@ def add_serve_verb(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="id of the base model (default: the spec's name)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", type=dtype_type(allow_auto=True), default="auto",
+                   help="base weights: auto (default: bfloat16 where the device computes it natively, else "
+                        "float32), float32 / fp32, bfloat16 / bf16, float16 / fp16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     g = p.add_argument_group("limits (defaults: lorakit.serve.Limits)")
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (2048)")

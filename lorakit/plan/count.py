@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import ConfigError, ModelLoadError
 from ..lora.config import LoraConfig
 from ..lora.inject import Target, candidate_modules, lora_param_count, plan_injection
+from ..models.dtype import parse_dtype
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -267,11 +268,10 @@ def safetensors_size(shapes: dict[str, tuple[int, ...]], dtype: str,
 
     Args:
         shapes: tensor name → shape.
-        dtype: "float32", "float16" or "bfloat16".
+        dtype: "float32", "float16" or "bfloat16" (or a short name: "bf16").
         metadata: the string→string ``__metadata__`` block, if any.
     """
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    dtype = parse_dtype(dtype)  # short names too: bf16, fp16, fp32
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name in sorted(shapes):

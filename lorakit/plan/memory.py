@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..lora.inject import Target, module_kind
+from ..models.dtype import parse_dtype
 from .count import CountReport
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -97,8 +98,7 @@ class PlanInputs:
     fsdp: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        self.dtype = parse_dtype(self.dtype)  # short names too: bf16, fp16, fp32
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("batch_size", "seq_len", "nproc"):
