@@ -15,21 +15,37 @@ from .memory import MODES, PlanInputs, plan_memory, read_arch
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
         ("activations", "activations"), ("logits", "logits / loss"), ("peak", "peak total"))
 TITLES = {"full": "full FT", "lora": "LoRA", "qlora": "QLoRA (4-bit)"}
-ASSUMPTIONS = (
-    "training as lorakit's trainer runs it: weights, gradients and optimizer state in the model dtype "
-    "(no fp32 master copy); adapter weights, gradients and AdamW state in fp32",
-    "logits only for labelled tokens, loss in fp32; Llama/Mistral/Qwen2/Qwen3/GPT-2 heads fused with the loss "
-    "(one 64 MiB chunk of logits at a time), other heads through logits_to_keep",
-    "attention through PyTorch SDPA (no T×T matrix kept); a padded batch adds a B×T×T mask per layer and "
-    "repeats k, v to every head",
-    "QLoRA column: every Linear but the output head in NF4 with double-quantized scales (bitsandbytes); "
-    "lorakit does not quantize by itself",
-    "gradient checkpointing as transformers' gradient_checkpointing_enable(); lorakit's trainer does not "
-    "checkpoint",
-    f"fits: peak + {CUDA_OVERHEAD_GIB:g} GiB (CUDA context, allocator slack) <= the card's memory",
-    "FLOPs: full 6N, LoRA 4N + 6·N_lora, plus attention; time = tokens × FLOPs / (peak × MFU); QLoRA's "
-    "dequantization overhead is not counted; prices are on-demand guesses per GPU-hour (override: --price)",
-)
+CHECKPOINT_FLAG = "--gradient-checkpointing"  # the flag of `lorakit train` and `lorakit plan` alike
+
+
+def assumptions(inputs: PlanInputs) -> list[str]:
+    """What the plan takes for granted about the run, written from the code it models, so it cannot drift:
+    the fused-head families from ``evaluate.FUSED_CE_MODELS``, the chunk size from ``ops.CHUNK_BYTES``,
+    the checkpointing note from ``inputs`` (the trainer's ``--gradient-checkpointing``)."""
+    from ..lora.ops import CHUNK_BYTES
+    from ..train.evaluate import FUSED_CE_MODELS
+
+    families = "/".join(sorted(FUSED_CE_MODELS))
+    if inputs.grad_checkpointing:
+        checkpointing = (f"gradient checkpointing as lorakit train {CHECKPOINT_FLAG} runs it: each decoder block "
+                         "keeps only its input and is recomputed in backward (non-reentrant), one block at a time")
+    else:
+        checkpointing = (f"no gradient checkpointing: every block keeps its activations (lorakit train and plan "
+                         f"take {CHECKPOINT_FLAG} to keep only each block's input)")
+    return [
+        "training as lorakit's trainer runs it: weights, gradients and optimizer state in the model dtype "
+        "(no fp32 master copy); adapter weights, gradients and AdamW state in fp32",
+        f"logits only for labelled tokens, loss in fp32; {families} heads fused with the loss "
+        f"(one {CHUNK_BYTES / 2**20:g} MiB chunk of logits at a time), other heads through logits_to_keep",
+        "attention through PyTorch SDPA (no T×T matrix kept); a padded batch adds a B×T×T mask per layer and "
+        "repeats k, v to every head",
+        "QLoRA column: every Linear but the output head in NF4 with double-quantized scales (bitsandbytes); "
+        "lorakit does not quantize by itself",
+        checkpointing,
+        f"fits: peak + {CUDA_OVERHEAD_GIB:g} GiB (CUDA context, allocator slack) <= the card's memory",
+        "FLOPs: full 6N, LoRA 4N + 6·N_lora, plus attention; time = tokens × FLOPs / (peak × MFU); QLoRA's "
+        "dequantization overhead is not counted; prices are on-demand guesses per GPU-hour (override: --price)",
+    ]
 
 
 def build_plan(model: nn.Module, count: CountReport, inputs: PlanInputs, gpus: list[GPU], tokens: float,
@@ -62,7 +78,7 @@ def build_plan(model: nn.Module, count: CountReport, inputs: PlanInputs, gpus: l
         "tokens": tokens,
         "mfu": mfu,
         "gpus": [_gpu_entry(g, memory, per_token, tokens, inputs.dtype, mfu) for g in gpus],
-        "assumptions": list(ASSUMPTIONS),
+        "assumptions": assumptions(inputs),
     }
 
 
