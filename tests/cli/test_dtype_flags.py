@@ -29,8 +29,9 @@ def test_plan_takes_short_dtype_names(capsys):
 
 
 def test_merge_takes_short_dtype_names(tiny_model_dir, tmp_path, capsys):
-    import lorakit as lk
     from transformers import AutoModelForCausalLM
+
+    import lorakit as lk
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))

@@ -27,7 +27,7 @@ def _weights_only(folder, seed: int):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights-only")
-    base = _weights_only(root / "base", 0)
+    _weights_only(root / "base", 0)
     tuned = _weights_only(root / "tuned", 0)
     with torch.no_grad():
         tuned.model.layers[0].self_attn.q_proj.weight.add_(0.1)  # rank 1 change
