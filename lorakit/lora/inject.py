@@ -81,7 +81,8 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     inner = set()
     out = {}
     for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inner) or not name:
+        parts = name.split(".")  # look up each ancestor (depth) rather than scan every wrapper (count)
+        if not name or any(".".join(parts[:i]) in inner for i in range(1, len(parts))):
             continue
         out[name] = module
         if isinstance(module, (LoraLayer, ModulesToSave)):
