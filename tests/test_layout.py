@@ -4,6 +4,7 @@ Layers, lowest first: the foundation modules at the top of the package, then the
 LAYERS order. A module may import its own subpackage and any lower layer, never a higher one; the
 public face (``lorakit/__init__.py``) imports the core alone, so ``import lorakit`` stays light.
 Every import counts, also one inside a function: a lazy import hides a cycle, it does not remove it.
+Imports under ``if TYPE_CHECKING:`` are annotations only and do not count.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ def imports(path: Path) -> set[str]:
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "lorakit"}
         elif isinstance(node, ast.ImportFrom):
@@ -42,6 +48,11 @@ def imports(path: Path) -> set[str]:
             subs = {f"{target}.{a.name}" for a in node.names}
             found |= {s for s in subs if s in MODULES} or {target}
     return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 FILES = sorted(PKG.rglob("*.py"))

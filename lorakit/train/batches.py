@@ -27,6 +27,11 @@ class PaddedBatches:
         self.rank, self.world = rank, world
         self.sampler = BatchSampler(len(dataset), batch_size, seed=seed)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the data (the last may hold fewer micro-batches' worth)."""
+        return -(-len(self.sampler) // self.grad_accum)
+
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's share of one global batch: ``grad_accum`` micro-batches, each (rows, T)."""
         out = []

@@ -65,13 +65,13 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_sum(info: DistInfo, value: float) -> float:
-    """Sum a number over ranks (identity in a single process)."""
+def all_sum(info: DistInfo, *values: float) -> list[float]:
+    """Sum each number over ranks, all in one collective (identity in a single process)."""
     if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device != "cpu" else "cpu")
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=info.device if info.device != "cpu" else "cpu")
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
 
 
 def broadcast_object(info: DistInfo, obj):

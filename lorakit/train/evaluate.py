@@ -126,7 +126,7 @@ def eval_loss(model: torch.nn.Module, dataset: TokenizedDataset, batch_size: int
             loss, n = loss_sum(model, collate(rows, pad_id))
         total, count = total + float(loss), count + n
     model.train(was_training)
-    total, count = all_sum(info, total), all_sum(info, count)
+    total, count = all_sum(info, total, count)
     return total / count if count else math.nan
 
 

@@ -9,6 +9,7 @@ Everything before the first step is ``start`` (set-up pieces in ``setup.py``, ``
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from .setup import (
     prepare_out,
     resolve_data,
     resolve_dtype,
+    total_steps,
 )
 
 
@@ -48,12 +50,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         cfg: the resolved recipe.
         progress: show tqdm bars (rank 0 only).
     """
-    from .distributed import setup, teardown
+    from .distributed import barrier, setup, teardown
 
     info = setup(cfg.dist_timeout)
+    lock = None
     try:
+        if info.main:
+            lock = prepare_out(Path(cfg.out), cfg.resume)  # held until the run ends
+        barrier(info)
         return _train(cfg, progress and info.main, info)
     finally:
+        if lock is not None:
+            os.close(lock)
         teardown(info)
 
 
@@ -71,6 +79,7 @@ class Run:
     sched: Any
     batches: Any  # a batch source (batches.py)
     reporters: Reporters
+    total: int  # optimizer steps of the whole run (max_steps, or from epochs)
     step: int  # optimizer steps already taken (non-zero when resumed)
     st: dict  # train state saved in checkpoints: best/last eval, patience, tokens, elapsed, score before
 
@@ -86,11 +95,8 @@ def _log_data_stats(cfg: TrainConfig, datasets: dict[str, TokenizedDataset | Non
 def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
     """Everything before the first step: data checked before the model loads, model, optimizer,
     batch source, reporters, and the state of a resumed run."""
-    from .distributed import barrier, unwrap, wrap
+    from .distributed import unwrap, wrap
 
-    if info.main:
-        prepare_out(out, cfg.resume)
-    barrier(info)
     paths = resolve_data(cfg)
     train_examples = load_jsonl(paths.train)  # fail on bad data before spending time on the model
     eval_examples = load_jsonl(paths.eval) if paths.eval else None
@@ -115,8 +121,12 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
         save_recipe(cfg, out / "config.yaml")
     model = wrap(model, info, cfg.fsdp)
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg)
     batches = make_batches(train_ds, cfg, pad_id, info)
+    total = total_steps(cfg, batches.steps_per_epoch)
+    if info.main and cfg.epochs:
+        print(f"lorakit: {cfg.epochs:g} epochs = {total} optimizer steps ({batches.steps_per_epoch} per epoch)",
+              flush=True)
+    sched = make_scheduler(opt, cfg, total)
     st = {"best_eval": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0, "before": None, "last_eval": None}
     ckpts = list_checkpoints(out / "checkpoints")
     step = 0
@@ -125,8 +135,45 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
     elif info.main or cfg.fsdp:
         st["before"] = score(unwrap(model), tokenizer, paths.test, cfg, progress)
     st["data"] = {"train": vars(train_ds.stats), "eval": vars(eval_ds.stats) if eval_ds else None}
+    st["steps_per_epoch"] = batches.steps_per_epoch
     reporters = make_reporters(cfg, out, info.main, step if cfg.resume and ckpts else None)
-    return Run(model, tokenizer, paths, train_ds, eval_ds, pad_id, opt, sched, batches, reporters, step, st)
+    return Run(model, tokenizer, paths, train_ds, eval_ds, pad_id, opt, sched, batches, reporters, total, step, st)
+
+
+def _counts(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(target tokens, tokens) of one step's micro-batches: labels that receive loss once shifted, and
+    real (unpadded) tokens."""
+    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return targets, sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def scale_grads(params: list[torch.nn.Parameter], factor: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def _check_finite(train_loss: float, grad_norm: float, step: int, out: Path) -> None:
+    if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+        last = list_checkpoints(out / "checkpoints")
+        raise TrainingError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
+                            f"{step}; stopped without saving. Last good checkpoint: "
+                            f"{last[-1] if last else 'none'}. Lower --lr or check the data.")
+
+
+def _evaluate(run: Run, cfg: TrainConfig, step: int, info, bar) -> bool:
+    """Validation loss now; updates best / patience in the train state. Returns whether to stop early."""
+    st = run.st
+    ev = eval_loss(run.model, run.eval_ds, cfg.batch_size, run.pad_id, cfg.eval_batches, info)
+    st["last_eval"] = ev
+    if info.main:
+        run.reporters.log(step, {"eval_loss": ev})
+        bar.write(f"step {step}: eval loss {ev:.4f}")
+    if st["best_eval"] is None or ev < st["best_eval"]:
+        st["best_eval"], st["bad_evals"] = ev, 0
+        return False
+    st["bad_evals"] += 1
+    return bool(cfg.patience) and st["bad_evals"] >= cfg.patience
 
 
 def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
@@ -134,7 +181,7 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
 
     out = Path(cfg.out)
     run = start(cfg, out, progress, info)
-    model, opt, sched, st, step = run.model, run.opt, run.sched, run.st, run.step
+    model, opt, sched, st, step, total = run.model, run.opt, run.sched, run.st, run.step, run.total
     params = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint() -> None:
@@ -144,53 +191,43 @@ def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
         barrier(info)
 
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     t_last, tok_last, stopped_early = time.perf_counter(), st["tokens"], False
-    while step < cfg.max_steps and not stopped_early:
+    while step < total and not stopped_early:
         t0 = time.perf_counter()
         batches = run.batches.next_step()  # this rank's micro-batches, each (rows, T)
-        # every rank divides by the *global* token count; DDP/FSDP average over ranks, hence × world
-        n_tok = all_sum(info, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
         local = 0.0
         for batch in batches:
-            loss, _ = loss_sum(model, batch)
-            (loss * info.world / n_tok).backward()
+            loss, _ = loss_sum(model, batch)  # summed over this micro-batch's target tokens
+            loss.backward()
             local += float(loss.detach())
-        train_loss = all_sum(info, local) / n_tok
+        # one collective a step: loss, target-token and token counts of every rank together
+        loss_total, n_tok, n_seen = all_sum(info, local, *_counts(batches))
+        # DDP/FSDP averaged the summed-loss gradients over ranks: × world / n_tok gives the gradient
+        # of the mean loss over the global batch's target tokens
+        scale_grads(params, info.world / n_tok)
+        train_loss = loss_total / n_tok
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-            last = list_checkpoints(out / "checkpoints")
-            raise TrainingError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
-                                f"{step + 1}; stopped without saving. Last good checkpoint: "
-                                f"{last[-1] if last else 'none'}. Lower --lr or check the data.")
+        _check_finite(train_loss, grad_norm, step + 1, out)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        st["tokens"] += int(all_sum(info, sum(int(b["attention_mask"].sum()) for b in batches)))
+        st["tokens"] += int(n_seen)
         st["elapsed"] += time.perf_counter() - t0
         bar.update(1)
-        if info.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        if info.main and (step % cfg.log_every == 0 or step == total):
             now = time.perf_counter()
             tps = (st["tokens"] - tok_last) / max(now - t_last, 1e-9)
             t_last, tok_last = now, st["tokens"]
             lr = sched.get_last_lr()[0]
             run.reporters.log(step, {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps})
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-        if run.eval_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            ev = eval_loss(model, run.eval_ds, cfg.batch_size, run.pad_id, cfg.eval_batches, info)
-            st["last_eval"] = ev
-            if info.main:
-                run.reporters.log(step, {"eval_loss": ev})
-                bar.write(f"step {step}: eval loss {ev:.4f}")
-            if st["best_eval"] is None or ev < st["best_eval"]:
-                st["best_eval"], st["bad_evals"] = ev, 0
-            else:
-                st["bad_evals"] += 1
-                stopped_early = bool(cfg.patience) and st["bad_evals"] >= cfg.patience
-        pause = bool(cfg.stop_after) and step >= cfg.stop_after and step < cfg.max_steps
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopped_early or pause:
+        if run.eval_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            stopped_early = _evaluate(run, cfg, step, info, bar)
+        pause = bool(cfg.stop_after) and step >= cfg.stop_after and step < total
+        if (cfg.save_every and step % cfg.save_every == 0) or step == total or stopped_early or pause:
             checkpoint()
         if pause:
             bar.close()

@@ -36,8 +36,11 @@ class TrainConfig:
     """Output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml, summary.json."""
     full: bool = False
     """Train every weight (full fine-tuning baseline) instead of LoRA; saves a model directory."""
-    max_steps: int = 200
-    """Optimizer steps."""
+    max_steps: int = 0
+    """Optimizer steps (exclusive with epochs; with neither set: 200)."""
+    epochs: float = 0.0
+    """Passes over the training data (fractions allowed); sets the number of optimizer steps from the data's
+    size, batch size and grad_accum. Exclusive with max_steps."""
     batch_size: int = 8
     """Examples per micro-batch."""
     grad_accum: int = 1
@@ -102,15 +105,20 @@ class TrainConfig:
     """Seconds a collective may wait before the run fails (a dead rank must not hang the others)."""
 
     def __post_init__(self) -> None:
-        at_least = {1: ("max_steps", "batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints",
-                        "max_new_tokens"),
-                    0: ("eval_every", "save_every", "patience", "eval_batches", "warmup_steps", "log_every",
+        at_least = {1: ("batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints", "max_new_tokens"),
+                    0: ("max_steps", "eval_every", "save_every", "patience", "eval_batches", "warmup_steps", "log_every",
                         "score_limit", "threads", "dist_timeout", "stop_after")}
         for minimum, names in at_least.items():
             for name in names:
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                     raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not self.epochs >= 0:
+            raise ConfigError(f"epochs must be a number >= 0, got {self.epochs!r}")
+        if self.epochs and self.max_steps:
+            raise ConfigError(f"max_steps ({self.max_steps}) and epochs ({self.epochs}) both size the run; give one")
+        if not self.epochs and not self.max_steps:
+            self.max_steps = 200
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -176,7 +184,11 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"recipe {path}: unknown key {key!r}{hint}. Valid keys: {', '.join(valid)}")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for mine, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
+        if overrides.get(mine) and other not in overrides:
+            data.pop(other, None)  # a flag that sizes the run replaces the recipe's other way of sizing it
+    data.update(overrides)
     try:
         return TrainConfig(**data)
     except TypeError as exc:

@@ -68,7 +68,7 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     rep = trainable_report(unwrap(model))
     summary = {
-        "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "stopped_early": stopped_early,
+        "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "epochs": round(step / st["steps_per_epoch"], 4), "stopped_early": stopped_early,
         "processes": info.world, "sharded": is_sharded(model),
         "dtype": str(next(unwrap(model).parameters()).dtype).removeprefix("torch."),  # the base's, as loaded
         "trainable_params": rep.trainable, "total_params": rep.total, "trainable_percent": rep.percent,

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,13 @@ def resolve_data(cfg: TrainConfig) -> DataPaths:
                      Path(cfg.test_data) if cfg.test_data else None)
 
 
-def prepare_out(out: Path, resume: bool) -> None:
-    """Create the output directory and prove it is writable before any work is done."""
+def prepare_out(out: Path, resume: bool) -> int:
+    """Create the output directory, prove it is writable, and lock it for this run before any work is done.
+
+    Returns the lock's file descriptor: the run holds an exclusive ``flock`` on ``out/.lock`` for its
+    life (close the descriptor to release it). The OS drops it when the process dies, kill -9
+    included, so a later ``--resume`` is never locked out by a dead run.
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -45,9 +52,27 @@ def prepare_out(out: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise TrainingError(f"--out {out}: not writable ({exc.strerror or exc}); choose another directory") from None
+    lock = lock_out_dir(out)
     if not resume and list_checkpoints(out / "checkpoints"):
+        os.close(lock)
         raise TrainingError(f"--out {out} already holds checkpoints of a run; pass --resume to continue it, "
                             "or choose a new --out")
+    return lock
+
+
+def lock_out_dir(out: Path) -> int:
+    """Take the exclusive lock on ``out`` or fail naming the process that holds it."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise TrainingError(f"--out {out} is in use by another training run (pid {holder}); wait for it to "
+                            "finish, stop it, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def native_bf16(device: str) -> bool:
@@ -119,15 +144,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
 
 
-def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up to 1, then cosine decay to min_lr_ratio at max_steps."""
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps, or epochs × steps per epoch (rounded up)."""
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs else cfg.max_steps
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at step ``total``."""
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
