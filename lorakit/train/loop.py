@@ -31,6 +31,7 @@ from .setup import (
     DataPaths,
     build_model,
     check_space,
+    describe_base,
     make_optimizer,
     make_scheduler,
     prepare_out,
@@ -107,9 +108,9 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     dtype, dtype_why = resolve_dtype(cfg, info.device)
-    if info.main:
-        print(f"lorakit: base weights in {dtype} ({dtype_why})", flush=True)
     model, tokenizer = build_model(cfg, dtype)
+    if info.main:
+        print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)
     model.to(info.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ds = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len)

@@ -99,6 +99,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Keep only each block's input and recompute the block in backward (non-reentrant, so it works
     with a frozen base whose inputs need no gradient): less activation memory, about a third more compute."""
+    quantize: str | None = None
+    """Quantize the frozen base's Linears (all but the output head) with bitsandbytes before LoRA is
+    injected: nf4 or fp4 (4-bit: QLoRA) or int8 (LLM.int8()). The base is quantized the same way at
+    every start, so --resume continues exactly. Needs: pip install 'lorakit[qlora]'."""
+    double_quant: bool = True
+    """With a 4-bit --quantize: quantize the per-block scales too (QLoRA's double quantization)."""
     fsdp: bool = False
     """Under torchrun: shard the frozen base and the adapters with FSDP2 instead of replicating (DDP)."""
     dist_timeout: int = 300
@@ -125,8 +131,26 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize is not None:
+            self._check_quantize()
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+
+    def _check_quantize(self) -> None:
+        if self.quantize not in ("nf4", "fp4", "int8"):
+            raise ConfigError(f"quantize must be nf4, fp4 or int8, got {self.quantize!r}")
+        from importlib.util import find_spec
+
+        if find_spec("bitsandbytes") is None:  # fail before any data or model is loaded
+            raise ConfigError("--quantize needs bitsandbytes, which is not installed. Install it with: "
+                              "pip install 'lorakit[qlora]'")
+        if self.full:
+            raise ConfigError("--quantize freezes the base in 4/8 bits, which --full would train; drop one of them")
+        if self.fsdp:
+            raise ConfigError("--quantize with --fsdp is not supported: FSDP2 shards each parameter as a DTensor, but "
+                              "a quantized weight's block scales and shape live outside the parameter (bitsandbytes' "
+                              "quant_state), so a shard cannot be dequantized. Drop --fsdp: DDP replicates the "
+                              "quantized base, which is what makes it fit in the first place")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,6 +55,7 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
            stopped_early: bool, info, progress: bool) -> dict[str, Any]:
     """Save the product, plot the curves, score the test split and write summary.json (rank 0)."""
     from ..lora.adapters import trainable_report
+    from ..lora.quantized import describe
     from ..plots import plot_loss
     from .distributed import barrier, is_sharded, unwrap
 
@@ -71,6 +72,7 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
         "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "epochs": round(step / st["steps_per_epoch"], 4), "stopped_early": stopped_early,
         "processes": info.world, "sharded": is_sharded(model),
         "dtype": str(next(unwrap(model).parameters()).dtype).removeprefix("torch."),  # the base's, as loaded
+        "quantization": describe(unwrap(model)),  # None, or how bitsandbytes quantized the base's Linears
         "trainable_params": rep.trainable, "total_params": rep.total, "trainable_percent": rep.percent,
         "train_wall_s": st["elapsed"], "tokens": st["tokens"],
         "tokens_per_s": st["tokens"] / st["elapsed"] if st["elapsed"] else None,

@@ -98,13 +98,17 @@ def resolve_dtype(cfg: TrainConfig, device: str) -> tuple[str, str]:
 
 
 def build_model(cfg: TrainConfig, dtype: str = "float32"):
-    """Load the model (base weights in ``dtype``) and tokenizer, then inject LoRA (or unfreeze
-    everything for --full)."""
+    """Load the model (base weights in ``dtype``) and tokenizer, quantize its Linears (--quantize),
+    then inject LoRA (or unfreeze everything for --full)."""
     from ..lora.config import LoraConfig, target_modules_from_flags
     from ..lora.inject import inject
     from ..models.load import load_model
 
     model, tokenizer = load_model(cfg.model, dtype=_DTYPES[dtype])
+    if cfg.quantize:  # deterministic: a resumed run gets the same bits
+        from ..lora.quantize import quantize
+
+        quantize(model, cfg.quantize, cfg.double_quant)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.full:
@@ -161,3 +165,15 @@ def lr_lambda(cfg: TrainConfig, total: int):
         progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def describe_base(model: torch.nn.Module, dtype: str, why: str) -> str:
+    """One line for the start of a run: the base's dtype and, when quantized, how."""
+    from ..lora.quantized import describe
+
+    q = describe(model)
+    if q is None:
+        return f"base weights in {dtype} ({why})"
+    dq = " with double-quantized scales" if q["double_quant"] else ""
+    return (f"base quantized to {q['method']}{dq} by bitsandbytes: {q['layers']} Linear layers (all but the output "
+            f"head), computing in {q['compute_dtype']}; embeddings, norms and head in {dtype} ({why})")
