@@ -33,10 +33,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     inputs = PlanInputs(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
                         grad_checkpointing=args.grad_checkpointing, label_fraction=args.label_fraction,
-                        padded=not args.no_padding, nproc=args.nproc, fsdp=args.fsdp)
+                        padded=not args.no_padding, nproc=args.nproc, fsdp=args.fsdp,
+                        quantize=args.quantize or "nf4", double_quant=args.double_quant)
     model, cfg = meta_model(args.model), lora_config_from_args(args)
     doc = build_plan(model, count_model(model, cfg), inputs, select_gpus(args.gpus, args.price),
-                     parse_count(args.tokens), args.mfu, cfg.lora_dropout)
+                     parse_count(args.tokens), args.mfu, cfg.lora_dropout, grid=args.quantize is not None)
     print(json.dumps(doc, indent=2) if args.json else format_plan(doc, args.model, args.explain))
     return 0
 
@@ -71,7 +72,12 @@ def add_planner_verbs(sub) -> None:
                    "optimizer state (default: DDP replicates them)")
     g.add_argument("--tokens", default="100M", help="tokens to train on, e.g. 2e9, 500M (default 100M)")
     g.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
-    g.add_argument("--gpus", nargs="+", default=None, help="GPU presets (default: all)")
+    g.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None, help="the quantized-base column "
+                   "as `lorakit train --quantize` runs it (default column: nf4), plus the largest batch that fits "
+                   "each GPU at sequence lengths 512-4096")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="4-bit: double-quantized block scales (default on, as in training)")
+    g.add_argument("--gpus", "--gpu", nargs="+", default=None, help="GPU presets (default: all)")
     g.add_argument("--price", nargs="+", default=None, metavar="[GPU=]USD", help="price per GPU-hour")
     p.add_argument("--json", action="store_true")
     p.add_argument("--explain", action="store_true", help="print each row's formula")

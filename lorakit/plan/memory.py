@@ -31,6 +31,19 @@ from .count import CountReport
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = {"adamw": 2, "sgd": 0}  # state tensors per trainable parameter (SGD: plain, no momentum)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 scale per 256 blocks
+QUANT_METHODS = ("nf4", "fp4", "int8")
+
+
+def quant_bytes(method: str = "nf4", double_quant: bool = True, in_features: int = 4096) -> float:
+    """Bytes per weight of a quantized Linear as bitsandbytes stores it (what ``lorakit.quantize`` makes).
+
+    4-bit (nf4, fp4): half a byte of code plus one absmax per block of 64, an fp32 one, or with double
+    quantization an 8-bit one plus an fp32 scale per 256 blocks. int8 (LLM.int8()): one byte plus an
+    fp32 scale per output row (4 / in_features per weight).
+    """
+    if method == "int8":
+        return 1 + 4 / in_features
+    return NF4_BYTES if double_quant else 0.5 + 4 / 64
 MODES = ("full", "lora", "qlora")
 _ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value", "query_key_value",
             "wqkv", "Wqkv", "in_proj", "q", "k", "v"}
@@ -84,6 +97,8 @@ class PlanInputs:
         fsdp: FSDP2 shards weights, gradients and optimizer state over the nproc devices (one
             block is gathered whole at a time); otherwise DDP replicates them and adds its
             gradient buckets (a second copy of the trainable gradients).
+        quantize: what the quantized column's base is (``lorakit train --quantize``): nf4, fp4 or int8.
+        double_quant: 4-bit: double-quantized block scales (``--double-quant``, the default).
     """
 
     batch_size: int = 8
@@ -96,9 +111,13 @@ class PlanInputs:
     device: str = "cuda"
     nproc: int = 1
     fsdp: bool = False
+    quantize: str = "nf4"
+    double_quant: bool = True
 
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)  # short names too: bf16, fp16, fp32
+        if self.quantize not in QUANT_METHODS:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANT_METHODS)}, got {self.quantize!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("batch_size", "seq_len", "nproc"):
@@ -303,10 +322,12 @@ def _mode_rows(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropo
         if mode == "lora":
             weights = Row(n * e + 4 * lora, f"N·e + 4·N_lora = {n:,} × {e} B + {lora:,} × 4 B (adapters fp32)")
         else:
-            rest = n - arch.quantizable
-            weights = Row(arch.quantizable * NF4_BYTES + rest * e + 4 * lora,
-                          f"N_linear·{NF4_BYTES:.4f} + N_rest·e + 4·N_lora = {arch.quantizable:,} × 4.127 bit "
-                          f"+ {rest:,} × {e} B + {lora:,} × 4 B (NF4, double-quantized scales)")
+            rest, q = n - arch.quantizable, quant_bytes(inp.quantize, inp.double_quant, arch.hidden)
+            scales = "" if inp.quantize == "int8" else (", double-quantized scales" if inp.double_quant else
+                                                       ", fp32 scales")
+            weights = Row(arch.quantizable * q + rest * e + 4 * lora,
+                          f"N_linear·{q:.4f} + N_rest·e + 4·N_lora = {arch.quantizable:,} × {8 * q:.3f} bit "
+                          f"+ {rest:,} × {e} B + {lora:,} × 4 B ({inp.quantize}{scales})")
         grads = Row(4 * lora, f"4·N_lora = {lora:,} × 4 B")
         optim = Row(4 * states * lora, f"{states}·4·N_lora ({inp.optimizer} state in fp32)")
         largest = 4 * max((max(t.shape) * t.r for t in count.targets), default=0)

@@ -39,8 +39,7 @@ def assumptions(inputs: PlanInputs) -> list[str]:
         f"(one {CHUNK_BYTES / 2**20:g} MiB chunk of logits at a time), other heads through logits_to_keep",
         "attention through PyTorch SDPA (no T×T matrix kept); a padded batch adds a B×T×T mask per layer and "
         "repeats k, v to every head",
-        "QLoRA column: every Linear but the output head in NF4 with double-quantized scales (bitsandbytes); "
-        "lorakit does not quantize by itself",
+        _qlora_line(inputs),
         checkpointing,
         f"fits: peak + {CUDA_OVERHEAD_GIB:g} GiB (CUDA context, allocator slack) <= the card's memory",
         "FLOPs: full 6N, LoRA 4N + 6·N_lora, plus attention; time = tokens × FLOPs / (peak × MFU); QLoRA's "
@@ -48,8 +47,36 @@ def assumptions(inputs: PlanInputs) -> list[str]:
     ]
 
 
+FIT_SEQ_LENS = (512, 1024, 2048, 4096)
+FIT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def quant_title(inputs: PlanInputs) -> str:
+    return "LoRA + int8" if inputs.quantize == "int8" else f"QLoRA ({inputs.quantize})"
+
+
+def _qlora_line(inputs: PlanInputs) -> str:
+    scales = ("" if inputs.quantize == "int8" else
+              " with double-quantized scales" if inputs.double_quant else " with fp32 scales")
+    return (f"{quant_title(inputs)} column: what `lorakit train --quantize {inputs.quantize}` runs: every Linear but "
+            f"the output head in {inputs.quantize}{scales} (bitsandbytes), computing in the model dtype")
+
+
+def fit_grid(arch, count: CountReport, inputs: PlanInputs, gpus: list[GPU], lora_dropout: float = 0.0) -> dict:
+    """{gpu: {seq_len: the largest batch (of FIT_BATCHES) whose quantized-base peak fits, 0 if none}}."""
+    from dataclasses import replace
+
+    grid: dict[str, dict[int, int]] = {g.name: {} for g in gpus}
+    for seq in FIT_SEQ_LENS:
+        peaks = {b: plan_memory(arch, count, replace(inputs, batch_size=b, seq_len=seq), lora_dropout).total("qlora")
+                 for b in FIT_BATCHES}
+        for g in gpus:
+            grid[g.name][seq] = max((b for b, peak in peaks.items() if fits(peak, g)), default=0)
+    return grid
+
+
 def build_plan(model: nn.Module, count: CountReport, inputs: PlanInputs, gpus: list[GPU], tokens: float,
-               mfu: float, lora_dropout: float = 0.0) -> dict:
+               mfu: float, lora_dropout: float = 0.0, grid: bool = False) -> dict:
     """The whole plan as a JSON-ready dict.
 
     Args:
@@ -60,6 +87,7 @@ def build_plan(model: nn.Module, count: CountReport, inputs: PlanInputs, gpus: l
         tokens: tokens to train on (time and cost).
         mfu: assumed model FLOPs utilisation.
         lora_dropout: the LoRA dropout of the config.
+        grid: add "fit": per GPU, the largest batch whose quantized-base run fits at each of FIT_SEQ_LENS.
     """
     arch = read_arch(model)
     memory = plan_memory(arch, count, inputs, lora_dropout)
@@ -79,6 +107,8 @@ def build_plan(model: nn.Module, count: CountReport, inputs: PlanInputs, gpus: l
         "mfu": mfu,
         "gpus": [_gpu_entry(g, memory, per_token, tokens, inputs.dtype, mfu) for g in gpus],
         "assumptions": assumptions(inputs),
+        "titles": {**TITLES, "qlora": quant_title(inputs)},
+        **({"fit": fit_grid(arch, count, inputs, gpus, lora_dropout)} if grid else {}),
     }
 
 
@@ -99,7 +129,7 @@ def _gib(n: float) -> str:
 
 def format_plan(doc: dict, title: str = "", explain: bool = False) -> str:
     """The ``lorakit plan`` text: memory table, FLOPs, GPUs, assumptions (formulas with ``explain``)."""
-    a, i, lo = doc["arch"], doc["inputs"], doc["lora"]
+    a, i, lo, titles = doc["arch"], doc["inputs"], doc["lora"], doc["titles"]
     arch = (f"{a['params']:,} parameters, {a['layers']} blocks, h={a['hidden']}, ffn={a['intermediate']}, "
             f"heads={a['heads']}/{a['kv_heads']} (q/kv), vocab={a['vocab']:,}")
     lines = [f"{title}: {arch}" if title else arch,
@@ -109,11 +139,11 @@ def format_plan(doc: dict, title: str = "", explain: bool = False) -> str:
              f"{'padded' if i['padded'] else 'unpadded'} batches"
              + (f"; {i['nproc']} devices ({'FSDP' if i['fsdp'] else 'DDP'}): memory per device, "
                 f"{-(-i['batch_size'] // i['nproc'])} rows each, hours are wall time" if i["nproc"] > 1 else ""), ""]
-    lines.append(f"{'memory (GiB)':<20}" + "".join(f"{TITLES[m]:>16}" for m in MODES))
+    lines.append(f"{'memory (GiB)':<20}" + "".join(f"{titles[m]:>16}" for m in MODES))
     for row, label in ROWS:
         lines.append(f"{label:<20}" + "".join(f"{_gib(doc['memory'][m][row]):>16}" for m in MODES))
         if explain:
-            lines += [f"    {TITLES[m]}: {doc['formulas'][row][m]}" for m in MODES]
+            lines += [f"    {titles[m]}: {doc['formulas'][row][m]}" for m in MODES]
     lines.append(f"{'ratio to full FT':<20}" + "".join(f"{doc['ratio'][m]:>16.3f}" for m in MODES))
     f = doc["flops_per_token"]
     lines += ["", f"FLOPs per token: full FT {f['full']:.3g}, LoRA {f['lora']:.3g} (N = {doc['matmul_params']:,.0f} "
@@ -122,10 +152,18 @@ def format_plan(doc: dict, title: str = "", explain: bool = False) -> str:
         lines.append("    full = 6N + attention; LoRA = 4N + 6·N_lora + attention (no weight gradient for frozen "
                      "weights); attention = 12·layers·q_dim·keys, keys = T/2 when causal")
     lines += ["", f"{doc['tokens']:,.0f} tokens at MFU {doc['mfu']:g}: hours / USD, and whether the peak fits",
-              f"{'GPU':<10} {'GiB':>6} {'TFLOP/s':>8} {'$/h':>5}" + "".join(f"  {TITLES[m]:>24}" for m in MODES)]
+              f"{'GPU':<10} {'GiB':>6} {'TFLOP/s':>8} {'$/h':>5}" + "".join(f"  {titles[m]:>24}" for m in MODES)]
     for g in doc["gpus"]:
         cells = "".join(f"  {_gpu_cell(g['modes'][m]):>24}" for m in MODES)
         lines.append(f"{g['name']:<10} {g['memory_gib']:>6.1f} {g['tflops']:>8.1f} {g['price_per_hour']:>5.2f}{cells}")
+    if "fit" in doc:
+        lines += ["", f"{titles['qlora']}: the largest batch that fits, by sequence length (0: not even batch 1; "
+                  f"gradient checkpointing {'on' if i['grad_checkpointing'] else 'off'})",
+                  f"{'GPU':<10} {'GiB':>6}" + "".join(f"{'T=' + str(t):>9}" for t in FIT_SEQ_LENS)]
+        for g in doc["gpus"]:
+            row = doc["fit"][g["name"]]
+            lines.append(f"{g['name']:<10} {g['memory_gib']:>6.1f}"
+                         + "".join(f"{row.get(t, row.get(str(t), 0)):>9}" for t in FIT_SEQ_LENS))
     lines += ["", "assumptions:"] + [f"  - {x}" for x in doc["assumptions"]]
     return "\n".join(lines)
 

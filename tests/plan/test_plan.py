@@ -243,3 +243,36 @@ def test_nproc_ddp_and_fsdp_per_device_memory():
         assert f["weights"] == a["weights"] / 4 + block
         assert f["gradients"] == a["gradients"] / 4 and f["optimizer"] == a["optimizer"] / 4
     assert fsdp.total("full") < ddp.total("full")
+
+
+def test_quantize_switch_sets_the_quantized_column_bytes():
+    linear = 2 * (4096 + 2048 + 2048 + 4096 + 3 * 10240)
+    rest = N - linear
+    for method, dq, per_weight in [("nf4", True, NF4_BYTES), ("fp4", False, 0.5 + 4 / 64), ("int8", True, 1 + 4 / 64)]:
+        plan, _ = _tiny(quantize=method, double_quant=dq)  # int8: an fp32 scale per output row, in = h = 64
+        assert _row(plan, "weights", "qlora") == pytest.approx(linear * per_weight + rest * 4 + 4 * N_LORA)
+    with pytest.raises(ConfigError, match="quantize"):
+        PlanInputs(quantize="int4")
+
+
+def test_seventy_b_qlora_fits_which_cards_at_which_batch():
+    """The seeds' "70B on one consumer GPU": NF4 weights alone are ~34 GiB, so no 24 GB card fits it."""
+    from lorakit.plan.count import meta_model
+
+    model = meta_model("llama-2-70b")
+    count = count_model(model, LoraConfig(r=8))
+    inputs = PlanInputs(batch_size=1, seq_len=2048, grad_checkpointing=True, quantize="nf4")
+    doc = build_plan(model, count, inputs, select_gpus(["RTX-4090", "A100-40GB", "A100-80GB"]), 1e6, 0.4, grid=True)
+    assert 33 * 2**30 < doc["memory"]["qlora"]["weights"] < 36 * 2**30
+    fit = doc["fit"]
+    assert set(fit["RTX-4090"].values()) == {0}
+    assert fit["A100-80GB"][2048] >= 1 and fit["A100-80GB"][512] >= fit["A100-80GB"][4096]
+    for gpu in select_gpus(["A100-40GB", "A100-80GB"]):  # the grid's batch fits; double it does not (unless capped)
+        for seq, b in fit[gpu.name].items():
+            peak = plan_memory(read_arch(model), count, replace(inputs, batch_size=max(b, 1), seq_len=seq)).total("qlora")
+            assert fits(peak, gpu) == (b > 0)
+            if 0 < b < 128:
+                peak2 = plan_memory(read_arch(model), count, replace(inputs, batch_size=2 * b, seq_len=seq))
+                assert not fits(peak2.total("qlora"), gpu)
+    text = format_plan(doc, "llama-2-70b")
+    assert "QLoRA (nf4): the largest batch that fits" in text and "lorakit train --quantize nf4" in text
