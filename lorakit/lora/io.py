@@ -31,6 +31,7 @@ from .adapters import (
     set_bias_trainable,
     set_requires_grad,
 )
+from .card import write_model_card
 from .config import LoraConfig, moves_base
 from .convert import to_plain_lora
 from .inject import _matches_list, candidate_modules, linear_shape, module_kind
@@ -143,7 +144,8 @@ def saved_config(model: nn.Module, adapter_name: str) -> LoraConfig:
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
                  dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None,
                  convert_to_lora: bool = False) -> Path:
-    """Write one adapter as a PEFT directory (adapter_config.json + adapter_model.safetensors).
+    """Write one adapter as a PEFT directory (adapter_config.json + adapter_model.safetensors + a README.md
+    model card, :mod:`lorakit.lora.card`).
 
     Files are written to temp names and renamed into place. The safetensors metadata carries a
     format version and a fingerprint of the base model so a load onto the wrong base is caught.
@@ -185,6 +187,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise AdapterFormatError(f"{path} exists and is not a directory; choose a directory path for the adapter")
     save_safetensors(tensors, path / WEIGHTS_NAME, metadata)
     atomic_write_text(path / CONFIG_NAME, cfg.to_json())
+    write_model_card(path, cfg, transformers_model=type(model).__module__.startswith("transformers."))
     return path
 
 
