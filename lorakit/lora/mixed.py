@@ -173,11 +173,25 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[No
     _check(model, names)
     layers = [layer for _, layer in lora_layers(model)]
     try:
-        for layer in layers:
-            stack = stack_for(layer) if layer.adapters else None
-            slots = [stack.slots.get(n, 0) if stack and n else 0 for n in names]
-            layer.mixed = RowDelta(stack, slots, isinstance(layer, LoraEmbedding))
+        set_rows(layers, names)
         yield
     finally:
         for layer in layers:
             layer.mixed = None
+
+
+def set_rows(layers: Sequence[LoraLayer], adapters: Sequence[str | None]) -> None:
+    """Point open mixed-batch layers at new rows: row i now uses ``adapters[i]``.
+
+    For a caller whose rows change between forwards while the model's adapters do not (continuous
+    batching): inside :func:`mixed_batch` over the same model, with names it has already checked, this
+    skips the checks and the module walk that entering the block costs.
+
+    Args:
+        layers: the model's LoRA layers (``[l for _, l in lora_layers(model)]``).
+        adapters: one loaded adapter name or None per row.
+    """
+    for layer in layers:
+        stack = stack_for(layer) if layer.adapters else None
+        slots = [stack.slots.get(n, 0) if stack and n else 0 for n in adapters]
+        layer.mixed = RowDelta(stack, slots, isinstance(layer, LoraEmbedding))

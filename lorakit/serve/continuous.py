@@ -19,30 +19,41 @@ from typing import Any
 
 import torch
 
-from ..lora.mixed import mixed_batch
+from ..lora.adapters import list_adapters, lora_layers
+from ..lora.mixed import mixed_batch, set_rows
 from .decode import Row, choose_tokens, left_pad, new_generator
 from .kvcache import SlotCache
 
 
 class AdapterContext:
-    """The mixed_batch context for one ordering of rows, kept open across steps until the rows change."""
+    """A mixed_batch context kept open across steps; when the rows change only the per-row factors are
+    re-gathered (``set_rows``), without the checks and module walk of entering the block again."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.names: tuple | None = None
+        self._layers: list | None = None  # the model's LoRA layers while the block is open
+        self._known: set[str] = set()  # the model's adapters when the block was entered
         self._stack = contextlib.ExitStack()
 
     def use(self, names: list[str | None]) -> None:
         key = tuple(names)
-        if key != self.names:
-            self.close()
+        if key == self.names:
+            return
+        if self._layers is not None and not set(names) - {None} <= self._known:
+            self.close()  # re-entering checks the names (and raises for an unknown one)
+        if self._layers is None:
             self._stack.enter_context(mixed_batch(self.model, names))
-            self.names = key
+            self._layers = [layer for _, layer in lora_layers(self.model)]
+            self._known = set(list_adapters(self.model))
+        else:  # the adapters are the ones checked on entry: loads and unloads close the block first
+            set_rows(self._layers, names)
+        self.names = key
 
     def close(self) -> None:
-        """Leave the context (before the model's adapters change, or when no row runs)."""
+        """Leave the block (before the model's adapters change, or when no row runs)."""
         self._stack.close()
-        self.names = None
+        self.names = self._layers = None
 
 
 class Running:

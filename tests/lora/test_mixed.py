@@ -45,6 +45,23 @@ def test_mixed_batch_equals_each_row_alone():
     torch.testing.assert_close(_mixed(model, ids, names), _reference(model, ids, names), rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_set_rows_retargets_an_open_block_to_new_rows():
+    """Continuous batching changes the rows between forwards: after set_rows the block computes what a
+    fresh mixed_batch over the new rows computes (each row alone)."""
+    from lorakit.lora.adapters import lora_layers
+    from lorakit.lora.mixed import set_rows
+
+    model = _three_adapters(tiny_llama())
+    ids = torch.randint(0, 96, (5, 6), generator=torch.Generator().manual_seed(3))
+    with lk.mixed_batch(model, ["a", None]):
+        model(ids[:2])
+        names = [None, "c", "b", "a", "c"]
+        set_rows([layer for _, layer in lora_layers(model)], names)
+        out = model(ids).logits
+    torch.testing.assert_close(out, _reference(model, ids, names), rtol=0, atol=1e-5)
+
+
 def test_mixed_batch_conv1d_model_and_single_adapter_rows():
     model = tiny_gpt2()
     for name, r in (("x", 2), ("y", 4)):
