@@ -16,7 +16,8 @@ single-request reference. Then, together and bounded:
 Recorded: status counts (no 5xx allowed), mismatches against the references (none allowed), latency
 percentiles, throughput, the server's RSS before and after, and whether /health still answers.
 Usage: ``PYTHONPATH=. python -m bench.serve_load [--clients 32 --requests 20]`` writes
-bench/results/serve_load.json and serve_load.md (about a minute on two busy cores).
+bench/results/serve_load.json and serve_load.md (about a minute on two busy cores), then the
+mixed-length workload of bench/serve_mixed.py (continuous vs window batching; ``--workload``).
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def hostile_cases(folder: Path) -> list[tuple[str, int, str, str, dict]]:
         ("huge max_tokens", 400, "POST", comp, {"json": {**ok, "max_tokens": 10**12}}),
         ("negative max_tokens", 400, "POST", comp, {"json": {**ok, "max_tokens": -5}}),
         ("huge prompt (200k chars)", 400, "POST", comp, {"json": {**ok, "prompt": "x" * 200_000}}),
+        ("body over --max-request-bytes (2 MB)", 413, "POST", comp, {"json": {**ok, "prompt": "x" * 2_000_000}}),
         ("huge chat message", 400, "POST", chat,
          {"json": {"model": "a0", "messages": [{"role": "user", "content": "y" * 100_000}]}}),
         ("too many prompts", 400, "POST", comp, {"json": {**ok, "prompt": ["x"] * 1000}}),
@@ -381,7 +383,8 @@ def run(clients: int = 32, requests: int = 20, adapters: int = 3, churn: bool = 
                 rss_after = rss_mib()
                 loaded_after = sorted(engine.adapters())
             out = _summarize(phase, clients, requests)
-            out.update(config={"clients": clients, "requests": requests, "adapters": adapters, "churn": churn,
+            out.update(config={"scheduler": engine.limits.scheduler, "clients": clients, "requests": requests,
+                               "adapters": adapters, "churn": churn,
                                "seed": seed, "prompts": len(pool), "limits": LIMITS, "torch_threads": 1},
                        health_after={"status": health.status_code, "seconds": health_s, "body": health.json()},
                        rss_mib={"before": phase["rss"][0], "peak": max(phase["rss"]), "after": rss_after,
@@ -436,10 +439,25 @@ def main() -> None:
     parser.add_argument("--no-churn", dest="churn", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--workload", choices=["load", "mixed", "all"], default="all",
+                        help="load: clients, churn and hostile requests; mixed: mixed-length streaming load and a "
+                             "short request behind a long one, continuous vs window batching (bench/serve_mixed.py)")
+    parser.add_argument("--rounds", type=int, default=2, help="mixed: rounds per scheduler, alternating")
     args = parser.parse_args()
-    results = run(args.clients, args.requests, args.adapters, args.churn, args.seed)
-    write(results, args.out)
-    print((args.out / "serve_load.md").read_text())
+    if args.workload in ("load", "all"):
+        results = run(args.clients, args.requests, args.adapters, args.churn, args.seed)
+        write(results, args.out)
+        print((args.out / "serve_load.md").read_text())
+    if args.workload in ("mixed", "all"):
+        from bench.common import LoadMonitor
+        from bench.serve_mixed import machine
+        from bench.serve_mixed import run as run_mixed
+        from bench.serve_mixed import write as write_mixed
+
+        with LoadMonitor() as load:
+            mixed = run_mixed(rounds=args.rounds, seed=args.seed)
+        write_mixed(mixed, args.out, {**machine(), "load": load.report()})
+        print((args.out / "serve_mixed.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,248 @@
+"""Mixed-length load and a short request behind a long one: continuous batching against window batching.
+
+Same tiny model and adapters as bench/serve_load.py (its context raised to 1024 positions so 256-token
+answers fit), served by uvicorn on 127.0.0.1, ``Limits(max_batch_size=8)``, one torch thread.
+
+- Mixed workload: ``clients`` concurrent streaming clients each send ``requests`` greedy completions
+  drawn from a pool of (prompt, max_tokens) with max_tokens log-uniform in 4..256, over 3 adapters and
+  the base. Each answer is compared with its single-request reference (asked alone, one at a time,
+  with the continuous engine). Reported per scheduler: latency p50/p99 (all, and short requests of at
+  most 16 tokens), time to first token p50/p99 (first streamed text), throughput (tokens/s, requests/s).
+- Short behind long: a 4-token request (adapter a1) alone, and the same request sent 0.3 s after a
+  200-token one (adapter a0); the ratio of the two latencies, and both answers against references.
+
+Rounds alternate scheduler A B A B; medians over rounds and per-round ratios are reported.
+Usage: ``PYTHONPATH=. python -m bench.serve_load --workload mixed`` (bench/results/serve_mixed.*).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.serve_load import WORDS, build_files, serve
+
+SCHEDULERS = ("continuous", "window")
+LIMITS = dict(max_prompt_tokens=64, max_tokens=256, max_adapters=8, max_batch_size=8, batch_window_ms=5)
+SHORT = 16  # requests with max_tokens <= SHORT are "short"
+LONG_BEHIND = (200, 0.3)  # the long request's max_tokens, and how long after it the short one is sent
+
+
+def mixed_pool(rng: random.Random, n: int = 16) -> list[tuple[str, int]]:
+    """``n`` prompts of 1-8 words with max_tokens log-uniform in 4..256."""
+    return [(" ".join(rng.choices(WORDS, k=rng.randint(1, 8))), int(math.exp(rng.uniform(math.log(4), math.log(257)))))
+            for _ in range(n)]
+
+
+def stream(http: httpx.Client, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy completion: status, text, tokens, latency and time to first text (seconds)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0, first, parts, tokens, status = time.perf_counter(), None, [], 0, 0
+    try:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            status = r.status_code
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    status = 500
+                    break
+                text = "".join(c["text"] for c in chunk["choices"])
+                if text and first is None:
+                    first = time.perf_counter() - t0
+                parts.append(text)
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    except httpx.HTTPError as exc:
+        status = type(exc).__name__
+    latency = time.perf_counter() - t0
+    return {"status": status, "text": "".join(parts), "tokens": tokens, "latency_s": latency,
+            "ttft_s": first if first is not None else latency, "max_tokens": max_tokens}
+
+
+def _engine(model_dir: Path, root: Path, scheduler: str):
+    from lorakit.serve.engine import Limits, engine_from_spec
+
+    return engine_from_spec(str(model_dir), {n: root / n for n in ("a0", "a1", "a2")}, name="tiny",
+                            limits=Limits(**LIMITS, scheduler=scheduler))
+
+
+def references(url: str, pool: list, models: list[str]) -> dict:
+    with httpx.Client(base_url=url, timeout=300) as http:
+        return {(p, m): stream(http, m, p, n)["text"] for p, n in pool for m in models}
+
+
+def mixed_round(url: str, clients: int, requests: int, pool: list, models: list[str], refs: dict, seed: int) -> dict:
+    results: list[dict] = []
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        with httpx.Client(base_url=url, timeout=300) as http:
+            for _ in range(requests):
+                (prompt, n), model = rng.choice(pool), rng.choice(models)
+                out = stream(http, model, prompt, n)
+                out["match"] = out["text"] == refs[prompt, model]
+                results.append(out)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    short = [r for r in ok if r["max_tokens"] <= SHORT]
+    return {"sent": len(results), "ok": len(ok), "mismatches": sum(not r["match"] for r in ok),
+            "5xx": sum(1 for r in results if not isinstance(r["status"], int) or r["status"] >= 500),
+            "short_requests": len(short), "wall_s": wall,
+            "latency_p50_s": _q([r["latency_s"] for r in ok], 0.5), "latency_p99_s": _q([r["latency_s"] for r in ok], 0.99),
+            "short_p50_s": _q([r["latency_s"] for r in short], 0.5), "short_p99_s": _q([r["latency_s"] for r in short], 0.99),
+            "ttft_p50_s": _q([r["ttft_s"] for r in ok], 0.5), "ttft_p99_s": _q([r["ttft_s"] for r in ok], 0.99),
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall}
+
+
+def short_behind_long(url: str, refs: dict, repeats: int = 3) -> dict:
+    """Latency of a short request alone, and sent 0.3 s after a long one on another adapter."""
+    long_n, delay = LONG_BEHIND
+    alone, behind, match = [], [], True
+    with httpx.Client(base_url=url, timeout=300) as http, httpx.Client(base_url=url, timeout=300) as other:
+        for _ in range(repeats):
+            out = stream(http, "a1", "x", 4)
+            alone.append(out["latency_s"])
+            match &= out["text"] == refs["short"]
+            box: dict = {}
+            t = threading.Thread(target=lambda b=box: b.update(stream(other, "a0", "hello there", long_n)))
+            t.start()
+            time.sleep(delay)
+            out = stream(http, "a1", "x", 4)
+            behind.append(out["latency_s"])
+            t.join(600)
+            match &= out["text"] == refs["short"] and box["text"] == refs["long"]
+    return {"alone_s": statistics.median(alone), "behind_s": statistics.median(behind),
+            "ratio": statistics.median(behind) / statistics.median(alone), "all_match": match}
+
+
+def run(clients: int = 16, requests: int = 6, rounds: int = 2, seed: int = 0) -> dict:
+    """Both schedulers, alternating, ``rounds`` rounds each; returns per-round figures and medians."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lorakit-serve-mixed-") as tmp:
+            model_dir, root, _ = build_files(Path(tmp), 3)
+            cfg = json.loads((model_dir / "config.json").read_text())
+            (model_dir / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 1024}))
+            models = ["a0", "a1", "a2", "tiny"]
+            pool = mixed_pool(random.Random(seed))
+            with serve(_engine(model_dir, root, "continuous"), root) as url:
+                refs = references(url, pool, models)
+                with httpx.Client(base_url=url, timeout=300) as http:
+                    refs["short"] = stream(http, "a1", "x", 4)["text"]
+                    refs["long"] = stream(http, "a0", "hello there", LONG_BEHIND[0])["text"]
+            per: dict[str, list] = {s: [] for s in SCHEDULERS}
+            for rnd in range(rounds):
+                for scheduler in SCHEDULERS:  # A B A B
+                    with serve(_engine(model_dir, root, scheduler), root) as url:
+                        figures = mixed_round(url, clients, requests, pool, models, refs, seed + rnd)
+                        figures["short_behind_long"] = short_behind_long(url, refs)
+                    per[scheduler].append(figures)
+        return {"config": {"clients": clients, "requests": requests, "rounds": rounds, "seed": seed,
+                           "limits": LIMITS, "pool": pool, "short_max_tokens": SHORT, "long_behind": LONG_BEHIND,
+                           "torch_threads": 1},
+                "rounds": per, "summary": _summary(per)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _summary(per: dict[str, list]) -> dict:
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+           for s, rs in per.items()}
+    for s, rs in per.items():
+        med[s]["short_behind_long_ratio"] = statistics.median(r["short_behind_long"]["ratio"] for r in rs)
+        med[s]["short_behind_long_s"] = statistics.median(r["short_behind_long"]["behind_s"] for r in rs)
+        med[s]["short_alone_s"] = statistics.median(r["short_behind_long"]["alone_s"] for r in rs)
+        med[s]["mismatches"] = sum(r["mismatches"] for r in rs) + sum(not r["short_behind_long"]["all_match"]
+                                                                      for r in rs)
+        med[s]["5xx"] = sum(r["5xx"] for r in rs)
+    c, w = per["continuous"], per["window"]
+    ratios = {"short_p99_vs_window": [a["short_p99_s"] / b["short_p99_s"] for a, b in zip(c, w, strict=True)],
+              "throughput_vs_window": [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(c, w, strict=True)],
+              "ttft_p99_vs_window": [a["ttft_p99_s"] / b["ttft_p99_s"] for a, b in zip(c, w, strict=True)]}
+    return {"medians": med, "ratios": {k: {"median": statistics.median(v), "per_round": [round(x, 3) for x in v]}
+                                       for k, v in ratios.items()}}
+
+
+def machine() -> dict:
+    """CPU model, its vector flags, logical CPUs and the versions that matter here."""
+    import os
+
+    import transformers
+
+    info = {"cpu": "unknown", "flags": [], "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            info["flags"] = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
+            break
+    return info
+
+
+def _q(xs: list[float], q: float) -> float:
+    """Nearest-rank quantile (0 for no samples)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * len(xs)) - 1))] if xs else 0.0
+
+
+def write(results: dict, out: Path, machine: dict) -> None:
+    """bench/results/serve_mixed.json and serve_mixed.md."""
+    from bench.common import now_iso, target, write_json
+
+    med, ratios = results["summary"]["medians"], results["summary"]["ratios"]
+    c, w = med["continuous"], med["window"]
+    targets = [
+        target("short request behind a long one / alone (continuous)", c["short_behind_long_ratio"], 2.0,
+               "the short request's prefill waits for the step in flight"),
+        target("p99 latency of short requests, continuous / window", ratios["short_p99_vs_window"]["median"], 0.3,
+               "short requests still queue behind max_batch_size rows in flight"),
+        target("throughput (tokens/s), continuous / window", ratios["throughput_vs_window"]["median"], 1.0,
+               "more, smaller prefills and cache splices than window batching", op=">="),
+    ]
+    write_json(out / "serve_mixed.json", {"name": "serve_mixed", "when": now_iso(), "machine": machine,
+                                          **results, "targets": targets})
+    cfg = results["config"]
+    rows = [("latency p50 / p99 (all)", "latency_p50_s", "latency_p99_s"),
+            (f"latency p50 / p99 (short, max_tokens <= {SHORT})", "short_p50_s", "short_p99_s"),
+            ("time to first token p50 / p99", "ttft_p50_s", "ttft_p99_s")]
+    lines = [f"# Mixed-length load: continuous vs window batching ({now_iso()})", "",
+             f"Tiny random Llama on CPU ({machine['cpu']}, {machine['logical_cpus']} logical CPUs, 1 torch thread), "
+             f"uvicorn on 127.0.0.1, max_batch_size {LIMITS['max_batch_size']}; {cfg['clients']} streaming clients x "
+             f"{cfg['requests']} greedy completions per round, max_tokens log-uniform 4..256 over 3 adapters + base; "
+             f"{cfg['rounds']} rounds per scheduler, alternating; medians over rounds. Other agents' jobs loaded "
+             f"the machine during the run (1-min load {machine['load']['min']:.1f}..{machine['load']['max']:.1f} "
+             "on 2 cores), so absolute times are noisy; the ratios compare rounds run back to back. "
+             "Generated by `python -m bench.serve_load --workload mixed`.", "",
+             "| figure | continuous | window |", "|---|---|---|"]
+    lines += [f"| {name} | {1e3 * c[a]:.0f} / {1e3 * c[b]:.0f} ms | {1e3 * w[a]:.0f} / {1e3 * w[b]:.0f} ms |"
+              for name, a, b in rows]
+    lines += [f"| throughput | {c['tokens_per_s']:.0f} tokens/s, {c['requests_per_s']:.1f} req/s | "
+              f"{w['tokens_per_s']:.0f} tokens/s, {w['requests_per_s']:.1f} req/s |",
+              f"| 4-token request alone / 0.3 s behind a 200-token one | {1e3 * c['short_alone_s']:.0f} / "
+              f"{1e3 * c['short_behind_long_s']:.0f} ms ({c['short_behind_long_ratio']:.1f}x) | "
+              f"{1e3 * w['short_alone_s']:.0f} / {1e3 * w['short_behind_long_s']:.0f} ms "
+              f"({w['short_behind_long_ratio']:.1f}x) |",
+              f"| answers differing from their single-request reference | {c['mismatches']} | {w['mismatches']} |",
+              f"| 5xx | {c['5xx']} | {w['5xx']} |", "", "| target (issue 18) | value | status |", "|---|---|---|"]
+    lines += [f"| {t['what']} | {t['reason']} | {t['status']} |" for t in targets]
+    (out / "serve_mixed.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
