@@ -115,6 +115,10 @@ def refuse_unrepresentable(adapter: str | Path) -> None:
             raise GgufExportError(f"{adapter}: {key}={raw[key]!r}: llama.cpp's LoRA adapter format has no place "
                                   f"for {what}. Export the merged model instead: lorakit export {adapter} "
                                   "--merged-gguf OUT.gguf")
+    if raw.get("bias", "none") != "none":
+        raise GgufExportError(f"{adapter}: bias={raw['bias']!r}: the adapter carries trained biases, and a llama.cpp "
+                              f"LoRA adapter holds only low-rank pairs. Export the merged model instead: lorakit "
+                              f"export {adapter} --merged-gguf OUT.gguf")
     if raw.get("modules_to_save"):
         raise GgufExportError(f"{adapter}: modules_to_save={raw['modules_to_save']!r} are full trained copies "
                               "of modules, and a llama.cpp LoRA adapter holds only low-rank pairs. Export the "

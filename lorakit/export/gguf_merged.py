@@ -86,9 +86,22 @@ def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         elif isinstance(module, ModulesToSave) and module.active:
             copy = module.modules_to_save[module.active[0]]
             out.update({f"{name}.{p}": t.detach().float().clone() for p, t in copy.named_parameters()})
+    out.update(_trained_biases(model))
     if not out:
         raise GgufExportError("the adapter changes no weight of the base model; nothing to merge")
     _untie_head(model, out)
+    return out
+
+
+def _trained_biases(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The biases the loaded adapters train (bias="all" / "lora_only"), under plain names."""
+    from ..lora.adapters import bias_keys
+
+    state = model.state_dict()
+    out = {}
+    for cfg in getattr(model, "lorakit_configs", {}).values():
+        for key in bias_keys(model, cfg.bias, state):
+            out[key.replace(".base_layer.", ".")] = state[key].detach().float().clone()
     return out
 
 

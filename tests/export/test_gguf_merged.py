@@ -180,3 +180,27 @@ def test_directory_dtype_is_the_default_outtype(gguf_home, tmp_path):
     model_to_gguf(str(folder), tmp_path / "bf.gguf")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "bf.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == "BF16" and types["output_norm.weight"] == "F32"
+
+
+@pytest.mark.parametrize("variant", ["dora", "bias"])
+def test_dora_and_trained_biases_merge_into_gguf(variant, gguf_home, ids, tmp_path):
+    """What a llama.cpp adapter cannot hold (refused there) merges exactly: DoRA's magnitude, trained biases."""
+    from lorakit.export.gguf import export_adapter_gguf
+    from lorakit.export.gguf_format import GgufExportError
+
+    folder = write_tiny_bpe_model(tmp_path / "q", model_type="qwen2")  # q/k/v have biases
+    base = tmp_path / "base.gguf"
+    model_to_gguf(str(folder), base, "f32")
+    extra = {"use_dora": True} if variant == "dora" else {"bias": "lora_only"}
+    model, adapter = make_adapter(str(base), tmp_path / "a", target_modules=["q_proj", "k_proj", "v_proj"], **extra)
+    with torch.no_grad():  # trained magnitudes / biases differ from the base's
+        for name, p in model.named_parameters():
+            if ("magnitude" if variant == "dora" else "base_layer.bias") in name:
+                p.mul_(1.3)
+    from lorakit import save_adapter
+
+    save_adapter(model, adapter)
+    with pytest.raises(GgufExportError, match="--merged-gguf"):
+        export_adapter_gguf(adapter, tmp_path / "x.gguf", base=str(base))
+    export_merged_gguf(adapter, tmp_path / "m.gguf", base=str(base), outtype="f32")
+    assert rel(logits(load_gguf(tmp_path / "m.gguf"), ids), logits(model, ids)) <= 1e-4
