@@ -28,13 +28,15 @@ def read_pairs(path) -> tuple[dict, dict]:
     return keys, pairs
 
 
-def llama_cpp_delta(name: str, pair: dict, alpha: float, n_head: int, n_kv: int) -> torch.Tensor:
+def llama_cpp_delta(name: str, pair: dict, alpha: float, n_head: int | None, n_kv: int | None) -> torch.Tensor:
     """ΔW as llama.cpp applies it (scale alpha / b.ne[0]), mapped back to transformers' layout."""
     a, b = pair["lora_a"][0], pair["lora_b"][0]
     scale = alpha / pair["lora_b"][2][0]
     if name == "token_embd.weight":  # rows of A^T (num, r) times B^T: ΔW (num, dim)
         return scale * (a @ b.T)
     delta = scale * (b @ a)
+    if n_head is None:  # a family llama.cpp's converter does not permute
+        return delta
     if ".attn_q." in name:
         return unpermute_rows(delta, n_head)
     if ".attn_k." in name:
@@ -68,28 +70,47 @@ def test_keys_names_shapes_as_llama_cpp_checks(patterned, base_gguf, tmp_path):
             assert base[name][0] == a_ne[0] and base[name][1] == b_ne[1] and a_ne[1] == b_ne[0]
 
 
-def test_rebuilt_delta_equals_peft_merge(patterned, base_gguf, bpe_dir, tmp_path):
-    """rsLoRA, rank_pattern and alpha_pattern come out right through llama.cpp's single alpha/r."""
+HF = {"token_embd": "model.embed_tokens", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+      "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+      "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def assert_gguf_delta_is_peft(adapter, hf_dir, adapter_gguf, permuted: bool) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _, adapter = patterned
-    export_adapter_gguf(adapter, tmp_path / "a.gguf", base=str(base_gguf))
-    keys, pairs = read_pairs(tmp_path / "a.gguf")
-    base = AutoModelForCausalLM.from_pretrained(bpe_dir)
+    keys, pairs = read_pairs(adapter_gguf)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
-    hf = {"token_embd": "model.embed_tokens", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
-          "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    heads = (4, 2) if permuted else (None, None)
     for name, pair in pairs.items():
         parts = name.split(".")
-        key = (f"{hf[parts[0]]}.weight" if parts[0] == "token_embd"
-               else f"model.layers.{parts[1]}.{hf[parts[2]]}.weight")
+        key = (f"{HF[parts[0]]}.weight" if parts[0] == "token_embd"
+               else f"model.layers.{parts[1]}.{HF[parts[2]]}.weight")
         want = merged[key] - before[key]
-        got = llama_cpp_delta(name, pair, keys["adapter.lora.alpha"], 4, 2)
+        got = llama_cpp_delta(name, pair, keys["adapter.lora.alpha"], *heads)
         assert want.abs().max() > 1e-3  # a real ΔW, not zero
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6), name
+
+
+def test_rebuilt_delta_equals_peft_merge(patterned, base_gguf, bpe_dir, tmp_path):
+    """rsLoRA, rank_pattern and alpha_pattern come out right through llama.cpp's single alpha/r."""
+    _, adapter = patterned
+    export_adapter_gguf(adapter, tmp_path / "a.gguf", base=str(base_gguf))
+    assert_gguf_delta_is_peft(adapter, bpe_dir, tmp_path / "a.gguf", permuted=True)
+
+
+def test_qwen2_adapter_is_not_permuted(gguf_home, tmp_path):
+    from conftest import ALL, PATTERNED
+
+    from lorakit.testing import write_tiny_bpe_model
+
+    folder = write_tiny_bpe_model(tmp_path / "q", model_type="qwen2")
+    _, adapter = make_adapter(str(folder), tmp_path / "a", **{**PATTERNED, "target_modules": ALL})
+    report = export_adapter_gguf(adapter, tmp_path / "a.gguf", base=str(folder))
+    assert report["architecture"] == "qwen2"
+    assert_gguf_delta_is_peft(adapter, folder, tmp_path / "a.gguf", permuted=False)
 
 
 def test_q8_0_falls_back_to_f16_for_short_rows(patterned, base_gguf, tmp_path):
