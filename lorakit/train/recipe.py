@@ -67,6 +67,23 @@ class TrainConfig:
     """Modules to adapt: names (suffix match), one regex, or all-linear."""
     rslora: bool = False
     """Scale by alpha / sqrt(r) (rank-stabilised LoRA)."""
+    dora: bool = False
+    """DoRA: learn a magnitude per output feature on top of the LoRA direction (PEFT's use_dora)."""
+    init_lora_weights: str = "true"
+    """Adapter initialisation (PEFT's init_lora_weights): true, false, gaussian, pissa, pissa_niter_K or olora.
+    pissa/olora move the top part of W into the adapter; the result is saved converted (see convert_to_lora)."""
+    convert_to_lora: bool = True
+    """For pissa/olora: save adapter/ as the plain rank-2r LoRA on the original base (PEFT's conversion);
+    --no-convert-to-lora keeps the trained factors, which need the loader to redo the decomposition."""
+    bias: str = "none"
+    """Biases trained and saved with the adapter (PEFT's bias): none, all, or lora_only (the adapted modules')."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+: B's learning rate is this times A's (PEFT's create_loraplus_optimizer; 0: off, else >= 1)."""
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: the learning rate of adapters on embeddings (PEFT's default 1e-6)."""
+    neftune_alpha: float = 0.0
+    """NEFTune: uniform noise of scale alpha / sqrt(L·d) on the input embeddings while training (never in
+    evaluation or generation); 5 is the paper's usual value (0: off)."""
     seed: int = 0
     """Seed for LoRA init, data order and dropout."""
     eval_every: int = 50
@@ -135,6 +152,30 @@ class TrainConfig:
             self._check_quantize()
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        from ..lora.config import BIAS_CHOICES, check_init
+
+        if isinstance(self.init_lora_weights, bool):  # YAML's true / false
+            self.init_lora_weights = str(self.init_lora_weights).lower()
+        try:
+            check_init(self.lora_init())
+        except ConfigError as exc:
+            raise ConfigError(f"init_lora_weights: {exc}") from None
+        if self.bias not in BIAS_CHOICES:
+            raise ConfigError(f"bias must be one of {', '.join(BIAS_CHOICES)}, got {self.bias!r}")
+        if self.loraplus_lr_ratio and not self.loraplus_lr_ratio >= 1:
+            raise ConfigError(f"loraplus_lr_ratio must be 0 (off) or >= 1, got {self.loraplus_lr_ratio!r}")
+        if not self.loraplus_lr_embedding > 0:
+            raise ConfigError(f"loraplus_lr_embedding must be > 0, got {self.loraplus_lr_embedding!r}")
+        if not self.neftune_alpha >= 0:
+            raise ConfigError(f"neftune_alpha must be >= 0, got {self.neftune_alpha!r}")
+
+    def lora_init(self) -> bool | str:
+        """init_lora_weights as LoraConfig takes it ("true"/"false" become booleans)."""
+        value = str(self.init_lora_weights)
+        return {"true": True, "false": False}.get(value.lower(), value)
 
     def _check_quantize(self) -> None:
         if self.quantize not in ("nf4", "fp4", "int8"):

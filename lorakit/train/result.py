@@ -43,11 +43,13 @@ def save_result(model, tokenizer, out: Path, cfg: TrainConfig, info) -> Path:
             tokenizer.save_pretrained(tmp)
             replace_dir(tmp, out / "model")
         return out / "model"
+    from ..lora.config import moves_base
     from ..lora.io import save_adapter
 
     state = full_trainable_state(model) if is_sharded(model) else None
-    if info.main:
-        save_adapter(plain, out / "adapter", state_dict=state)
+    if info.main:  # PiSSA / OLoRA: by default a plain LoRA that applies to the base the user has
+        convert = cfg.convert_to_lora and moves_base(cfg.lora_init())
+        save_adapter(plain, out / "adapter", state_dict=state, convert_to_lora=convert)
     return out / "adapter"
 
 

@@ -15,6 +15,7 @@ import torch
 from ..errors import TrainingError
 from .checkpoint import list_checkpoints
 from .recipe import TrainConfig
+from .variants import add_neftune, loraplus_groups
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,8 +117,11 @@ def build_model(cfg: TrainConfig, dtype: str = "float32"):
         return model, tokenizer
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=target_modules_from_flags(cfg.target_modules),
-                      use_rslora=cfg.rslora, base_model_name_or_path=cfg.model, task_type="CAUSAL_LM")
+                      use_rslora=cfg.rslora, use_dora=cfg.dora, init_lora_weights=cfg.lora_init(), bias=cfg.bias,
+                      base_model_name_or_path=cfg.model, task_type="CAUSAL_LM")
     inject(model, lcfg)
+    if cfg.neftune_alpha:
+        add_neftune(model, cfg.neftune_alpha)
     return model, tokenizer
 
 
@@ -143,7 +147,11 @@ def check_space(out: Path, model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (the LoRA factors, or every weight with --full)."""
+    """AdamW over the trainable parameters (the LoRA factors, or every weight with --full); with
+    --loraplus-lr-ratio, PEFT's LoRA+ parameter groups (lorakit.train.variants.loraplus_groups)."""
+    if cfg.loraplus_lr_ratio and not cfg.full:
+        groups = loraplus_groups(model, cfg.lr, cfg.loraplus_lr_ratio, cfg.loraplus_lr_embedding, cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 

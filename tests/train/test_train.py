@@ -236,3 +236,42 @@ def test_truncation_is_counted_and_reported(tiny_model_dir, tmp_path, capsys):
                     progress=False)
     assert summary["data"]["train"]["n_truncated"] == 0 and summary["data"]["train"]["n_dropped"] == 4
     assert "4 dropped" in capsys.readouterr().out
+
+
+def test_variants_resume_exactly_and_save_a_plain_lora(tiny_model_dir, tmp_path, monkeypatch):
+    """DoRA + PiSSA + LoRA+ + NEFTune in one run: killed at step 10 and resumed, the adapter is the
+    straight run's; it is saved converted (rank 2r, init true) and PEFT gives the trained model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import lorakit.train.loop as train_mod
+
+    kw = dict(dora=True, init_lora_weights="pissa", loraplus_lr_ratio=8, neftune_alpha=5.0,
+              max_steps=14, dropout=0.1)
+    train(_cfg(tiny_model_dir, tmp_path, out="straight", **kw), progress=False)
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(ckpt_dir, step, *args, **kwargs):
+        path = real_save(ckpt_dir, step, *args, **kwargs)
+        if step == 10:
+            raise _Killed
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train(_cfg(tiny_model_dir, tmp_path, out="resumed", **kw), progress=False)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    train(_cfg(tiny_model_dir, tmp_path, out="resumed", resume=True, **kw), progress=False)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("magnitude" in k for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    saved = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"], saved["use_dora"]) == (8, 16, True, True)
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       str(tmp_path / "straight" / "adapter"))
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lk.load_adapter(ours, tmp_path / "straight" / "adapter")
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max() < 1e-5
