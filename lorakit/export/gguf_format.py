@@ -150,20 +150,21 @@ def check_out_path(path: str | Path) -> Path:
 def write_file(path: str | Path, arch_name: str, fill, alignment: int | None = None) -> None:
     """Write a GGUF file atomically: ``fill(writer)`` adds keys and tensors, then it is written and renamed.
 
-    Tensors are written with a tqdm progress bar.
+    Each tensor goes to a spooled temporary file as it is added (so only one is in memory at a time), then
+    the header and the tensors are written out.
     """
     gguf = gguf_module()
     path = check_out_path(path)
 
     def write(tmp: str) -> None:
-        writer = gguf.GGUFWriter(tmp, arch_name)
+        writer = gguf.GGUFWriter(tmp, arch_name, use_temp_file=True)
         if alignment is not None:
             writer.data_alignment = alignment
         try:
             fill(writer)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=True)
+            writer.write_tensors_to_file()
         finally:
             writer.close()
 

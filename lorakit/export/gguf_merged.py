@@ -8,9 +8,11 @@ rewritten, at ``outtype``. They are never re-quantized into 4 bits: a small ΔW 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .gguf_format import (
     GgufExportError,
@@ -49,20 +51,56 @@ def export_merged_gguf(adapter: str | Path, out: str | Path, base: str | None = 
     if outtype is not None:
         check_outtype(outtype)
     check_out_path(out)
-    cfg, _, _ = read_adapter(adapter)
+    cfg, tensors, _ = read_adapter(adapter)
     base = base or cfg.base_model_name_or_path or DEFAULT_MODEL
+    source = gguf_source(base)
+    lean = _deltas(adapter, cfg, tensors, base) if source is not None else None
+    if lean is not None:  # a plain LoRA on a GGUF base: ΔW added to each dequantized tensor, no model loaded
+        arch, deltas = lean
+        report = _write_from_gguf(source, arch, deltas, out, outtype, add_to_base=True)
+        return {"out": str(out), "architecture": arch.name, "source": str(source), **report}
     model, tokenizer = load_model(base)
     load_adapter(model, adapter)
     arch = arch_of(model.config)
     weights = merged_weights(model)
-    source = gguf_source(base)
     if source is None:
         from .gguf_hf import write_hf_gguf
 
         report = write_hf_gguf(base, model, tokenizer, weights, out, outtype)
     else:
-        report = _write_from_gguf(source, model.config, arch, weights, out, outtype)
+        report = _write_from_gguf(source, arch, _gguf_updates(model.config, arch, weights), out, outtype)
     return {"out": str(out), "architecture": arch.name, "source": str(source or base), **report}
+
+
+def _deltas(adapter, cfg, tensors, base: str):
+    """(arch, {GGUF tensor name: ΔW in GGUF row order}) for an adapter a llama.cpp LoRA file could hold,
+    else None (DoRA, trained biases, modules_to_save, tied heads: lorakit's own merge handles those)."""
+    from ..models.load import load_config
+    from .gguf import adapter_pairs, refuse_unrepresentable
+
+    config = load_config(base)
+    arch = arch_of(config)
+    try:
+        refuse_unrepresentable(adapter)
+        pairs = adapter_pairs(cfg, tensors, config, arch, base)
+    except GgufExportError:
+        return None
+    return arch, {p.tensor: _Delta(p, float(cfg.lora_alpha)) for p in pairs}
+
+
+class _Delta:
+    """ΔW of one pair as llama.cpp computes it from the adapter file, (alpha / r)·B·A (scale folded into B),
+    formed only when called: while writing, one at a time, so a large model's ΔWs never coexist."""
+
+    def __init__(self, pair, alpha: float):
+        self.pair, self.alpha = pair, alpha
+        self.embedding = pair.tensor == "token_embd.weight"  # A is stored transposed: ΔW = A^T-rows · B^T
+        a, b = pair.a.shape, pair.b.shape
+        self.shape = (a[0], b[0]) if self.embedding else (b[0], a[1])
+
+    def __call__(self) -> torch.Tensor:
+        a, b = self.pair.a.float(), self.pair.b.float()
+        return (self.alpha / self.pair.r) * (a @ b.T if self.embedding else b @ a)
 
 
 def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -141,13 +179,14 @@ def _gguf_updates(config, arch, weights: dict[str, torch.Tensor]) -> dict[str, t
     return updates
 
 
-def _write_from_gguf(source: Path, config, arch, weights, out, outtype: str | None) -> dict:
+def _write_from_gguf(source: Path, arch, updates: dict, out, outtype: str | None, add_to_base: bool = False) -> dict:
+    """Copy ``source`` with ``updates`` (GGUF names → tensors, or callables making them) replacing its tensors,
+    or added to them (``add_to_base``)."""
     gguf = gguf_module()
     reader = gguf.GGUFReader(source)
     if _field(reader, "general.architecture") != arch.name:
         raise GgufExportError(f"{source}: general.architecture is {_field(reader, 'general.architecture')!r}, "
-                              f"but the model lorakit loaded from it is {arch.name!r}")
-    updates = _gguf_updates(config, arch, weights)
+                              f"but the model's config says {arch.name!r}")
     existing = {t.name: t for t in reader.tensors}
     for name, w in updates.items():
         t = existing.get(name)
@@ -161,17 +200,23 @@ def _write_from_gguf(source: Path, config, arch, weights, out, outtype: str | No
 
     def fill(writer) -> None:
         _copy_fields(reader, writer)
-        for t in reader.tensors:
+        for t in tqdm(reader.tensors, desc="writing GGUF", unit="tensor", file=sys.stderr):
             if t.name in updates:
-                _add(writer, t.name, updates[t.name], _chosen(outtype, t.tensor_type.name), types)
+                w = updates.pop(t.name)  # one merged tensor alive at a time before encoding
+                w = w() if callable(w) else w
+                if add_to_base:
+                    w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()) + w
+                _add(writer, t.name, w, _chosen(outtype, t.tensor_type.name), types)
             else:
                 writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-        for name in sorted(set(updates) - set(existing)):
-            _add(writer, name, updates[name], outtype or _chosen(None, existing["token_embd.weight"].tensor_type.name),
-                 types)
+        for name in added:
+            _add(writer, name, updates.pop(name),
+                 outtype or _chosen(None, existing["token_embd.weight"].tensor_type.name), types)
 
+    added = sorted(set(updates) - set(existing))
+    count = len(updates)
     write_file(out, arch.name, fill, alignment=alignment)
-    return {"adapted": len(updates), "types": types, "added": sorted(set(updates) - set(existing))}
+    return {"adapted": count, "types": types, "added": added}
 
 
 def _chosen(outtype: str | None, base_type: str) -> str:
