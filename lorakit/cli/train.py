@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from .common import dtype_type
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune with a recipe (YAML) overridden by flags; prints the before/after table."""
@@ -58,7 +60,10 @@ def print_summary(s: dict) -> None:
     print(f"\n{s['mode']} result: {s['output']}")
 
 
-def _load_for_inference(model_spec: str, adapter: str | None):
+def _load_for_inference(model_spec: str, adapter: str | None, dtype: str = "auto"):
+    import sys
+
+    from ..models.dtype import resolve_dtype
     from ..models.load import load_model
 
     if adapter:
@@ -66,7 +71,9 @@ def _load_for_inference(model_spec: str, adapter: str | None):
 
         cfg, _, _ = read_adapter(adapter)
         model_spec = model_spec or cfg.base_model_name_or_path
-    model, tokenizer = load_model(model_spec or "smollm2-135m-instruct")
+    dtype, why = resolve_dtype(dtype, "cpu")
+    print(f"lorakit: base weights in {dtype} ({why})", file=sys.stderr)
+    model, tokenizer = load_model(model_spec or "smollm2-135m-instruct", dtype=dtype)
     if adapter:
         from ..lora.io import load_adapter
 
@@ -80,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data.tasks import task_names, task_path
     from ..train.evaluate import eval_loss, exact_match_score
 
-    model, tokenizer = _load_for_inference(args.model, args.adapter)
+    model, tokenizer = _load_for_inference(args.model, args.adapter, args.dtype)
     data = Path(args.data) if Path(args.data).exists() or args.data not in task_names() else task_path(args.data, "test")
     examples = load_jsonl(data)[: args.limit or None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -96,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Answer a prompt (chat template applied unless --raw) with a model and optional adapter."""
     from ..train.evaluate import generate
 
-    model, tokenizer = _load_for_inference(args.model, args.adapter)
+    model, tokenizer = _load_for_inference(args.model, args.adapter, args.dtype)
     prompt = args.prompt
     if not args.raw and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -127,6 +134,8 @@ def add_train_verbs(sub) -> None:
                                                       "smollm2-135m-instruct)")
         p.add_argument("--adapter", default=None, help="adapter directory; omit for the base model alone")
         p.add_argument("--max-new-tokens", type=int, default=32 if verb == "generate" else 16)
+        p.add_argument("--dtype", type=dtype_type(allow_auto=True), default="auto", help="base weights: auto "
+                       "(default: bfloat16 where the CPU computes it natively, else float32), fp32, bf16, fp16")
         if verb == "eval":
             p.add_argument("--data", default="dates", help="JSONL file or packaged task (its test split)")
             p.add_argument("--limit", type=int, default=0, help="score at most N examples (0: all)")

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..models.dtype import parse_dtype
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -108,9 +109,9 @@ class TrainConfig:
     score_limit: int = 0
     """Score at most this many test examples (0: all)."""
     dtype: str = "auto"
-    """Frozen base dtype: auto, float32, bfloat16 or float16 (LoRA weights stay float32). auto: bfloat16 where
-    the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX: about 2x faster
-    steps), else float32; --full trains float32 weights unless you choose."""
+    """Frozen base dtype: auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16); LoRA weights stay float32.
+    auto: bfloat16 where the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX:
+    about 2x faster steps), else float32; --full trains float32 weights unless you choose."""
     threads: int = 0
     """torch CPU threads (0: all cores)."""
     gradient_checkpointing: bool = False
@@ -146,8 +147,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        self.dtype = parse_dtype(self.dtype, allow_auto=True)  # short names too: bf16, fp16, fp32
         if self.quantize is not None:
             self._check_quantize()
         if isinstance(self.target_modules, str):

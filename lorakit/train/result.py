@@ -84,7 +84,39 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
         "data": st["data"],
     }
     atomic_write_json(out / "summary.json", summary)
+    if not cfg.full:
+        from ..lora.card import write_model_card
+        from ..lora.io import read_adapter
+
+        write_model_card(product, read_adapter(product)[0], card_sections(summary, cfg, paths))
     return summary
+
+
+def card_sections(summary: dict[str, Any], cfg: TrainConfig, paths: DataPaths) -> dict[str, list[str]]:
+    """The model card's "Training data" and "Training results" sections of a finished run."""
+    def fmt(value, spec=".4f"):
+        return "n/a" if value is None else format(value, spec)
+
+    data = [f"- train: `{cfg.data}` ({paths.train})"]
+    for split, path in (("eval", paths.eval), ("test", paths.test)):
+        if path is not None:
+            data.append(f"- {split}: {path}")
+    for split, stats in (summary.get("data") or {}).items():
+        if stats:
+            data.append(f"- {split} examples: {stats['n_examples']:,} ({stats['n_tokens']:,} tokens, "
+                        f"{stats['n_truncated']} cut to max_seq_len={cfg.max_seq_len})")
+    data.append(f"- recipe: {summary['steps']} steps ({summary['epochs']:g} epochs), batch {cfg.batch_size} × "
+                f"grad_accum {cfg.grad_accum}, lr {cfg.lr:g}, seed {cfg.seed}, base in {summary['dtype']}"
+                + (f", quantized {summary['quantization']}" if summary.get("quantization") else ""))
+    em = {k: summary[k]["exact_match"] if summary.get(k) else None for k in ("before", "after")}
+    results = [f"- eval loss: final {fmt(summary['final_eval_loss'])}, best {fmt(summary['best_eval_loss'])}; "
+               f"final train loss {fmt(summary['final_train_loss'])}",
+               f"- held-out exact match: before {fmt(em['before'], '.1%')}, after {fmt(em['after'], '.1%')}",
+               f"- trainable parameters: {summary['trainable_params']:,} ({summary['trainable_percent']:.3f}% of "
+               f"{summary['total_params']:,})",
+               f"- train wall time {summary['train_wall_s']:.1f} s, {fmt(summary['tokens_per_s'], '.0f')} tokens/s, "
+               f"peak memory {summary['peak_memory_mb']:.0f} MB, {summary['processes']} process(es)"]
+    return {"Training data": data, "Training results": results}
 
 
 def _last_value(path: Path, key: str) -> float | None:

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingError
+from ..models.dtype import resolve_dtype as resolve_base_dtype
 from .checkpoint import list_checkpoints
 from .recipe import TrainConfig
 from .variants import add_neftune, loraplus_groups
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -76,26 +75,13 @@ def lock_out_dir(out: Path) -> int:
     return fd
 
 
-def native_bf16(device: str) -> bool:
-    """Whether ``device`` computes bf16 matmuls natively (then a bf16 frozen base pays: ~4x the fp32
-    GEMM rate on an AVX512-BF16 CPU, measured in bench/; without bf16 units bf16 is emulated and slower)."""
-    if device.startswith("cuda"):  # emulated bf16 (e.g. a T4) does not count: it is slower than fp16/fp32 there
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if device != "cpu":
-        return False
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own capability probes
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def resolve_dtype(cfg: TrainConfig, device: str) -> tuple[str, str]:
-    """(dtype name, why) for the frozen base: ``cfg.dtype`` unless it is "auto"."""
-    if cfg.dtype != "auto":
-        return cfg.dtype, "as configured"
-    if cfg.full:
+    """(dtype name, why) for the frozen base: ``cfg.dtype``, or for "auto" the rule every verb shares
+    (:func:`lorakit.models.dtype.resolve_dtype`), except that --full keeps float32."""
+    if cfg.dtype == "auto" and cfg.full:
         return "float32", "auto: --full trains every weight, kept in float32"
-    if native_bf16(device):
-        return "bfloat16", f"auto: {device} computes bf16 natively; LoRA weights stay float32"
-    return "float32", f"auto: {device} has no native bf16 units"
+    name, why = resolve_base_dtype(cfg.dtype, device)
+    return name, why + ("; LoRA weights stay float32" if name == "bfloat16" and cfg.dtype == "auto" else "")
 
 
 def build_model(cfg: TrainConfig, dtype: str = "float32"):
@@ -103,9 +89,9 @@ def build_model(cfg: TrainConfig, dtype: str = "float32"):
     then inject LoRA (or unfreeze everything for --full)."""
     from ..lora.config import LoraConfig, target_modules_from_flags
     from ..lora.inject import inject
-    from ..models.load import load_model
+    from ..models.load import base_model_id, load_model
 
-    model, tokenizer = load_model(cfg.model, dtype=_DTYPES[dtype])
+    model, tokenizer = load_model(cfg.model, dtype=dtype)
     if cfg.quantize:  # deterministic: a resumed run gets the same bits
         from ..lora.quantize import quantize
 
@@ -118,7 +104,7 @@ def build_model(cfg: TrainConfig, dtype: str = "float32"):
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=target_modules_from_flags(cfg.target_modules),
                       use_rslora=cfg.rslora, use_dora=cfg.dora, init_lora_weights=cfg.lora_init(), bias=cfg.bias,
-                      base_model_name_or_path=cfg.model, task_type="CAUSAL_LM")
+                      base_model_name_or_path=base_model_id(cfg.model), task_type="CAUSAL_LM")
     inject(model, lcfg)
     if cfg.neftune_alpha:
         add_neftune(model, cfg.neftune_alpha)

@@ -66,3 +66,28 @@ def test_serve_defaults_to_auto_and_says_so(tiny_model_dir, monkeypatch, capsys,
     assert {p.dtype for p in served["engine"].model.parameters()} == {getattr(torch, expected)}
     why = "as configured" if flag else "auto: cpu"
     assert f"base weights in {expected} ({why}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native, flag, expected", [(True, [], "bfloat16"), (False, [], "float32"),
+                                                     (True, ["--dtype", "fp32"], "float32")])
+def test_eval_and_generate_default_to_auto_and_say_so(tiny_model_dir, tmp_path, monkeypatch, capsys, native, flag,
+                                                      expected):
+    from lorakit.models import load as load_mod
+
+    _native_bf16(monkeypatch, native)
+    loaded = []
+    real = load_mod.load_model
+
+    def spy(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        loaded.append({p.dtype for p in model.parameters()})
+        return model, tokenizer
+
+    monkeypatch.setattr(load_mod, "load_model", spy)
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--max-new-tokens", "2", *flag]) == 0
+    assert main(["generate", "--model", str(tiny_model_dir), "hi", "--max-new-tokens", "2", *flag]) == 0
+    assert loaded == [{getattr(torch, expected)}] * 2
+    err = capsys.readouterr().err
+    assert err.count(f"base weights in {expected} ({'as configured' if flag else 'auto: cpu'}") == 2

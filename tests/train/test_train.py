@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit.errors import ConfigError
+from lorakit.models.dtype import native_bf16
 from lorakit.train.loop import train
 from lorakit.train.recipe import TrainConfig, load_recipe
-from lorakit.train.setup import native_bf16, resolve_dtype
+from lorakit.train.setup import resolve_dtype
 
 
 def _data(tmp_path, n=24):
@@ -156,8 +157,9 @@ def test_auto_dtype_is_bf16_only_where_it_is_native(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
     assert resolve_dtype(cfg, "cuda")[0] == "float32" and seen == [False]
-    with pytest.raises(ConfigError, match="dtype must be auto, float32"):
+    with pytest.raises(ConfigError, match="accepted: auto, float32, bfloat16, float16, fp32"):
         TrainConfig(model="m", data="dates", dtype="fp8")
+    assert TrainConfig(model="m", data="dates", dtype="BF16").dtype == "bfloat16"  # short names, one parser
 
 
 def test_cli_train_prints_table(tiny_model_dir, tmp_path, capsys):

@@ -1,0 +1,33 @@
+"""What a finished LoRA run leaves for others: a base they can resolve, and a model card with the run."""
+
+from __future__ import annotations
+
+import json
+
+from huggingface_hub import ModelCard
+
+from lorakit.cli.main import main
+
+
+def test_a_run_records_a_resolvable_base_and_writes_its_card(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    rows = [{"prompt": f"{i} is a number, say ", "completion": "yes"} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert main(["train", "--model", tiny_model_dir.name, "--data", str(tmp_path / "d.jsonl"), "--eval-data",
+                 str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2",
+                 "--max-seq-len", "32", "--r", "2", "--target-modules", "q_proj", "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    adapter = tmp_path / "run" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir.resolve())  # not the relative spec typed
+    card = ModelCard.load(adapter / "README.md")
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dtype"] == "float32"
+    text = card.text
+    assert "## Training data" in text and "## Training results" in text and "- r: 2" in text
+    assert f"- train examples: 6 ({summary['data']['train']['n_tokens']:,} tokens" in text
+    assert f"final {summary['final_eval_loss']:.4f}" in text and "2 steps" in text
+    monkeypatch.chdir(tmp_path)  # elsewhere, eval finds the base from the adapter alone
+    assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "d.jsonl"), "--limit", "1",
+                 "--max-new-tokens", "2"]) == 0
