@@ -112,7 +112,7 @@ def mixed_round(url: str, clients: int, requests: int, pool: list, models: list[
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall}
 
 
-def short_behind_long(url: str, refs: dict, repeats: int = 3) -> dict:
+def short_behind_long(url: str, refs: dict, repeats: int = 5) -> dict:
     """Latency of a short request alone, and sent 0.3 s after a long one on another adapter."""
     long_n, delay = LONG_BEHIND
     alone, behind, match = [], [], True
@@ -133,7 +133,7 @@ def short_behind_long(url: str, refs: dict, repeats: int = 3) -> dict:
             "ratio": statistics.median(behind) / statistics.median(alone), "all_match": match}
 
 
-def run(clients: int = 16, requests: int = 6, rounds: int = 2, seed: int = 0) -> dict:
+def run(clients: int = 16, requests: int = 8, rounds: int = 3, seed: int = 0) -> dict:
     """Both schedulers, alternating, ``rounds`` rounds each; returns per-round figures and medians."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
