@@ -34,6 +34,9 @@ def export_merged_gguf(adapter: str | Path, out: str | Path, base: str | None = 
                        outtype: str | None = None) -> dict:
     """Merge ``adapter`` into ``base`` and write one GGUF model file.
 
+    A plain LoRA on a GGUF base is merged tensor by tensor without loading the model; anything else
+    (DoRA, trained biases, modules_to_save, a tied head, a transformers base) through the loaded model.
+
     Args:
         adapter: PEFT-format adapter directory.
         out: the .gguf file to write (atomically).
