@@ -187,7 +187,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise AdapterFormatError(f"{path} exists and is not a directory; choose a directory path for the adapter")
     save_safetensors(tensors, path / WEIGHTS_NAME, metadata)
     atomic_write_text(path / CONFIG_NAME, cfg.to_json())
-    write_model_card(path, cfg, transformers_model=type(model).__module__.startswith("transformers."))
+    write_model_card(path, cfg, quantized.card_section(model),
+                     transformers_model=type(model).__module__.startswith("transformers."))
     return path
 
 

@@ -143,3 +143,18 @@ def plain(module: nn.Module) -> nn.Module:
     out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     out.weight, out.bias = module.weight, module.bias
     return out.train(module.training)
+
+
+def card_section(model: nn.Module) -> dict[str, list[str]] | None:
+    """The model card's section for an adapter trained on a quantized base (None for a plain base)."""
+    q = describe(model)
+    if q is None:
+        return None
+    scales = " with double-quantized scales" if q["double_quant"] else ""
+    return {"Quantized base (QLoRA)": [
+        f"- trained on a base whose {q['layers']} Linear layers (all but the output head) bitsandbytes quantized "
+        f"to {q['method']}{scales}, computing in {q['compute_dtype']} (`lorakit train --quantize {q['method']}`)",
+        "- the adapter itself is plain LoRA (nothing about quantization in adapter_config.json, as PEFT saves it); "
+        "it loads onto the 16/32-bit base too, whose outputs differ from the quantized base's by the "
+        "quantization error",
+    ]}

@@ -152,6 +152,10 @@ def test_adapter_loads_onto_a_full_precision_base_with_a_small_difference(tmp_pa
     with torch.no_grad():
         a, b = model.eval()(ids).logits, dense.eval()(ids).logits
     assert 0 < (a - b).norm() / b.norm() < 0.1
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "## Quantized base (QLoRA)" in card and "nf4 with double-quantized scales" in card
+    lk.save_adapter(dense, tmp_path / "b")
+    assert "Quantized base" not in (tmp_path / "b" / "README.md").read_text()
 
 
 def test_merge_keeps_the_packed_weight_and_unmerge_restores_it_bit_for_bit():
