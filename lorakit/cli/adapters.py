@@ -34,7 +34,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Merge an adapter into its base model and write a plain transformers model directory."""
     from ..export.merged import merge_to_directory
 
-    report = merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype)
+    report = merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, quantize=args.quantize,
+                                double_quant=args.double_quant)
+    q = report["quantization"]
+    if q:
+        print(f"merged into the {q['method']}-dequantized base: its {q['layers']} quantized Linear layers are saved "
+              f"as plain {report['dtype']} weights, dequantize(W) + ΔW (re-quantizing would lose most of ΔW)")
     print(f"wrote {args.out} ({report['dtype']}); max |logits(merged) - logits(unmerged)| on a check "
           f"batch = {report['max_abs_diff']:.3g}")
     return 0
@@ -75,6 +80,11 @@ def add_adapter_verbs(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (transformers format, safetensors)")
     p.add_argument("--dtype", type=dtype_type(), default="float32",
                    help="dtype of the saved weights: float32 (default), bfloat16 / bf16, float16 / fp16")
+    p.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+                   help="the adapter was trained with --quantize: merge into the base quantized the same way "
+                   "(its dequantized weights, what the adapter saw), not into the original weights")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="with a 4-bit --quantize: double-quantized scales, as in training (default on)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("info", help="describe an adapter directory")

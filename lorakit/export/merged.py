@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ from ..fileio import replace_dir
 from ..models.dtype import parse_dtype, torch_dtype
 
 
-def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: str = "float32") -> dict:
+def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: str = "float32",
+                       quantize: str | None = None, double_quant: bool = True) -> dict:
     """Load ``base``, apply ``adapter``, merge, and save to ``out`` (safetensors), atomically.
 
     The merged model's logits on a check batch are compared with the unmerged model's, and the
@@ -25,9 +27,15 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
         out: output directory; replaced only once the new one is complete. It gets the base's tokenizer
             when the base has one (a directory of weights alone gives a directory of weights alone).
         dtype: dtype of the saved weights ("float32", "bfloat16", "float16", or a short name: "bf16").
+        quantize: the adapter was trained on a quantized base (``lorakit train --quantize``): quantize
+            ``base`` the same way first and merge into its dequantized weights, the weights the adapter
+            was trained against (re-quantizing the merged weights would lose most of ΔW, so the output
+            holds dequantize(W) + ΔW, and dequantize(W) where no adapter is, in ``dtype``).
+        double_quant: with a 4-bit ``quantize``: double-quantized scales, as in training.
 
     Returns:
-        {"out": path, "dtype": dtype, "max_abs_diff": float}
+        {"out": path, "dtype": dtype, "max_abs_diff": float, "quantization": lorakit.lora.quantized.describe of
+        the base before merging, or None}
     """
     from ..lora.io import load_adapter
     from ..lora.merge import merge_and_unload
@@ -38,11 +46,23 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out {out} exists and is not a directory")
     model, tokenizer = load_model(base, tokenizer=None)  # merging needs none; pass one on when there is one
+    quantization = None
+    if quantize:
+        from ..lora.quantize import quantize as quantize_model
+        from ..lora.quantized import describe
+
+        quantization = describe(quantize_model(model, quantize, double_quant))
     load_adapter(model, adapter)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
-        merged = merge_and_unload(model)
+        with warnings.catch_warnings():  # the CLI says it itself
+            warnings.simplefilter("ignore")
+            merged = merge_and_unload(model)
+        if quantization:
+            from ..lora.quantized import dequantize_all
+
+            dequantize_all(merged)  # layers without an adapter: a saved directory holds plain weights
         after = merged(ids).logits
     merged.to(torch_dtype(dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,5 +75,6 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "dtype": dtype, "max_abs_diff": float((before - after).abs().max())}
+    return {"out": str(out), "dtype": dtype, "max_abs_diff": float((before - after).abs().max()),
+            "quantization": quantization}
 

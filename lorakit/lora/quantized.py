@@ -158,3 +158,14 @@ def card_section(model: nn.Module) -> dict[str, list[str]] | None:
         "it loads onto the 16/32-bit base too, whose outputs differ from the quantized base's by the "
         "quantization error",
     ]}
+
+
+def dequantize_all(model: nn.Module) -> int:
+    """Replace every quantized Linear still in ``model`` by a plain Linear holding its dequantized weight
+    (what a saved transformers directory needs); returns how many were replaced."""
+    names = [n for n, m in model.named_modules() if kind(m)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, plain(DenseFromQuantized(getattr(owner, child))))
+    return len(names)

@@ -209,3 +209,26 @@ def test_deepcopy_of_a_qlora_model_runs():
     ids = batch()["input_ids"]
     with torch.no_grad():
         assert torch.equal(twin.eval()(ids).logits, model.eval()(ids).logits)
+
+
+def test_lorakit_merge_quantize_writes_dequantized_weights_plus_delta(tiny_model_dir, tmp_path, capsys):
+    """`lorakit merge --quantize nf4`: the adapter goes into the weights it was trained against."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli.main import main
+
+    model = lk.quantize(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), "nf4")
+    torch.manual_seed(4)
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lk.save_adapter(model, tmp_path / "a")
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path / "a"), "--out",
+                 str(tmp_path / "m"), "--quantize", "nf4"]) == 0
+    assert "merged into the nf4-dequantized base: its 14 quantized Linear layers" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
+    assert torch.allclose(merged.model.layers[0].self_attn.q_proj.weight,
+                          quantized.dequantize(q.base_layer) + q.delta_weight("default"), atol=1e-7)
+    assert torch.equal(merged.model.layers[0].self_attn.k_proj.weight, quantized.dequantize(k))  # no adapter there
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, model.train()(ids).logits, rtol=1e-5, atol=1e-5)
