@@ -31,3 +31,27 @@ def test_a_run_records_a_resolvable_base_and_writes_its_card(tiny_model_dir, tmp
     monkeypatch.chdir(tmp_path)  # elsewhere, eval finds the base from the adapter alone
     assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "d.jsonl"), "--limit", "1",
                  "--max-new-tokens", "2"]) == 0
+
+
+def test_peft_finds_the_base_a_run_recorded(tiny_model_dir, tmp_path, capsys):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    import lorakit as lk
+    from lorakit.models.load import load_model
+
+    rows = [{"prompt": f"{i} is a number, say ", "completion": "yes"} for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--out",
+                 str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "32", "--r", "2",
+                 "--lr", "0.05", "--target-modules", "q_proj", "v_proj", "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    adapter = tmp_path / "run" / "adapter"
+    theirs = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()  # the base from adapter_config.json alone
+    ours, _ = load_model(str(tiny_model_dir))
+    lk.load_adapter(ours, adapter)
+    ids = torch.tensor([[40, 41, 42, 43, 44]])
+    plain, _ = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, ours(ids).logits, atol=1e-5)
+        assert not torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-5)  # the adapter does something
