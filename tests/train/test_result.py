@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from huggingface_hub import ModelCard
 
 from lorakit.cli.main import main
@@ -55,3 +56,26 @@ def test_peft_finds_the_base_a_run_recorded(tiny_model_dir, tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(theirs(ids).logits, ours(ids).logits, atol=1e-5)
         assert not torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-5)  # the adapter does something
+
+
+@pytest.mark.real_model
+def test_a_run_on_the_embedded_model_records_its_hub_id(tmp_path, monkeypatch):
+    import socket
+
+    from lorakit.train.loop import train
+    from lorakit.train.recipe import load_recipe
+
+    cfg = load_recipe(None, {"out": str(tmp_path / "real"), "max_steps": 1, "eval_every": 0, "save_every": 0,
+                             "batch_size": 2, "score_limit": 1, "eval_batches": 1, "max_new_tokens": 2})
+    assert cfg.model == "smollm2-135m-instruct"
+
+    def refuse(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)  # the embedded model and its hub id stay offline
+    train(cfg, progress=False)
+    adapter = tmp_path / "real" / "adapter"
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert ModelCard.load(adapter / "README.md").data.base_model == recorded
+    assert main(["generate", "--adapter", str(adapter), "Hi", "--max-new-tokens", "2"]) == 0  # resolved back
