@@ -1,4 +1,4 @@
-"""Calibrate `lorakit plan` against measured memory: SmolLM2-135M on CPU (fp32), full FT and LoRA, two batch sizes.
+"""Calibrate `lorakit plan` against measured memory: SmolLM2-135M on CPU (fp32), full FT, LoRA and QLoRA, two batch sizes.
 
 Each case runs lorakit's own training loop (``lorakit.train.train``, unmodified) for two optimizer steps in
 a fresh subprocess, so one case's allocations never colour another's:
@@ -16,7 +16,8 @@ Each case is measured twice: with glibc's mmap threshold fixed at its default 12
 back to the OS and RSS follows live tensors (the plan's subject; ±25% required), and with glibc's default
 dynamic threshold (reported, to show the allocator's own overshoot). Results go to
 bench/results/plan_calibration.json and .md. Usage: ``PYTHONPATH=. python bench/plan_calibration.py``
-(8 runs, about 5 to 10 minutes on two cores).
+(12 runs, about 10 to 15 minutes on two cores; ``--modes qlora`` measures those cases alone and keeps
+the others' last results).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 MODEL = "smollm2-135m-instruct"
 SEQ_LEN = 128
 BATCHES = (1, 4)  # 1: an unpadded batch (causal SDPA, grouped k/v); 4: a padded one (mask, repeated k/v)
-MODES = ("full", "lora")
+MODES = ("full", "lora", "qlora")  # qlora: lorakit train --quantize nf4 (double-quantized scales)
 STEPS = 2
 THREADS = 2
 TOLERANCE = 0.25
@@ -112,6 +113,7 @@ def run_case(mode: str, batch: int, data: str) -> dict:
     register_optimizer_step_post_hook(after_step)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(model=MODEL, data=data, out=tmp, full=mode == "full", max_steps=STEPS + 1,
+                          quantize="nf4" if mode == "qlora" else None,
                           batch_size=batch, max_seq_len=SEQ_LEN, warmup_steps=0, eval_every=0, save_every=0,
                           log_every=1, threads=THREADS, dtype="float32")
         try:
@@ -168,7 +170,7 @@ def _mib(n: float) -> str:
 
 
 def report(cases: list[dict]) -> str:
-    lines = ["# `lorakit plan` vs measured peak memory (SmolLM2-135M, CPU, fp32)", "",
+    lines = ["# `lorakit plan` vs measured peak memory (SmolLM2-135M, CPU, fp32; qlora: NF4 base)", "",
              f"Two optimizer steps of `lorakit.train.train` per case (AdamW, lr schedule, clipping as shipped), "
              f"T = {SEQ_LEN}, loss on every token, {THREADS} threads, each case in a fresh process. "
              "Batch 1 is unpadded (causal SDPA, grouped k/v); batch 4 is right-padded to T by `collate` (SDPA gets "
@@ -207,6 +209,8 @@ def main() -> int:
     parser.add_argument("--case", help="internal: run one MODE:BATCH case on --data and print its JSON")
     parser.add_argument("--data", help="internal: the case's training JSONL")
     parser.add_argument("--render", action="store_true", help="rewrite the .md from the .json, measuring nothing")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="measure these modes only; the other modes' cases are kept from the last JSON")
     args = parser.parse_args()
     if args.case:
         mode, batch = args.case.split(":")
@@ -220,8 +224,12 @@ def main() -> int:
 
     _, tokenizer = load_model(MODEL)  # here in the parent only: converts the embedded GGUF once if needed
     with tempfile.TemporaryDirectory(prefix="plan-calibration-") as tmp:
-        cases = [calibrate(mode, batch, _write_data(Path(tmp) / f"{mode}-{batch}", batch, tokenizer))
-                 for mode in MODES for batch in BATCHES]
+        fresh = {(mode, batch): calibrate(mode, batch, _write_data(Path(tmp) / f"{mode}-{batch}", batch, tokenizer))
+                 for mode in args.modes for batch in BATCHES}
+    last = RESULTS / "plan_calibration.json"
+    kept = {(c["mode"], c["batch"]): c for c in json.loads(last.read_text())["cases"]} if last.exists() else {}
+    merged = {**kept, **fresh}
+    cases = [merged[(mode, batch)] for mode in MODES for batch in BATCHES if (mode, batch) in merged]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "plan_calibration.json").write_text(json.dumps(
         {"model": MODEL, "seq_len": SEQ_LEN, "steps": STEPS, "threads": THREADS, "tolerance": TOLERANCE,

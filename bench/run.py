@@ -20,7 +20,16 @@ from pathlib import Path
 
 import torch
 
-from . import adapter_io, forward_latency, lora_vs_full, mixed_throughput, report, step_memory, train_step
+from . import (
+    adapter_io,
+    forward_latency,
+    lora_vs_full,
+    mixed_throughput,
+    qlora,
+    report,
+    step_memory,
+    train_step,
+)
 from .common import (
     DEFAULT_MODEL,
     RESULTS,
@@ -33,7 +42,7 @@ from .common import (
     write_json,
 )
 
-FIGURES = [train_step, step_memory, lora_vs_full, forward_latency, adapter_io, mixed_throughput]
+FIGURES = [train_step, step_memory, lora_vs_full, forward_latency, adapter_io, mixed_throughput, qlora]
 NAMES = [f.NAME for f in FIGURES]
 
 

@@ -100,6 +100,7 @@ class Case(NamedTuple):
     checkpointing: bool = False  # activation checkpointing (non-reentrant) in every decoder block
     loss: str = "plain"  # "plain": transformers' loss over full logits; "lorakit": evaluate.loss_sum (fused)
     fused: bool = True  # lorakit: siblings' A's in one matmul (lorakit.siblings); False: one adapter at a time
+    quantize: str | None = None  # "nf4", "fp4", "int8": the base's Linears quantized by lk.quantize (QLoRA)
 
 
 VARIANTS = (" +ckpt", " +lk loss", " unfused")  # label suffixes of the lorakit-only variants, compared with their base case
@@ -118,8 +119,9 @@ def precision_tag(label: str) -> str:
 
 
 def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module | None = None,
-               dtype: str = "float32", checkpointing: bool = False) -> nn.Module:
-    """``model`` (default: a fresh base copy) turned into ``kind`` ("lorakit", "peft" or "full")."""
+               dtype: str = "float32", checkpointing: bool = False, quantize: str | None = None) -> nn.Module:
+    """``model`` (default: a fresh base copy) turned into ``kind`` ("lorakit", "peft" or "full"); with
+    ``quantize`` the base's Linears become bitsandbytes layers first (both competitors get the same ones)."""
     model = base(ctx) if model is None else model
     if checkpointing:
         from lorakit.train.setup import enable_checkpointing
@@ -130,13 +132,17 @@ def competitor(kind: str, ctx: Context, dropout: float = 0.0, model: nn.Module |
             model.bench_autocast = getattr(torch, dtype)  # read by train_step
         return make_full(model, ctx)
     model = model.to(getattr(torch, dtype))
+    if quantize:
+        lk.quantize(model, quantize, double_quant=True)
+        # what transformers' BitsAndBytesConfig loader sets: PEFT then wraps with its bnb LoRA layers
+        model.is_loaded_in_4bit, model.is_loaded_in_8bit = quantize != "int8", quantize == "int8"
     if kind == "lorakit":
         return make_lorakit(model, ctx, dropout)
     return make_peft(model, ctx, dropout)
 
 
 def build(case: Case, ctx: Context, model: nn.Module | None = None) -> nn.Module:
-    model = competitor(case.kind, ctx, case.dropout, model, case.dtype, case.checkpointing)
+    model = competitor(case.kind, ctx, case.dropout, model, case.dtype, case.checkpointing, case.quantize)
     if not case.fused:
         for module in model.modules():
             if isinstance(module, lk.LoraLinear):

@@ -73,6 +73,12 @@ def test_figures_hold_what_the_issue_asks(suite):
     assert [t["op"] for t in r["forward_latency"]["targets"]] == ["within", "within"]
     assert r["adapter_io"]["targets"][0]["limit"] == 0.5
     assert "CPU only" in r["mixed_throughput"]["skipped"]
+    q = r["qlora"]["data"]
+    sizes = {k: v["bytes"] for k, v in q["resident"].items()}
+    assert list(sizes) == ["fp32", "bf16", "nf4", "nf4 + double quant"]
+    assert sizes["fp32"] == 2 * sizes["bf16"] > sizes["nf4"]
+    assert set(q["steps"]) == set(q["memory"]) == {f"{k} p={p:g} qlora" for k in ("lorakit", "peft") for p in (0, 0.05)}
+    assert [t["limit"] for t in r["qlora"]["targets"]] == [1.0, 0.9, 0.85, 0.35]
 
 
 def test_competitors_compute_the_same_thing(suite):
@@ -83,6 +89,8 @@ def test_competitors_compute_the_same_thing(suite):
     for half in (False, True):
         losses = [v for k, v in first.items() if k.endswith(" bf16") == half]
         assert max(losses) - min(losses) < (2e-2 if half else 1e-5)  # bf16 cases: LoRA bf16 base vs autocast
+    qlora = r["qlora"]["data"]["first_loss"]  # the same bitsandbytes layers under both adapters
+    assert max(qlora.values()) - min(qlora.values()) < 1e-5
     for key, diff in r["forward_latency"]["data"]["batch 1"]["max_abs_logit_diff"].items():
         assert diff > 1e-3 if key.startswith("adapter effect") else diff < 1e-4, key
 
