@@ -10,6 +10,8 @@ Two schedulers (``Limits.scheduler``):
 - ``"window"``: the worker takes the first request, gathers more for up to ``batch_window_ms`` and
   generates that batch to completion (kept for comparison: ``bench/serve_load.py``).
 
+The worker thread's loops are in :mod:`lorakit.serve.scheduler`.
+
 Adapters are loaded at start, at runtime, or on a request's first use of them (:meth:`Engine.hold`); past
 ``max_adapters`` the least recently used idle one is unloaded. Loading and unloading happen between decoding
 steps.
@@ -29,16 +31,16 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterError
 from ..lora.adapters import delete_adapter, list_adapters
 from ..lora.io import load_adapter
 from ..lora.layer import ModulesToSave
 from ..lora.merge import merged_adapters
 from .continuous import Running
-from .decode import Event, Row, SamplingParams, run_batch
+from .decode import Event, Row, SamplingParams
 from .kvcache import kv_bytes_per_token, splice_error
 from .limits import SCHEDULERS, ConflictError, ForbiddenError, Limits, NotFoundError, ServeError, Stats
 from .metrics import Metrics
+from .scheduler import run_worker
 
 __all__ = ["SCHEDULERS", "ConflictError", "Engine", "ForbiddenError", "Limits", "NotFoundError", "ServeError", "Stats",
            "engine_from_spec"]  # the errors and Limits live in limits.py, re-exported here where callers look
@@ -97,7 +99,7 @@ class Engine:
     def start(self) -> Engine:
         """Start the worker thread (idempotent); returns self."""
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._worker, name="lorakit-engine", daemon=True)
+            self._thread = threading.Thread(target=run_worker, args=(self,), name="lorakit-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -335,105 +337,6 @@ class Engine:
                 if event.error:
                     raise ServeError(event.error)
                 return event
-
-    # ---- the worker ----------------------------------------------------------------------------
-
-    def _worker(self) -> None:
-        if self.limits.scheduler == "window":
-            return self._window_worker()
-        stopping = False
-        while not stopping or len(self._running):
-            joiners, stopping = self._admissions(stopping)
-            try:
-                with self._model_lock:
-                    self._iteration(joiners)
-            except Exception as exc:  # a failing step fails its rows, never the worker
-                message = str(exc) if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
-                for row in joiners:
-                    row.finish("error", f"generation failed: {message}")
-                self._release(joiners + self._running.fail(f"generation failed: {message}"))
-            with self._registry:
-                self.stats.running = len(self._running)
-            while self._writers:  # let a waiting adapter load/unload take the model between two steps
-                time.sleep(0.0005)
-
-    def _admissions(self, stopping: bool) -> tuple[list[Row], bool]:
-        """Waiting rows that join now, oldest first, up to max_batch_size in flight; blocks while idle."""
-        joiners: list[Row] = []
-        while not stopping and len(self._running) + len(joiners) < self.limits.max_batch_size:
-            try:  # wait only when nothing runs: otherwise the running rows must step on
-                row = self._queue.get(block=not (self._running.rows or joiners))
-            except queue.Empty:
-                break
-            if row is None:
-                stopping = True  # finish the rows in flight, admit no more
-            elif row.cancelled.is_set():
-                self._release([row])
-            else:
-                joiners.append(row)
-        return joiners, stopping
-
-    def _iteration(self, joiners: list[Row]) -> None:
-        """Prefill the joiners, drop who is done, one decoding step for the rest, drop who is done."""
-        running = self._running
-        if joiners:
-            with self._registry:
-                self.stats.batches += 1
-            running.admit(joiners)
-            self._release([r for r in joiners if r.done])
-        self._gone(running.drop_done())
-        with self._registry:
-            self.stats.largest_batch = max(self.stats.largest_batch, len(running) + sum(r.done for r in joiners))
-        if len(running):
-            t0 = time.perf_counter()
-            running.step()
-            self.metrics.step(time.perf_counter() - t0, len(running))
-            with self._registry:
-                self.stats.steps += 1
-            self._gone(running.drop_done())
-
-    def _gone(self, rows: list[Row]) -> None:
-        """Rows that left the batch: unpin their adapters; count the cancelled ones (finished ones counted already)."""
-        self._release(rows)
-        for row in rows:
-            if row.finish_reason is None:
-                self.metrics.finished(row)
-
-    def _next_batch(self) -> list[Row] | None:
-        """Window scheduler: block for a first request, then gather more for the window. None: shut down."""
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch, deadline = [first], time.monotonic() + self.limits.batch_window_ms / 1000
-        while len(batch) < self.limits.max_batch_size:
-            try:
-                row = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                break
-            if row is None:
-                self._queue.put(None)  # shut down after this batch
-                break
-            batch.append(row)
-        return batch
-
-    def _window_worker(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            live = [r for r in batch if not r.cancelled.is_set()]
-            try:
-                if live:
-                    with self._registry:  # counted before running: a request's last event may come first
-                        self.stats.batches += 1
-                        self.stats.largest_batch = max(self.stats.largest_batch, len(live))
-                    with self._model_lock:
-                        for row in live:
-                            row.admitted_at = time.monotonic()
-                        run_batch(self.model, self.tokenizer, live, self.eos_ids, self.pad_id)
-            except Exception as exc:  # a failing batch fails its requests, never the worker
-                message = str(exc) if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
-                for row in live:
-                    row.finish("error", f"generation failed: {message}")
-            finally:
-                self._release(batch)
 
     # ---- memory --------------------------------------------------------------------------------
 

@@ -1,0 +1,123 @@
+"""The engine's worker thread: continuous batching (rows join and leave at every decoding step) or
+window batching (a batch gathered for ``batch_window_ms``, generated to completion).
+
+These loops own the engine's queue and running batch while they run; the engine's adapter loads and
+unloads take the model between two steps (``Engine._writers``), and finished rows unpin their adapters
+through ``Engine._release``.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import AdapterError
+from .decode import Row, run_batch
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def run_worker(engine: Engine) -> None:
+    """The engine's worker thread: the continuous loop, or the window loop (``Limits.scheduler``)."""
+    if engine.limits.scheduler == "window":
+        return _window_worker(engine)
+    stopping = False
+    while not stopping or len(engine._running):
+        joiners, stopping = _admissions(engine, stopping)
+        try:
+            with engine._model_lock:
+                _iteration(engine, joiners)
+        except Exception as exc:  # a failing step fails its rows, never the worker
+            message = str(exc) if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
+            for row in joiners:
+                row.finish("error", f"generation failed: {message}")
+            engine._release(joiners + engine._running.fail(f"generation failed: {message}"))
+        with engine._registry:
+            engine.stats.running = len(engine._running)
+        while engine._writers:  # let a waiting adapter load/unload take the model between two steps
+            time.sleep(0.0005)
+
+
+def _admissions(engine: Engine, stopping: bool) -> tuple[list[Row], bool]:
+    """Waiting rows that join now, oldest first, up to max_batch_size in flight; blocks while idle."""
+    joiners: list[Row] = []
+    while not stopping and len(engine._running) + len(joiners) < engine.limits.max_batch_size:
+        try:  # wait only when nothing runs: otherwise the running rows must step on
+            row = engine._queue.get(block=not (engine._running.rows or joiners))
+        except queue.Empty:
+            break
+        if row is None:
+            stopping = True  # finish the rows in flight, admit no more
+        elif row.cancelled.is_set():
+            engine._release([row])
+        else:
+            joiners.append(row)
+    return joiners, stopping
+
+
+def _iteration(engine: Engine, joiners: list[Row]) -> None:
+    """Prefill the joiners, drop who is done, one decoding step for the rest, drop who is done."""
+    running = engine._running
+    if joiners:
+        with engine._registry:
+            engine.stats.batches += 1
+        running.admit(joiners)
+        engine._release([r for r in joiners if r.done])
+    _gone(engine, running.drop_done())
+    with engine._registry:
+        engine.stats.largest_batch = max(engine.stats.largest_batch, len(running) + sum(r.done for r in joiners))
+    if len(running):
+        t0 = time.perf_counter()
+        running.step()
+        engine.metrics.step(time.perf_counter() - t0, len(running))
+        with engine._registry:
+            engine.stats.steps += 1
+        _gone(engine, running.drop_done())
+
+
+def _gone(engine: Engine, rows: list[Row]) -> None:
+    """Rows that left the batch: unpin their adapters; count the cancelled ones (finished ones counted already)."""
+    engine._release(rows)
+    for row in rows:
+        if row.finish_reason is None:
+            engine.metrics.finished(row)
+
+
+def _next_batch(engine: Engine) -> list[Row] | None:
+    """Window scheduler: block for a first request, then gather more for the window. None: shut down."""
+    first = engine._queue.get()
+    if first is None:
+        return None
+    batch, deadline = [first], time.monotonic() + engine.limits.batch_window_ms / 1000
+    while len(batch) < engine.limits.max_batch_size:
+        try:
+            row = engine._queue.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            break
+        if row is None:
+            engine._queue.put(None)  # shut down after this batch
+            break
+        batch.append(row)
+    return batch
+
+
+def _window_worker(engine: Engine) -> None:
+    while (batch := _next_batch(engine)) is not None:
+        live = [r for r in batch if not r.cancelled.is_set()]
+        try:
+            if live:
+                with engine._registry:  # counted before running: a request's last event may come first
+                    engine.stats.batches += 1
+                    engine.stats.largest_batch = max(engine.stats.largest_batch, len(live))
+                with engine._model_lock:
+                    for row in live:
+                        row.admitted_at = time.monotonic()
+                    run_batch(engine.model, engine.tokenizer, live, engine.eos_ids, engine.pad_id)
+        except Exception as exc:  # a failing batch fails its requests, never the worker
+            message = str(exc) if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
+            for row in live:
+                row.finish("error", f"generation failed: {message}")
+        finally:
+            engine._release(batch)
