@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from ..fileio import atomic_write_text
-from .config import LoraConfig
+from .config import LoraConfig, moves_base
 
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -56,6 +56,16 @@ def _config_lines(cfg: LoraConfig) -> list[str]:
         lines.append(f"- modules_to_save: {', '.join(cfg.modules_to_save)}")
     if cfg.fan_in_fan_out:
         lines.append("- fan_in_fan_out: true (Conv1D layers, GPT-2 style)")
+    if cfg.use_dora:
+        lines.append("- use_dora: true (DoRA: a learned magnitude per output feature; merge it to serve it with vLLM)")
+    if cfg.bias != "none":
+        lines.append(f"- bias: {cfg.bias} (the trained biases are in the file and replace the base's when loaded)")
+    if moves_base(cfg.init_lora_weights):
+        lines.append(f"- init_lora_weights: {cfg.init_lora_weights} — **this adapter needs the modified (residual) "
+                     "base** W − s·B₀·A₀ it was trained on, not the original base. PEFT and lorakit rebuild it by "
+                     "redoing the decomposition when they load the adapter (exactly for pissa and olora, approximately "
+                     "for pissa_niter_K); tools that load LoRA factors onto the original base (vLLM, llama.cpp, "
+                     "merging elsewhere) get a wrong model. Save with convert_to_lora=True for a plain LoRA.")
     return lines
 
 

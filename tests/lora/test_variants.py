@@ -239,3 +239,13 @@ def test_mixed_batches_refuse_dora_and_moved_bases():
         model = lk_model(**kw).eval()
         with pytest.raises(AdapterError, match=match), lk.mixed_batch(model, ["default", None]):
             pass
+
+
+def test_an_unconverted_pissa_adapter_says_it_needs_the_residual_base(tmp_path):
+    model = lk_model(init_lora_weights="pissa", use_dora=True)
+    lk.save_adapter(model, tmp_path / "raw")
+    lk.save_adapter(model, tmp_path / "plain", convert_to_lora=True)
+    raw = (tmp_path / "raw" / "README.md").read_text()
+    assert "needs the modified (residual) base" in raw and "use_dora: true" in raw
+    assert json.loads((tmp_path / "raw" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    assert "residual" not in (tmp_path / "plain" / "README.md").read_text()
