@@ -16,6 +16,8 @@ def add_lora_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--exclude-modules", nargs="+", default=None, help="module names never adapted")
     g.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to adapt (layers_to_transform)")
     g.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--dora", action="store_true", default=None, help="DoRA: count its magnitude vectors (use_dora)")
+    g.add_argument("--bias", choices=("none", "all", "lora_only"), default=None, help="biases trained with the adapter")
 
 
 def dtype_type(allow_auto: bool = False):
@@ -38,7 +40,8 @@ def lora_config_from_args(args: argparse.Namespace, **extra):
     target = target_modules_from_flags(args.target_modules)
     return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=target,
                       exclude_modules=args.exclude_modules, layers_to_transform=args.layers,
-                      use_rslora=bool(args.rslora), **extra)
+                      use_rslora=bool(args.rslora), use_dora=bool(getattr(args, "dora", None)),
+                      bias=getattr(args, "bias", None) or "none", **extra)
 
 
 def meta_model(spec: str):

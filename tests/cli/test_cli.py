@@ -74,3 +74,12 @@ def test_eval_json_fields(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{"):])
     assert result["n"] == 1 and result["eval_loss"] > 0 and 0 <= result["exact_match"] <= 1
+
+
+def test_count_with_dora_adds_one_magnitude_per_output_feature(tiny_model_dir, capsys):
+    args = ["count", str(tiny_model_dir), "--target-modules", "q_proj", "down_proj", "--r", "4", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)["trainable"]
+    assert main([*args, "--dora"]) == 0
+    dora = json.loads(capsys.readouterr().out)["trainable"]
+    assert dora - plain == 2 * (32 + 32)  # two layers: q_proj and down_proj both have 32 outputs
