@@ -159,13 +159,14 @@ def _untie_head(model: torch.nn.Module, out: dict[str, torch.Tensor]) -> None:
 
 
 def gguf_source(base: str) -> Path | None:
-    """The GGUF file behind a base spec (a .gguf path or the embedded model), else None."""
-    from ..models.load import DEFAULT_ALIASES, resolve_embedded_gguf
+    """The GGUF file behind a base spec (a .gguf path, or the embedded model under any of its names, its
+    hub id included, which adapters trained on it record), else None."""
+    from ..models.load import EMBEDDED_HUB_ID, base_model_id, resolve_embedded_gguf
 
-    if base.strip().lower() in DEFAULT_ALIASES:
-        return resolve_embedded_gguf()
     path = Path(base).expanduser()
-    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    return resolve_embedded_gguf() if base_model_id(base) == EMBEDDED_HUB_ID else None
 
 
 def _gguf_updates(config, arch, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

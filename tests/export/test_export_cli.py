@@ -57,3 +57,18 @@ def test_merge_dtype_short_names(tiny_model_dir, tmp_path):
                  str(tmp_path / "m"), "--dtype", "bf16"]) == 0
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"} and torch is not None
+
+
+def test_embedded_model_is_a_gguf_base_by_every_name(bpe_dir):
+    """Adapters trained on the embedded model record its hub id; that names the embedded GGUF here too."""
+    import pytest
+
+    from lorakit.export.gguf_merged import gguf_source
+    from lorakit.models.load import EMBEDDED_HUB_ID, resolve_embedded_gguf
+
+    try:
+        embedded = resolve_embedded_gguf()
+    except Exception:
+        pytest.skip("the embedded model's package is not installed")
+    assert gguf_source(EMBEDDED_HUB_ID) == gguf_source("default") == embedded
+    assert gguf_source(str(bpe_dir)) is None
