@@ -65,7 +65,7 @@ def median_tokens_per_s(metrics: Path) -> float:
 
 def exact_match_of_adapter(adapter: Path, limit: int = 0) -> dict:
     """Greedy exact match of base + adapter on the dates test split."""
-    from lorakit.data.core import load_jsonl
+    from lorakit.data.readers import load_jsonl
     from lorakit.data.tasks import task_path
     from lorakit.lora.io import load_adapter
     from lorakit.models.load import load_model

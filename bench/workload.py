@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.data.core import collate, load_jsonl, tokenize_examples
+from lorakit.data.batching import collate
+from lorakit.data.readers import load_jsonl
 from lorakit.data.tasks import task_path
+from lorakit.data.tokenize import tokenize_examples
 from lorakit.train.evaluate import loss_sum
 
 from .common import Context

@@ -158,8 +158,9 @@ def extract_into(model: nn.Module, base: str | Path, tuned: str | Path, *, r: in
 
 
 def _eval_set(data: str, tokenizer, max_seq_len: int):
-    from ..data.core import load_jsonl, tokenize_examples
+    from ..data.readers import load_jsonl
     from ..data.tasks import task_names, task_path
+    from ..data.tokenize import tokenize_examples
 
     path = Path(data) if Path(data).exists() or data not in task_names() else task_path(data, "valid")
     return tokenize_examples(load_jsonl(path), tokenizer, max_seq_len)

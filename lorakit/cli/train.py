@@ -83,8 +83,9 @@ def _load_for_inference(model_spec: str, adapter: str | None, dtype: str = "auto
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Eval loss and greedy exact match of a model (+ adapter) on a task's test split."""
-    from ..data.core import load_jsonl, tokenize_examples
+    from ..data.readers import load_jsonl
     from ..data.tasks import task_names, task_path
+    from ..data.tokenize import tokenize_examples
     from ..train.evaluate import eval_loss, exact_match_score
 
     model, tokenizer = _load_for_inference(args.model, args.adapter, args.dtype)

@@ -1,5 +1,6 @@
-"""Training data: formats (text, prompt/completion, messages), validation with ``file:line``
-errors, chat templates, loss masking, tokenization, batching; packaged tasks (``data.tasks``).
+"""Training data: record formats and their validation (``formats``), reading files with
+``file:line`` errors (``readers``), chat templates, loss masking and tokenization (``tokenize``),
+batching (``batching``); packaged tasks (``data.tasks``).
 
 Imports: the foundation only (a tokenizer is passed in, never loaded here).
 """

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..data.core import BatchSampler, TokenizedDataset, collate
+from ..data.batching import BatchSampler, collate
+from ..data.tokenize import TokenizedDataset
 
 
 class PaddedBatches:

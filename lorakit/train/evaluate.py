@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.core import IGNORE_INDEX, TokenizedDataset, collate
+from ..data.batching import collate
+from ..data.tokenize import IGNORE_INDEX, TokenizedDataset
 from ..errors import DataError
 from ..lora.ops import linear_cross_entropy
 

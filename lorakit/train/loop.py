@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.core import IGNORE_INDEX, TokenizedDataset, load_jsonl, tokenize_examples
+from ..data.readers import load_jsonl
+from ..data.tokenize import IGNORE_INDEX, TokenizedDataset, tokenize_examples
 from ..errors import TrainingError
 from .batches import make_batches
 from .checkpoint import list_checkpoints, save_checkpoint

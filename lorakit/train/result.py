@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..data.core import load_jsonl
+from ..data.readers import load_jsonl
 from ..fileio import atomic_write_json, replace_dir
 from .evaluate import exact_match_score
 from .recipe import TrainConfig

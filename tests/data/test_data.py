@@ -10,15 +10,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lorakit.data.core import (
-    IGNORE_INDEX,
-    BatchSampler,
-    TokenizedExample,
-    collate,
-    load,
-    load_jsonl,
-    tokenize_examples,
-)
+from lorakit.data.batching import BatchSampler, collate
+from lorakit.data.readers import load_jsonl
+from lorakit.data.tokenize import IGNORE_INDEX, TokenizedExample, load, tokenize_examples
 from lorakit.errors import DataError
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.data.core import load_jsonl
+from lorakit.data.readers import load_jsonl
 from lorakit.data.tasks import SPLITS, exact_match, task_names, task_path
 from lorakit.errors import DataError
 

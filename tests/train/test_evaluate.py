@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
 
 import lorakit as lk
-from lorakit.data.core import IGNORE_INDEX
+from lorakit.data.tokenize import IGNORE_INDEX
 from lorakit.lora.ops import linear_cross_entropy
 from lorakit.train.evaluate import fused_head, loss_sum
 
