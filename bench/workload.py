@@ -218,12 +218,12 @@ def chat_batch(ctx: Context) -> dict[str, torch.Tensor] | None:
         query, shots, fits = pairs[i], [], None
         pool = rng.sample(pairs[ctx.batch:], 64)
         while pool:
-            candidate = tokenize_examples([_conversation([*shots, pool[-1]], query)], tok, 10**6).examples[0]
+            candidate = tokenize_examples([_conversation([*shots, pool[-1]], query)], tok, 10**6)[0]
             if len(candidate.input_ids) > ctx.seq:
                 break
             shots.append(pool.pop())
             fits = candidate
-        rows.append(fits or tokenize_examples([_conversation([], query)], tok, ctx.seq).examples[0])
+        rows.append(fits or tokenize_examples([_conversation([], query)], tok, ctx.seq)[0])
     return collate(rows, tok.pad_token_id)
 
 

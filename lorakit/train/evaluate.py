@@ -118,9 +118,9 @@ def eval_loss(model: torch.nn.Module, dataset: TokenizedDataset, batch_size: int
     if max_batches:
         starts = starts[:max_batches]
     for start in starts:
-        rows = dataset.examples[start:start + batch_size][info.rank::info.world]
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))][info.rank::info.world]
         if not rows:  # a short last batch; FSDP still needs this rank in the forward
-            rows = dataset.examples[start:start + 1]
+            rows = [dataset[start]]
             loss, n = loss_sum(model, collate(rows, pad_id))
             loss, n = loss * 0, 0
         else:

@@ -176,7 +176,7 @@ BAD_LINES = {
     "malformed json": ('{"text": "hi"', "invalid JSON"),
     "array": ('["hi"]', "expected a JSON object, found array"),
     "number": ("3", "expected a JSON object, found number"),
-    "no format": ('{"input": "hi"}', r"expected a 'text', 'prompt'\+'completion' or 'messages' key; found keys \['input'\]"),
+    "no format": ('{"input": "hi"}', r"expected a 'text', 'prompt'\+'completion', 'messages', 'instruction'\+'output' \(alpaca\) or 'conversations' \(sharegpt\) key; found keys \['input'\]"),
     "two formats": ('{"text": "hi", "messages": []}', "expected exactly one of"),
     "text not str": ('{"text": 3}', "'text' must be a string, found number"),
     "prompt alone": ('{"prompt": "hi"}', "has 'prompt' but no 'completion'"),
