@@ -1,6 +1,6 @@
 """Training data: record formats and their validation (``formats``), reading files with
 ``file:line`` errors (``readers``), chat templates, loss masking and tokenization (``tokenize``),
-batching (``batching``); packaged tasks (``data.tasks``).
+the tokenized-set cache (``cache``), batching (``batching``), packing (``packing``); packaged tasks (``data.tasks``).
 
 Imports: the foundation only (a tokenizer is passed in, never loaded here).
 """

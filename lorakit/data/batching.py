@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
@@ -77,12 +78,23 @@ class BatchSampler:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
             end = self.batch_size
         if self._order is None:
-            self._order = list(range(self.n_examples))
-            # A str seed is hashed with SHA-512: independent streams per (seed, epoch), same on every run.
-            random.Random(f"lorakit:{self.seed}:{self.epoch}").shuffle(self._order)
+            self._order = self.epoch_order(self.epoch)
         batch = self._order[self.index:end]
         self.index += len(batch)
         return batch
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The order in which epoch ``epoch`` visits the examples (batches are consecutive slices)."""
+        order = list(range(self.n_examples))
+        # A str seed is hashed with SHA-512: independent streams per (seed, epoch), same on every run.
+        random.Random(f"lorakit:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All batches of epoch ``epoch``, as ``__next__`` yields them."""
+        order, n = self.epoch_order(epoch), self.n_examples
+        end = n - n % self.batch_size if self.drop_last else n
+        return [order[i:i + self.batch_size] for i in range(0, end, self.batch_size)]
 
     def state_dict(self) -> dict[str, int]:
         """The position (epoch, index into that epoch's order) and the settings that fix the order."""
@@ -96,12 +108,55 @@ class BatchSampler:
             state: a dict from ``state_dict()``.
         """
         mine = self.state_dict()
-        for key in ("n_examples", "batch_size", "seed", "drop_last"):
-            if state.get(key) != mine[key]:
+        for key in sorted((set(mine) | set(state)) - {"epoch", "index"}):  # grouped_window: a grouped sampler's
+            if state.get(key) != mine.get(key):
                 raise DataError(f"BatchSampler state was saved with {key}={state.get(key)} but this sampler has "
-                                f"{key}={mine[key]}; resuming would replay different batches")
+                                f"{key}={mine.get(key)}; resuming would replay different batches")
         epoch, index = state.get("epoch"), state.get("index")
         if not (isinstance(epoch, int) and isinstance(index, int) and epoch >= 0 and 0 <= index <= self.n_examples):
             raise DataError(f"BatchSampler state has epoch={epoch!r}, index={index!r}; expected ints with "
                             f"epoch >= 0 and 0 <= index <= {self.n_examples}")
         self.epoch, self.index, self._order = epoch, index, None
+
+
+class LengthGroupedSampler(BatchSampler):
+    """Batches of similar lengths (less padding), order still seeded by (seed, epoch) and resumable.
+
+    Each epoch shuffles the examples, cuts the order into windows of ``window`` batches, sorts each
+    window by length (longest first) so neighbours have similar lengths, cuts it into batches and
+    shuffles the batches: the lengths inside a batch are alike, the order of batches stays random.
+
+    Args:
+        lengths: tokens of each example.
+        batch_size, seed, drop_last: as for ``BatchSampler``.
+        window: batches per sorted window (more: less padding, less randomness).
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, drop_last: bool = False, window: int = 50) -> None:
+        self.lengths = [int(n) for n in lengths]
+        super().__init__(len(self.lengths), batch_size, seed, drop_last)
+        self.window = window
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = super().epoch_order(epoch)
+        size = self.batch_size * self.window
+        grouped = [sorted(order[i:i + size], key=lambda j: -self.lengths[j]) for i in range(0, len(order), size)]
+        flat = [j for window in grouped for j in window]
+        batches = [flat[i:i + self.batch_size] for i in range(0, len(flat), self.batch_size)]
+        last = batches.pop() if len(batches[-1]) < self.batch_size else None  # a short batch stays last
+        random.Random(f"lorakit:grouped:{self.seed}:{epoch}").shuffle(batches)
+        return [j for batch in [*batches, *([last] if last else [])] for j in batch]
+
+    def state_dict(self) -> dict[str, int]:
+        return {**super().state_dict(), "grouped_window": self.window}
+
+
+def padding_fraction(lengths, batches: Sequence[Sequence[int]]) -> float:
+    """Share of the tokens of right-padded ``batches`` that are padding."""
+    lengths = np.asarray(lengths)
+    total = real = 0
+    for batch in batches:
+        sizes = lengths[list(batch)]
+        total += len(batch) * int(sizes.max())
+        real += int(sizes.sum())
+    return 1 - real / total if total else 0.0

@@ -35,7 +35,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     labelled = labels != IGNORE_INDEX
     n = int(labelled.sum())
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    kwargs = model_inputs(batch)
     head = fused_head(model)
     if head is not None:
         hidden = _final_hidden(model, kwargs)[:, :-1]  # (B, T-1, H)
@@ -49,6 +49,15 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, n
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments for a batch: padded rows give the 2D attention mask; packed rows
+    (with ``position_ids``) give position_ids and no mask, from which transformers builds the
+    block-diagonal mask, and no KV cache (an empty cache, made by default, turns that detection off)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
