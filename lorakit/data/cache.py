@@ -28,10 +28,8 @@ ARRAYS = ("ids", "mask", "offsets")
 
 
 def default_cache_dir() -> Path:
-    """``$LORAKIT_CACHE/tokenized``, else ``$XDG_CACHE_HOME/lorakit/tokenized`` (~/.cache by default)."""
-    if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"]) / "tokenized"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit" / "tokenized"
+    """``tokenized/`` under the root of lorakit's caches: ``$LORAKIT_HOME``, else ``~/.cache/lorakit``."""
+    return Path(os.environ.get("LORAKIT_HOME") or Path.home() / ".cache" / "lorakit").expanduser() / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -109,7 +109,7 @@ def collate_packed(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], pad
         at = 0
         for i in row:
             start, n = int(offsets[i]), int(lengths[i])
-            ids = dataset.ids[start:start + n]
+            ids = dataset.ids[start:start + n].astype(np.int64)  # uint16 ids would wrap -100
             input_ids[r, at:at + n] = ids
             labels[r, at + 1:at + n] = np.where(dataset.mask[start + 1:start + n] > 0, ids[1:], IGNORE_INDEX)
             attention_mask[r, at:at + n] = 1

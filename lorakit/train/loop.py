@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.readers import load_jsonl
-from ..data.tokenize import IGNORE_INDEX, TokenizedDataset, tokenize_examples
+from ..data.tokenize import IGNORE_INDEX, TokenizedDataset
 from ..errors import TrainingError
 from .batches import make_batches
 from .checkpoint import list_checkpoints, save_checkpoint
 from .evaluate import eval_loss, loss_sum
+from .inputs import data_report, read_splits, report_lines, tokenize_splits
 from .recipe import TrainConfig, save_recipe
 from .reporting import Reporters, make_reporters
 from .result import finish, score
@@ -86,22 +86,13 @@ class Run:
     st: dict  # train state saved in checkpoints: best/last eval, patience, tokens, elapsed, score before
 
 
-def _log_data_stats(cfg: TrainConfig, datasets: dict[str, TokenizedDataset | None]) -> None:
-    for split, ds in datasets.items():
-        if ds is not None and (ds.stats.n_truncated or ds.stats.n_dropped):
-            print(f"lorakit: {split} data: {ds.stats.n_truncated} of {ds.stats.n_examples} examples cut to "
-                  f"max_seq_len={cfg.max_seq_len}, {ds.stats.n_dropped} dropped (nothing left to train on)",
-                  flush=True)
-
-
 def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
     """Everything before the first step: data checked before the model loads, model, optimizer,
     batch source, reporters, and the state of a resumed run."""
     from .distributed import unwrap, wrap
 
     paths = resolve_data(cfg)
-    train_examples = load_jsonl(paths.train)  # fail on bad data before spending time on the model
-    eval_examples = load_jsonl(paths.eval) if paths.eval else None
+    records = read_splits(cfg, paths.train, paths.eval)  # fail on bad data before spending time on the model
     if info.world > cfg.batch_size:
         raise TrainingError(f"batch_size {cfg.batch_size} is smaller than the {info.world} processes; "
                             "each process needs at least one row of every micro-batch")
@@ -114,16 +105,19 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
         print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)
     model.to(info.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_ds = tokenize_examples(train_examples, tokenizer, cfg.max_seq_len)
-    eval_ds = tokenize_examples(eval_examples, tokenizer, cfg.max_seq_len) if eval_examples else None
+    datasets, cache_outcome = tokenize_splits(records, tokenizer, cfg, info, progress)
+    train_ds, eval_ds = datasets["train"], datasets["eval"]
     if info.main:
-        _log_data_stats(cfg, {"train": train_ds, "eval": eval_ds})
         check_space(out, model, cfg)
         clean_partial_checkpoints(out / "checkpoints")
         save_recipe(cfg, out / "config.yaml")
     model = wrap(model, info, cfg.fsdp)
     opt = make_optimizer(model, cfg)
     batches = make_batches(train_ds, cfg, pad_id, info)
+    data = data_report(records, datasets, cache_outcome, batches, cfg)
+    if info.main:
+        for line in report_lines(data, cfg):
+            print(f"lorakit: {line}", flush=True)
     total = total_steps(cfg, batches.steps_per_epoch)
     if info.main and cfg.epochs:
         print(f"lorakit: {cfg.epochs:g} epochs = {total} optimizer steps ({batches.steps_per_epoch} per epoch)",
@@ -136,7 +130,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
         step, st = restore(ckpts[-1], model, opt, sched, batches, info)
     elif info.main or cfg.fsdp:
         st["before"] = score(unwrap(model), tokenizer, paths.test, cfg, progress)
-    st["data"] = {"train": vars(train_ds.stats), "eval": vars(eval_ds.stats) if eval_ds else None}
+    st["data"] = data
     st["steps_per_epoch"] = batches.steps_per_epoch
     reporters = make_reporters(cfg, out, info.main, step if cfg.resume and ckpts else None)
     return Run(model, tokenizer, paths, train_ds, eval_ds, pad_id, opt, sched, batches, reporters, total, step, st)

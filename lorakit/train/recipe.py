@@ -28,11 +28,13 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"
     """Model spec: smollm2-135m-instruct (embedded), a local transformers dir, a .gguf, or a hub id."""
     data: str = "dates"
-    """Training JSONL, or the name of a packaged task (its train split)."""
+    """Training data: a JSONL file (core install), or JSON, CSV, Parquet or a datasets save_to_disk directory
+    (pip install 'lorakit[data]'), in format text, prompt/completion, messages, alpaca or sharegpt (detected per
+    file); or the name of a packaged task (its train split)."""
     eval_data: str | None = None
-    """Validation JSONL; default: the packaged task's valid split when data names a task."""
+    """Validation data (the inputs and formats of data); default: the packaged task's valid split."""
     test_data: str | None = None
-    """Held-out JSONL scored by greedy exact match before and after training (messages or prompt/completion)."""
+    """Held-out data scored by greedy exact match before and after training (any format but text)."""
     out: str = "runs/demo"
     """Output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml, summary.json."""
     full: bool = False
@@ -57,7 +59,19 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     max_seq_len: int = 128
-    """Examples longer than this keep their first max_seq_len tokens (counted and reported)."""
+    """Examples longer than this keep their first max_seq_len tokens (counted and reported); with --packing, the
+    tokens of one packed row."""
+    columns: list[str] = field(default_factory=list)
+    """Map other column names onto a format's fields: FIELD=COLUMN ... (e.g. prompt=question completion=answer)."""
+    num_proc: int = 1
+    """Processes that tokenize the data (a set found in the token cache is not tokenized again)."""
+    data_cache: str = ""
+    """Tokenized-set cache directory ('': $LORAKIT_HOME/tokenized, default ~/.cache/lorakit/tokenized; 'off': none)."""
+    packing: bool = False
+    """Pack whole examples into rows of max_seq_len tokens (best-fit decreasing; attention never crosses an
+    example): batch_size then counts rows. Off by default: see the README."""
+    group_by_length: bool = False
+    """Without packing: batches of examples of similar lengths (less padding); order still seeded and resumable."""
     r: int = 8
     """LoRA rank."""
     alpha: float = 16.0
@@ -129,7 +143,8 @@ class TrainConfig:
     """Seconds a collective may wait before the run fails (a dead rank must not hang the others)."""
 
     def __post_init__(self) -> None:
-        at_least = {1: ("batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints", "max_new_tokens"),
+        at_least = {1: ("batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints", "max_new_tokens",
+                        "num_proc"),
                     0: ("max_steps", "eval_every", "save_every", "patience", "eval_batches", "warmup_steps", "log_every",
                         "score_limit", "threads", "dist_timeout", "stop_after")}
         for minimum, names in at_least.items():
@@ -152,6 +167,10 @@ class TrainConfig:
             self._check_quantize()
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        if isinstance(self.columns, str):
+            self.columns = self.columns.split()
+        if self.packing and self.group_by_length:
+            raise ConfigError("packing and group_by_length exclude each other: packed rows are already full")
         self._check_variants()
 
     def _check_variants(self) -> None:
@@ -220,7 +239,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         flags = [flag, "--lora-r"] if f.name == "r" else [flag]
         if f.type in ("bool", bool):
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
-        elif f.name == "target_modules":
+        elif f.name in ("target_modules", "columns"):
             p.add_argument(*flags, nargs="+", default=None, help=docs.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)

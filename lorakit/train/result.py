@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..data.readers import load_jsonl
+from ..data.formats import parse_columns
+from ..data.readers import read_records
 from ..fileio import atomic_write_json, replace_dir
 from .evaluate import exact_match_score
 from .recipe import TrainConfig
@@ -21,7 +22,7 @@ def score(model, tokenizer, path: Path | None, cfg: TrainConfig, progress: bool 
     """Greedy exact match on the test file (None when there is none)."""
     if path is None:
         return None
-    records = load_jsonl(path)
+    records = list(read_records(path, parse_columns(cfg.columns)))  # as text, prompt/completion or messages
     if cfg.score_limit:
         records = records[:cfg.score_limit]
     return exact_match_score(model, tokenizer, records, cfg.max_new_tokens, progress=progress)

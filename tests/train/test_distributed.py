@@ -43,14 +43,16 @@ def _close(a, b, tol=1e-5):
     return max((a[k] - b[k]).abs().max().item() for k in a) < tol
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-packed"])
 def test_two_processes_equal_one(tiny_model_dir, tmp_path, mode):
-    _run(tiny_model_dir, tmp_path, "single", 1)
-    extra = ["--fsdp"] if mode == "fsdp" else []
+    packed = ["--packing", "--max-seq-len", "64", "--batch-size", "4"] if mode == "ddp-packed" else []
+    _run(tiny_model_dir, tmp_path, "single", 1, *packed)
+    extra = (["--fsdp"] if mode == "fsdp" else []) + packed
     _run(tiny_model_dir, tmp_path, mode, 2, *extra)
     assert _close(_adapter(tmp_path, "single"), _adapter(tmp_path, mode))
     summary = json.loads((tmp_path / mode / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["sharded"] == (mode == "fsdp")
+    assert ("fill_rate" in summary["data"]["train"]) == bool(packed)
     single = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert abs(summary["final_eval_loss"] - single["final_eval_loss"]) < 1e-5
 

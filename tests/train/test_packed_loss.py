@@ -19,7 +19,7 @@ LENGTHS = [5, 9, 4, 7, 3]
 
 def dataset(vocab: int, seed: int = 0) -> TokenizedDataset:
     rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, size=sum(LENGTHS)).astype(np.int32)
+    ids = rng.integers(1, vocab, size=sum(LENGTHS)).astype(np.uint16)  # as tokenize stores a small vocabulary
     mask = np.ones(len(ids), dtype=np.uint8)
     mask[:3] = 0  # the first example has a 3-token prompt
     offsets = np.concatenate([[0], np.cumsum(LENGTHS)])

@@ -1,0 +1,85 @@
+"""A run's data: read and checked before the model loads, tokenized (or loaded from the token cache)
+once the tokenizer is known, and described at the start of the run and in summary.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..data.cache import cached_tokenize, default_cache_dir
+from ..data.formats import parse_columns
+from ..data.readers import Records, read_records
+from ..data.tokenize import TokenizedDataset
+
+SUGGEST_PACKING = 0.3  # padding share above which the report suggests --packing
+
+
+def read_splits(cfg, train: Path, eval_: Path | None) -> dict[str, Records | None]:
+    """The train and eval records, validated (errors name file:line) before any model is loaded."""
+    columns = parse_columns(cfg.columns)
+    return {"train": read_records(train, columns), "eval": read_records(eval_, columns) if eval_ else None}
+
+
+def cache_dir(cfg) -> Path | None:
+    """The token cache directory of a recipe (None: caching off)."""
+    if cfg.data_cache == "off":
+        return None
+    return Path(cfg.data_cache) if cfg.data_cache else default_cache_dir()
+
+
+def tokenize_splits(records: dict[str, Records | None], tokenizer: Any, cfg, info, progress: bool = True
+                    ) -> tuple[dict[str, TokenizedDataset | None], dict[str, str]]:
+    """Each split's tokenized set and what the cache did ("hit", "built", ...).
+
+    Rank 0 tokenizes (and fills the cache) first; the other ranks then load its entry instead of
+    tokenizing the same data again.
+    """
+    from .distributed import barrier
+
+    datasets: dict[str, TokenizedDataset | None] = {}
+    outcome: dict[str, str] = {}
+    if not info.main:
+        barrier(info)  # rank 0 fills the cache first
+    for split, recs in records.items():
+        if recs is None:
+            datasets[split] = None
+            continue
+        datasets[split], outcome[split] = cached_tokenize(recs, tokenizer, cfg.max_seq_len, cache_dir(cfg),
+                                                          cfg.num_proc, progress and info.main)
+    if info.main:
+        barrier(info)
+    return datasets, outcome
+
+
+def data_report(records: dict[str, Records | None], datasets: dict[str, TokenizedDataset | None],
+                outcome: dict[str, str], batches, cfg) -> dict[str, Any]:
+    """The figures of summary.json's ``data`` (per split), and the lines printed at the start of the run."""
+    report: dict[str, Any] = {}
+    for split, ds in datasets.items():
+        if ds is None:
+            report[split] = None
+            continue
+        report[split] = {**vars(ds.stats), "file": str(records[split].path), "format": records[split].describe(),
+                         "token_cache": outcome[split]}
+    report["train"].update(batches.describe())
+    return report
+
+
+def report_lines(report: dict[str, Any], cfg) -> list[str]:
+    lines = []
+    for split, r in report.items():
+        if r is None:
+            continue
+        lines.append(f"{split} data: {r['file']}: {r['format']}; token cache: {r['token_cache']}")
+        lines.append(f"  {r['n_examples']:,} examples, {r['n_tokens']:,} tokens ({r['n_trainable_tokens']:,} trained "
+                     f"on); {r['n_truncated']:,} cut to max_seq_len={cfg.max_seq_len}, {r['n_dropped']:,} dropped "
+                     "(nothing left to train on)")
+    train = report["train"]
+    if "fill_rate" in train:
+        lines.append(f"  packed into {train['packed_rows']:,} rows of {cfg.max_seq_len} tokens: "
+                     f"{train['fill_rate']:.1%} full; batches {train['padding_fraction']:.1%} padding")
+    else:
+        hint = " (variable lengths: --packing or --group-by-length would cut it)" if \
+            train["padding_fraction"] > SUGGEST_PACKING and not cfg.group_by_length else ""
+        lines.append(f"  batches {train['padding_fraction']:.1%} padding{hint}")
+    return lines
