@@ -1,0 +1,252 @@
+"""Packing on long-tailed chat data: lorakit packed / padded / grouped vs TRL's SFTTrainer vs a plain PEFT loop.
+
+    python -m bench.data_packing                 # bench/results/data_packing.{json,md}
+    python -m bench.data_packing --train 16 --rounds 1 --max-seq-len 256    # a smoke run
+
+Every competitor trains one epoch on the same examples (the first --train of
+bench/data/chat_longtail_train.jsonl), on SmolLM2-135M-Instruct in float32, with the same LoRA
+(r=8, alpha=16, every linear layer, no dropout), AdamW at the same constant learning rate, the same
+max_seq_len, and 8 examples per optimizer step (4 per micro-batch, 2 micro-batches; packed: rows of
+max_seq_len, 2 per micro-batch, which hold about as many tokens). Loss is taken on the assistant's
+answer alone for all (TRL: its conversational prompt/completion format, completion-only loss by
+default). TRL otherwise runs at its defaults (gradient checkpointing on, no packing, no padding-free).
+
+Each run is a fresh process (its peak RSS is the run's, model load included); rounds interleave
+the competitors in a rotated order; medians are reported. The eval loss after the epoch is computed
+for every competitor by the same function (lorakit's token-weighted eval loss on the first --eval
+examples of chat_longtail_eval.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import RESULTS, _cpu_model, now_iso, write_json
+
+DATA = Path(__file__).resolve().parent / "data"
+COMPETITORS = ["lorakit_packed", "lorakit_padded", "lorakit_grouped", "trl_sft", "peft_loop"]
+MODEL = "smollm2-135m-instruct"
+LR, R, ALPHA, BATCH, ACCUM, PACKED_ROWS = 1e-3, 8, 16, 4, 2, 2
+
+
+def _records(split: str, n: int) -> list[dict]:
+    lines = (DATA / f"chat_longtail_{split}.jsonl").read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+def _eval_set(tokenizer, n_eval: int, max_seq_len: int):
+    from lorakit.data.tokenize import tokenize_examples
+
+    return tokenize_examples(_records("eval", n_eval), tokenizer, max_seq_len)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_lorakit(name: str, args, tmp: Path) -> dict:
+    from lorakit.train.loop import train
+    from lorakit.train.recipe import TrainConfig
+
+    for split, n in (("train", args.train), ("eval", args.eval)):
+        (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(split, n)))
+    packing, grouped = name == "lorakit_packed", name == "lorakit_grouped"
+    cfg = TrainConfig(model=MODEL, data=str(tmp / "train.jsonl"), eval_data=str(tmp / "eval.jsonl"),
+                      out=str(tmp / "run"), max_steps=0, epochs=1, batch_size=PACKED_ROWS if packing else BATCH,
+                      grad_accum=ACCUM, lr=LR, min_lr_ratio=1.0, warmup_steps=0, max_seq_len=args.max_seq_len,
+                      r=R, alpha=ALPHA, target_modules=["all-linear"], eval_every=0, save_every=0,
+                      log_every=1, dtype="float32", packing=packing, group_by_length=grouped,
+                      data_cache=str(tmp / "cache"), threads=args.threads)
+    summary = train(cfg, progress=False)
+    data = summary["data"]["train"]
+    return {"wall_s": summary["train_wall_s"], "steps": summary["steps"], "eval_loss": summary["final_eval_loss"],
+            "padding_share": data["padding_fraction"], "fill_rate": data.get("fill_rate"),
+            "peak_rss_mb": _rss_mb()}
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from lorakit.models.load import lorakit_home
+
+    return AutoTokenizer.from_pretrained(lorakit_home() / "models" / MODEL)
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _eval(model, tokenizer, args) -> float:
+    from lorakit.train.evaluate import eval_loss
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return eval_loss(model, _eval_set(tokenizer, args.eval, args.max_seq_len), 8, pad)
+
+
+def run_trl(args, tmp: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from lorakit.models.load import load_model
+
+    model, tok = load_model(MODEL, dtype=torch.float32)
+    rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in _records("train", args.train)]
+    cfg = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
+                    num_train_epochs=1, learning_rate=LR, lr_scheduler_type="constant", max_length=args.max_seq_len,
+                    save_strategy="no", report_to="none", use_cpu=True, seed=0, logging_steps=1,
+                    disable_tqdm=True, bf16=False)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=_lora_config())
+    t0 = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "steps": out.global_step, "eval_loss": _eval(trainer.model, tok, args),
+            "gradient_checkpointing": cfg.gradient_checkpointing, "peak_rss_mb": _rss_mb()}
+
+
+def run_peft(args, tmp: Path) -> dict:
+    import torch
+    from peft import get_peft_model
+
+    from lorakit.data.batching import BatchSampler, collate
+    from lorakit.data.tokenize import tokenize_examples
+    from lorakit.models.load import load_model
+
+    model, tok = load_model(MODEL, dtype=torch.float32)
+    model = get_peft_model(model, _lora_config())
+    ds = tokenize_examples(_records("train", args.train), tok, args.max_seq_len)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    sampler = BatchSampler(len(ds), BATCH, seed=0)
+    steps = math.ceil(len(ds) / (BATCH * ACCUM))
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):  # the plain loop: mean loss per micro-batch over full logits, right-padded
+        for _ in range(ACCUM):
+            batch = collate([ds[i] for i in next(sampler)], pad)
+            (model(**batch).loss / ACCUM).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "steps": steps, "eval_loss": _eval(model, tok, args), "peak_rss_mb": _rss_mb()}
+
+
+def worker(name: str, args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if name.startswith("lorakit"):
+            return run_lorakit(name, args, Path(tmp))
+        return run_trl(args, Path(tmp)) if name == "trl_sft" else run_peft(args, Path(tmp))
+
+
+def data_figures(args) -> dict:
+    """Examples, tokens, labelled tokens and the padding share of padded batches of 4 (the data's own)."""
+    import numpy as np
+
+    from lorakit.data.batching import BatchSampler, padding_fraction
+    from lorakit.data.tokenize import tokenize_examples
+
+    ds = tokenize_examples(_records("train", args.train), _tokenizer(), args.max_seq_len)
+    lengths = ds.lengths
+    return {"examples": len(ds), "tokens": int(lengths.sum()), "trainable_tokens": ds.stats.n_trainable_tokens,
+            "median_tokens": float(np.median(lengths)), "max_tokens": int(lengths.max()),
+            "truncated": ds.stats.n_truncated,
+            "padding_share_random_batches": padding_fraction(lengths, BatchSampler(len(ds), BATCH).epoch_batches(0))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=32)
+    parser.add_argument("--eval", type=int, default=16)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--only", nargs="+", default=COMPETITORS, choices=COMPETITORS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
+        return
+    data = data_figures(args)
+    runs: dict[str, list[dict]] = {name: [] for name in args.only}
+    for round_ in range(args.rounds):
+        for k in range(len(args.only)):
+            name = args.only[(k + round_) % len(args.only)]  # rotated: none always first
+            cmd = [sys.executable, "-m", "bench.data_packing", "--worker", name, "--train", str(args.train),
+                   "--eval", str(args.eval), "--max-seq-len", str(args.max_seq_len), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+            runs[name].append(json.loads(line[-1][7:]))
+            print(f"round {round_ + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+    write(summarize(runs, data, args))
+
+
+def summarize(runs: dict[str, list[dict]], data: dict, args) -> dict:
+    out = {}
+    for name, rs in runs.items():
+        wall = statistics.median(r["wall_s"] for r in rs)
+        out[name] = {"wall_s": wall, "rounds": [r["wall_s"] for r in rs],
+                     "examples_per_s": data["examples"] / wall,
+                     "trainable_tokens_per_s": data["trainable_tokens"] / wall,
+                     "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                     "eval_loss": statistics.median(r["eval_loss"] for r in rs), "steps": rs[0]["steps"],
+                     **{k: rs[0][k] for k in ("padding_share", "fill_rate", "gradient_checkpointing") if k in rs[0]}}
+    return {"name": "data_packing", "when": now_iso(), "cpu": _cpu_model(), "data": data,
+            "config": {"model": MODEL, "dtype": "float32", "lr": LR, "r": R, "alpha": ALPHA, "batch": BATCH,
+                       "grad_accum": ACCUM, "packed_rows_per_micro_batch": PACKED_ROWS,
+                       "max_seq_len": args.max_seq_len, "train": args.train, "eval": args.eval,
+                       "rounds": args.rounds, "threads": args.threads or "all"},
+            "results": out}
+
+
+def write(result: dict) -> None:
+    write_json(RESULTS / "data_packing.json", result)
+    r, d = result["results"], result["data"]
+    lines = ["# Packing on long-tailed chat data", "", f"Generated by `python -m bench.data_packing` on {result['when']}; "
+             f"CPU: {result['cpu']} (other agents loaded the machine during the run).", "",
+             f"Data: {d['examples']} examples of `bench/data/chat_longtail_train.jsonl`, {d['tokens']:,} tokens "
+             f"(median {d['median_tokens']:.0f}, max {d['max_tokens']}, {d['truncated']} cut to max_seq_len), "
+             f"{d['trainable_tokens']:,} trainable; random batches of 4 are {d['padding_share_random_batches']:.0%} "
+             "padding.", "", "Config: " + json.dumps(result["config"]), "",
+             "| run | epoch wall | examples/s | trainable tokens/s | padding / fill | peak RSS | eval loss | steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, x in r.items():
+        fill = f"fill {x['fill_rate']:.0%}" if x.get("fill_rate") else (
+            f"{x['padding_share']:.0%} padding" if x.get("padding_share") is not None else "")
+        lines.append(f"| {name} | {x['wall_s']:.1f} s | {x['examples_per_s']:.3f} | {x['trainable_tokens_per_s']:.1f} "
+                     f"| {fill} | {x['peak_rss_mb'] / 1024:.2f} GB | {x['eval_loss']:.4f} | {x['steps']} |")
+    if "lorakit_packed" in r:
+        p = r["lorakit_packed"]
+        lines += ["", "Targets (issue 15):", ""]
+        for other, target in (("lorakit_padded", 1.6), ("trl_sft", 5.0)):
+            if other in r:
+                ratio = p["examples_per_s"] / r[other]["examples_per_s"]
+                loss = p["eval_loss"] / r[other]["eval_loss"] - 1
+                lines.append(f"- packed / {other} examples/s: {ratio:.2f}× (target ≥ {target}×: "
+                             f"{'MET' if ratio >= target else 'MISSED'}); eval loss {loss:+.1%} (target within 2%: "
+                             f"{'MET' if abs(loss) <= 0.02 else 'MISSED'})")
+        if "trl_sft" in r:
+            m = p["peak_rss_mb"] / r["trl_sft"]["peak_rss_mb"]
+            lines.append(f"- packed / TRL peak RSS: {m:.2f}× (target ≤ 1: {'MET' if m <= 1 else 'MISSED'})")
+    (RESULTS / "data_packing.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
