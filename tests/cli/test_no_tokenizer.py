@@ -84,3 +84,17 @@ def test_verbs_that_need_a_tokenizer_name_the_directory_and_files(pair, tmp_path
     err = capsys.readouterr().err
     assert f"{base}: this command needs a tokenizer" in err and "tokenizer.json" in err
     assert "save_pretrained" in err and "Traceback" not in err
+
+
+def test_merge_copies_a_tokenizer_without_loading_it(tiny_model_dir, tmp_path, capsys, no_tokenizer_loads):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lk.save_adapter(model, tmp_path / "ad")
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path / "ad"), "--out",
+                 str(tmp_path / "m")]) == 0
+    files = [p.name for p in tiny_model_dir.iterdir() if "token" in p.name or p.name.startswith("chat_template")]
+    assert "tokenizer.json" in files
+    for name in files:  # byte for byte: a tokenizer whose library is missing is passed on all the same
+        assert (tmp_path / "m" / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
