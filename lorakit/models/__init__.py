@@ -1,5 +1,6 @@
-"""Loading a model and its tokenizer: the embedded SmolLM2 default, a transformers directory,
-a GGUF file, an offline hub cache; reading model directories' weights (``modeldir``).
+"""Loading a model and its tokenizer (``load``): the embedded SmolLM2 default, a transformers directory,
+a GGUF file, a hub id (``hub``: online or the offline HF cache); reading model directories' weights
+(``modeldir``); dtype names and what ``auto`` picks on a device (``dtype``).
 
 Imports: the foundation and ``lorakit.lora`` (the contiguous-head-input hook).
 """

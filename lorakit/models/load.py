@@ -8,7 +8,6 @@ only when complete, so a half-written cache is never picked up.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..fileio import PICKLE_SUFFIXES
 from ..lora.inject import contiguous_head_input
 from .dtype import torch_dtype
+from .hub import from_hub
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL)
@@ -41,7 +41,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
                     "chat_template.json")
 CACHE_MARKER = "lorakit_cache.json"  # written last, inside the temp dir: its presence means "complete"
-HUB_TIMEOUT_S = 5.0
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _HUGE_MAX_LENGTH = 10**12  # transformers' "unknown" model_max_length is 1e30
@@ -110,8 +109,8 @@ def load_model(spec: str, *, dtype: torch.dtype | str = torch.float32, device: s
     dtype = _as_dtype(dtype)
     source = _resolve(spec)
     if source.kind == "hub":
-        model, tok = _from_hub(source.where, lambda local_only: _load_pretrained(
-            source.where, dtype, local_only=local_only, tokenizer=tokenizer))
+        model, tok = from_hub(source.where, lambda local_only: _load_pretrained(
+            source.where, dtype, local_only=local_only, tokenizer=tokenizer), DEFAULT_MODEL, ACCEPTED_SPECS)
     else:
         folder = _checkpoint_dir(source)
         model, tok = _load_pretrained(folder, dtype, local_only=True, tokenizer=tokenizer)
@@ -165,8 +164,8 @@ def load_config(spec: str) -> PretrainedConfig:
     """
     source = _resolve(spec)
     if source.kind == "hub":
-        return _from_hub(source.where, lambda local_only: _call(
-            AutoConfig.from_pretrained, source.where, local_files_only=local_only))
+        return from_hub(source.where, lambda local_only: _call(
+            AutoConfig.from_pretrained, source.where, local_files_only=local_only), DEFAULT_MODEL, ACCEPTED_SPECS)
     if source.kind == "dir":
         return _call(AutoConfig.from_pretrained, source.where, local_files_only=True)
     cache = _cache_dir(source)
@@ -347,63 +346,6 @@ def _call(loader, source: str, *, hint: str = "", **kwargs):
         what = getattr(loader, "__self__", loader).__name__
         note = f"; {hint}" if hint else ""
         raise ModelLoadError(f"{source}: {what} could not load it ({type(exc).__name__}: {exc}){note}") from exc
-
-
-def _from_hub(repo_id: str, load):
-    """Run ``load(local_only)``: online when the hub answers, else from the local HF cache, failing fast."""
-    local_only = _hub_offline() or not _hub_reachable(repo_id)
-    try:
-        if not local_only:
-            return load(False)
-        with _offline_hub():
-            return load(True)
-    except ModelLoadError as exc:
-        if not local_only:
-            raise
-        raise ModelLoadError(
-            f"{repo_id}: the Hugging Face Hub could not be reached (offline, or no network) and the model is "
-            "not in the local HF cache. Pass a local model directory (config.json + *.safetensors), a .gguf "
-            f"file, or the embedded default '{DEFAULT_MODEL}'.") from exc
-
-
-@contextlib.contextmanager
-def _offline_hub():
-    """Make huggingface_hub offline for this block, so even its side requests (user-agent lookup) stay off.
-
-    It reads HF_HUB_OFFLINE once, at import, and looks the constant up at each call: setting it here
-    honours an HF_HUB_OFFLINE set later, and a hub we just found unreachable.
-    """
-    from huggingface_hub import constants
-
-    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
-def _hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set now (huggingface_hub reads it only at import)."""
-    from huggingface_hub.constants import is_offline_mode
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return is_offline_mode() or any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
-
-
-def _hub_reachable(repo_id: str) -> bool:
-    """One short request for the repo's info: False when the hub cannot be reached at all."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    try:
-        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError as exc:
-        raise ModelLoadError(f"{repo_id}: gated on the hub; accept its terms and log in (hf auth login)") from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelLoadError(f"{repo_id}: no such model on the hub (or it is private)\n{ACCEPTED_SPECS}") from exc
-    except Exception:  # DNS, refused, timeout, proxy, 5xx: the network's many ways of saying "unreachable"
-        return False
-    return True
 
 
 def _finish(model, tokenizer, device: str | torch.device):
