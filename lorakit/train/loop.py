@@ -24,6 +24,7 @@ from .batches import make_batches
 from .checkpoint import list_checkpoints, save_checkpoint
 from .evaluate import eval_loss, loss_sum
 from .inputs import data_report, read_splits, report_lines, tokenize_splits
+from .memory import release_after_each_step
 from .recipe import TrainConfig, save_recipe
 from .reporting import Reporters, make_reporters
 from .result import finish, score
@@ -113,6 +114,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
         save_recipe(cfg, out / "config.yaml")
     model = wrap(model, info, cfg.fsdp)
     opt = make_optimizer(model, cfg)
+    release_after_each_step(opt, info.device)  # CPU: freed activations go back to the system each step
     batches = make_batches(train_ds, cfg, pad_id, info)
     data = data_report(records, datasets, cache_outcome, batches, cfg)
     if info.main:
