@@ -41,6 +41,7 @@ from .setup import (
     resolve_dtype,
     total_steps,
 )
+from .trackers import require_trackers
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -100,6 +101,8 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if info.main:
+        require_trackers(cfg.report_to)  # a missing tracker extra fails before the model loads
     dtype, dtype_why = resolve_dtype(cfg, info.device)
     model, tokenizer = build_model(cfg, dtype)
     if info.main:

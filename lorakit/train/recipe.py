@@ -141,6 +141,9 @@ class TrainConfig:
     """Under torchrun: shard the frozen base and the adapters with FSDP2 instead of replicating (DDP)."""
     dist_timeout: int = 300
     """Seconds a collective may wait before the run fails (a dead rank must not hang the others)."""
+    report_to: list[str] = field(default_factory=list)
+    """Also send metrics (Hugging Face Trainer names: train/loss, eval/loss ...) and the recipe to trackers:
+    tensorboard, wandb, mlflow, comma-separated (each an optional extra; default none). Rank 0 reports."""
 
     def __post_init__(self) -> None:
         at_least = {1: ("batch_size", "grad_accum", "max_seq_len", "r", "keep_checkpoints", "max_new_tokens",
@@ -172,6 +175,9 @@ class TrainConfig:
         if self.packing and self.group_by_length:
             raise ConfigError("packing and group_by_length exclude each other: packed rows are already full")
         self._check_variants()
+        from .trackers import parse_report_to  # lazy: trackers import fileio (torch); a recipe loads without it
+
+        self.report_to = parse_report_to(self.report_to)
 
     def _check_variants(self) -> None:
         from ..lora.config import BIAS_CHOICES, check_init

@@ -63,10 +63,16 @@ class Reporters(Reporter):
 
 
 def make_reporters(cfg, out: Path, main: bool, resume_step: int | None) -> Reporters:
-    """The run's reporters: metrics.jsonl on rank 0 (``resume_step``: the step a resumed run continues from)."""
+    """The run's reporters: metrics.jsonl and the ``--report-to`` trackers on rank 0, the resolved recipe
+    logged to each (``resume_step``: the step a resumed run continues from)."""
     if not main:
         return Reporters([])
-    return Reporters([JsonlReporter(out / "metrics.jsonl", resume_step)])
+    from .trackers import make_trackers  # lazy: a tracker's package is imported only when asked for
+
+    reporters = Reporters([JsonlReporter(out / "metrics.jsonl", resume_step),
+                           *make_trackers(cfg.report_to, out, resuming=resume_step is not None)])
+    reporters.log_params(cfg.to_dict())
+    return reporters
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

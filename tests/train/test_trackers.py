@@ -1,0 +1,205 @@
+"""--report-to: TensorBoard, wandb (offline) and MLflow (local file store), each read back with its own
+reader and compared with metrics.jsonl; Hugging Face Trainer metric names; missing extras fail early."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from lorakit.errors import ConfigError
+from lorakit.train.recipe import TrainConfig
+from lorakit.train.trackers import TRACKERS, hf_name, make_trackers, parse_report_to
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("wandb")
+pytest.importorskip("mlflow")
+
+
+# ---- readers: each tracker's own --------------------------------------------------------------
+
+def read_tensorboard(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict]:
+    """Scalars {tag: [(step, value)]} and the HParams session's hyperparameters, via EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    hparams = {}
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.WhichOneof("data") == "session_start_info":
+            for key, value in data.session_start_info.hparams.items():
+                hparams[key] = getattr(value, value.WhichOneof("kind"))
+    return scalars, hparams
+
+
+def read_wandb(out: Path) -> tuple[list[dict], dict]:
+    """History rows and config of the offline run under out/wandb, decoded with wandb's own protobuf
+    Record schema from its transaction log (wandb ships no Python reader for it any more: a 7-byte file
+    header, then leveldb-log chunks of crc32, length, type in 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    data, pos, buf, rows, config = path.read_bytes(), 7, b"", [], {}
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"corrupt chunk at {pos}"
+        pos, buf = pos + 7 + length, buf + chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record.FromString(buf)
+            buf = b""
+            which = record.WhichOneof("record_type")
+            if which == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+            elif which in ("run", "config"):
+                items = record.run.config.update if which == "run" else record.config.update
+                config.update({item.key: json.loads(item.value_json) for item in items})
+    return rows, config
+
+
+def read_mlflow(uri: str, run_id: str) -> tuple[dict[str, list[tuple[int, float]]], dict]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
+    return history, run.data.params
+
+
+def expected_from_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl as {HF name: [(step, value)]}: what every tracker must hold."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key != "step":
+                out.setdefault(hf_name(key), []).append((record["step"], value))
+    return out
+
+
+def assert_same(got: dict, want: dict, rel: float) -> None:
+    assert set(got) == set(want)
+    for name, series in want.items():
+        assert [s for s, _ in got[name]] == [s for s, _ in series], name
+        for (_, a), (_, b) in zip(got[name], series, strict=True):
+            assert a == pytest.approx(b, rel=rel, abs=1e-12), name
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """wandb offline and MLflow on a local file store, both inside tmp_path."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+# ---- names and parsing --------------------------------------------------------------------------
+
+def _trainer_rewrite_logs():
+    """transformers' own rewrite_logs, taken from its source (importing integration_utils pulls in every
+    integration: over a minute on a busy machine)."""
+    import ast
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("transformers").origin).parent
+    tree = ast.parse((root / "integrations" / "integration_utils.py").read_text(encoding="utf-8"))
+    (fn,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "rewrite_logs"]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "integration_utils.py", "exec"), namespace)
+    return namespace["rewrite_logs"]
+
+
+def test_names_are_the_hf_trainers():
+    rewrite_logs = _trainer_rewrite_logs()
+    # the keys the Trainer puts in its logs (trainer.py: _maybe_log_save_evaluate, speed_metrics("train"))
+    ours_to_trainer = {"loss": "loss", "lr": "learning_rate", "grad_norm": "grad_norm",
+                       "tokens_per_s": "train_tokens_per_second", "eval_loss": "eval_loss",
+                       "epoch": "epoch", "tokens": "num_input_tokens_seen"}
+    for ours, trainer in ours_to_trainer.items():
+        (expected,) = rewrite_logs({trainer: 1.0})
+        assert hf_name(ours) == expected
+    assert hf_name("loss") == "train/loss" and hf_name("eval_loss") == "eval/loss"
+
+
+def test_report_to_is_parsed_and_checked():
+    assert TrainConfig(report_to="tensorboard, wandb,tensorboard").report_to == ["tensorboard", "wandb"]
+    assert TrainConfig(report_to=["mlflow"]).report_to == ["mlflow"]
+    assert TrainConfig(report_to="none").report_to == [] and TrainConfig().report_to == []
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'.*tensorboard, wandb, mlflow"):
+        TrainConfig(report_to="tensorbord")
+    assert parse_report_to(",".join(TRACKERS)) == list(TRACKERS)
+
+
+@pytest.mark.parametrize("tracker, module", [("tensorboard", "tensorboard"), ("wandb", "wandb"),
+                                             ("mlflow", "mlflow")])
+def test_a_missing_extra_names_its_install_command(tmp_path, monkeypatch, tracker, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=rf"pip install 'lorakit\[{tracker}\]'"):
+        make_trackers(["tensorboard", tracker], tmp_path, resuming=False)
+    assert not (tmp_path / "tensorboard").exists()  # nothing started before the check
+
+
+def test_mlflow_without_a_usable_store_says_how_to_set_one(tmp_path, monkeypatch):
+    from lorakit.errors import TrainingError
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    with pytest.raises(TrainingError, match="MLFLOW_TRACKING_URI.*MLFLOW_ALLOW_FILE_STORE"):
+        make_trackers(["mlflow"], tmp_path, resuming=False)
+
+
+# ---- the reporters read back --------------------------------------------------------------------
+
+def _feed(reporters, records, params):
+    for r in reporters:
+        r.log_params(params)
+    for record in records:
+        for r in reporters:
+            r.log(record["step"], {k: v for k, v in record.items() if k != "step"})
+    for r in reporters:
+        r.close()
+
+
+def test_each_tracker_reads_back_what_was_logged(tmp_path, offline):
+    records = [{"step": s, "loss": 1 / s, "lr": 1e-3 * s, "grad_norm": 0.5 + s, "tokens_per_s": 1000.0 + s}
+               for s in range(1, 6)] + [{"step": 5, "eval_loss": 0.625}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    want = expected_from_metrics(tmp_path / "metrics.jsonl")
+    params = TrainConfig(r=4, target_modules=["q_proj", "v_proj"]).to_dict()
+    _feed(make_trackers(list(TRACKERS), tmp_path, resuming=False), records, params)
+
+    tb, hp = read_tensorboard(tmp_path / "tensorboard")
+    assert_same(tb, want, rel=1e-6)  # event files hold float32
+    assert hp["r"] == 4 and hp["target_modules"] == "q_proj,v_proj" and hp["lr"] == pytest.approx(2e-3)
+
+    rows, config = read_wandb(tmp_path)
+    wb = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith("_") and key != "train/global_step":
+                wb.setdefault(key, []).append((row["train/global_step"], value))
+    assert_same(wb, want, rel=1e-12)
+    assert config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
+
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]
+    ml, ml_params = read_mlflow(offline, run_id)
+    assert_same(ml, want, rel=1e-12)
+    assert ml_params["r"] == "4" and ml_params["max_steps"] == str(params["max_steps"])
