@@ -4,7 +4,10 @@ Each is an optional extra, imported only when asked for; a missing one fails at 
 run with its install command. Metric names are the Hugging Face Trainer's (its ``rewrite_logs``:
 ``train/loss``, ``train/learning_rate``, ``train/grad_norm``, ``train/train_tokens_per_second``,
 ``eval/loss``), so dashboards built for Trainer runs show lorakit runs too; the resolved recipe is
-logged as hyperparameters. Only rank 0 builds reporters (see ``make_reporters``).
+logged as hyperparameters. Only rank 0 builds reporters (``reporting.make_reporters``).
+
+Each class has ``reporting.Reporter``'s three methods (``log``, ``log_params``, ``close``); it does
+not subclass it because ``reporting`` imports this module to build them (imports form no cycle).
 
 A resumed run continues the same wandb / MLflow run (their ids are kept in ``out/trackers.json``)
 and TensorBoard drops the events a killed run wrote after its last checkpoint (``purge_step``).
@@ -21,7 +24,6 @@ from typing import Any
 
 from ..errors import ConfigError, TrainingError
 from ..fileio import atomic_write_json
-from .reporting import Reporter
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 # metrics.jsonl key -> the name the HF Trainer logs (before its train/ or eval/ prefix)
@@ -97,7 +99,7 @@ class RunIds:
         atomic_write_json(self.path, self.ids)
 
 
-class TensorBoardReporter(Reporter):
+class TensorBoardReporter:
     """Event files in ``out/tensorboard`` (``tensorboard --logdir out/tensorboard``): scalars, the
     recipe as text and in the HParams tab."""
 
@@ -140,7 +142,7 @@ class TensorBoardReporter(Reporter):
             self._writer = None
 
 
-class WandbReporter(Reporter):
+class WandbReporter:
     """A Weights & Biases run (project ``$WANDB_PROJECT`` or "lorakit", files under ``out/wandb``);
     ``WANDB_MODE=offline`` keeps it local. Metrics are plotted against ``train/global_step`` as the
     Trainer does."""
@@ -168,7 +170,7 @@ class WandbReporter(Reporter):
         self.run.finish()
 
 
-class MlflowReporter(Reporter):
+class MlflowReporter:
     """An MLflow run in experiment ``$MLFLOW_EXPERIMENT_NAME`` (or "lorakit") at ``$MLFLOW_TRACKING_URI``
     (a server, or a local store such as ``file:./mlruns``), named after the output directory."""
 
@@ -218,7 +220,7 @@ def require_trackers(names: list[str]) -> None:
         require(name, name)
 
 
-def make_trackers(names: list[str], out: Path, resuming: bool) -> list[Reporter]:
+def make_trackers(names: list[str], out: Path, resuming: bool) -> list:
     """Build the reporters named in ``--report-to`` (rank 0 only). Missing extras fail here, before
     any reporter starts a run.
 
@@ -229,7 +231,7 @@ def make_trackers(names: list[str], out: Path, resuming: bool) -> list[Reporter]
     """
     require_trackers(names)
     ids = RunIds(out, resuming)
-    made: list[Reporter] = []
+    made: list = []
     try:
         for name in names:
             made.append(TensorBoardReporter(out) if name == "tensorboard" else

@@ -203,3 +203,106 @@ def test_each_tracker_reads_back_what_was_logged(tmp_path, offline):
     ml, ml_params = read_mlflow(offline, run_id)
     assert_same(ml, want, rel=1e-12)
     assert ml_params["r"] == "4" and ml_params["max_steps"] == str(params["max_steps"])
+
+
+# ---- a training run ----------------------------------------------------------------------------
+
+def _cfg(model_dir, tmp_path, **kw):
+    rows = [{"prompt": f"{i} is a number, say ", "completion": "yes"} for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = dict(model=str(model_dir), data=str(data), eval_data=str(data), out=str(tmp_path / "run"), max_steps=8,
+                batch_size=4, lr=1e-2, warmup_steps=2, eval_every=4, save_every=4, log_every=2, max_seq_len=32,
+                r=4, alpha=8, seed=3, dtype="float32")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_run_reports_to_every_tracker_what_metrics_jsonl_holds(tiny_model_dir, tmp_path, offline):
+    from lorakit.train.loop import train
+
+    cfg = _cfg(tiny_model_dir, tmp_path, report_to="tensorboard,wandb,mlflow")
+    train(cfg, progress=False)
+    out = Path(cfg.out)
+    want = expected_from_metrics(out / "metrics.jsonl")
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/train_tokens_per_second",
+            "eval/loss"} <= set(want) and len(want["train/loss"]) == 4 and len(want["eval/loss"]) == 2
+
+    tb, hp = read_tensorboard(out / "tensorboard")
+    assert_same(tb, want, rel=1e-6)
+    assert hp["report_to"] == "tensorboard,wandb,mlflow" and hp["max_steps"] == 8
+
+    rows, config = read_wandb(out)
+    wb = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith("_") and key != "train/global_step":
+                wb.setdefault(key, []).append((row["train/global_step"], value))
+    assert_same(wb, want, rel=1e-12)
+    assert config["lr"] == 1e-2 and config["out"] == cfg.out
+
+    ml, params = read_mlflow(offline, json.loads((out / "trackers.json").read_text())["mlflow"])
+    assert_same(ml, want, rel=1e-12)
+    assert params["seed"] == "3" and params["report_to"] == "tensorboard,wandb,mlflow"
+
+
+def test_a_missing_tracker_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tracker check")
+
+    monkeypatch.setattr(loop, "build_model", no_model)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match=r"pip install 'lorakit\[wandb\]'"):
+        loop.train(_cfg(tiny_model_dir, tmp_path, report_to="wandb"), progress=False)
+
+
+def test_only_rank_0_reports(tmp_path, offline):
+    from lorakit.train.reporting import make_reporters
+
+    cfg = TrainConfig(report_to="tensorboard,mlflow", out=str(tmp_path))
+    others = make_reporters(cfg, tmp_path, main=False, resume_step=None)
+    others.log(1, {"loss": 1.0})
+    others.close()
+    assert others.reporters == [] and list(tmp_path.iterdir()) == []
+    main = make_reporters(cfg, tmp_path, main=True, resume_step=None)
+    assert [type(r).__name__ for r in main.reporters] == ["JsonlReporter", "TensorBoardReporter", "MlflowReporter"]
+    main.close()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tiny_model_dir, tmp_path, offline, monkeypatch):
+    import lorakit.train.loop as loop
+
+    cfg = _cfg(tiny_model_dir, tmp_path, report_to="tensorboard,mlflow", max_steps=12, log_every=1)
+    real, calls = loop.loss_sum, []
+
+    def die_in_step_7(model, batch):  # steps 5 and 6 are logged after the step-4 checkpoint, then a crash
+        calls.append(1)
+        if len(calls) == 7:
+            raise _Killed
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "loss_sum", die_in_step_7)
+    with pytest.raises(_Killed):
+        loop.train(cfg, progress=False)
+    out = Path(cfg.out)
+    run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    monkeypatch.setattr(loop, "loss_sum", real)
+    loop.train(TrainConfig(**{**cfg.to_dict(), "resume": True}), progress=False)
+
+    want = expected_from_metrics(out / "metrics.jsonl")  # steps 1..12 once each (the resume truncated it)
+    assert [s for s, _ in want["train/loss"]] == list(range(1, 13))
+    tb, _ = read_tensorboard(out / "tensorboard")
+    assert_same(tb, want, rel=1e-6)  # the killed run's steps 5 and 6 are purged
+    assert json.loads((out / "trackers.json").read_text())["mlflow"] == run_id  # the same MLflow run goes on
+    from mlflow import MlflowClient
+
+    history = MlflowClient(offline).get_metric_history(run_id, "train/loss")
+    latest = {}
+    for m in sorted(history, key=lambda m: m.timestamp):
+        latest[m.step] = m.value  # MLflow cannot delete values: the resumed run's come later at steps 5, 6
+    assert_same({"train/loss": sorted(latest.items())}, {"train/loss": want["train/loss"]}, rel=1e-12)
