@@ -175,7 +175,8 @@ class TrainConfig:
         if self.packing and self.group_by_length:
             raise ConfigError("packing and group_by_length exclude each other: packed rows are already full")
         self._check_variants()
-        from .trackers import parse_report_to  # lazy: trackers import fileio (torch); a recipe loads without it
+        # lazy: trackers import fileio (torch); a recipe loads without it
+        from .trackers import parse_report_to
 
         self.report_to = parse_report_to(self.report_to)
 
