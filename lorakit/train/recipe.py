@@ -197,6 +197,11 @@ class TrainConfig:
             raise ConfigError(f"loraplus_lr_embedding must be > 0, got {self.loraplus_lr_embedding!r}")
         if not self.neftune_alpha >= 0:
             raise ConfigError(f"neftune_alpha must be >= 0, got {self.neftune_alpha!r}")
+        lora_only = {"dora": self.dora, "init_lora_weights": self.lora_init() is not True, "bias": self.bias != "none",
+                     "loraplus_lr_ratio": bool(self.loraplus_lr_ratio)}
+        if self.full and any(lora_only.values()):
+            raise ConfigError(f"{', '.join(k for k, v in lora_only.items() if v)} apply to LoRA adapters; drop them "
+                              "or --full (full fine-tuning trains every weight)")
 
     def lora_init(self) -> bool | str:
         """init_lora_weights as LoraConfig takes it ("true"/"false" become booleans)."""

@@ -98,6 +98,8 @@ def build_model(cfg: TrainConfig, dtype: str = "float32"):
         quantize(model, cfg.quantize, cfg.double_quant)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.neftune_alpha:  # NEFTune noises the input embeddings for LoRA and full fine-tuning alike
+        add_neftune(model, cfg.neftune_alpha)
     if cfg.full:
         model.requires_grad_(True)
         return model, tokenizer
@@ -106,8 +108,6 @@ def build_model(cfg: TrainConfig, dtype: str = "float32"):
                       use_rslora=cfg.rslora, use_dora=cfg.dora, init_lora_weights=cfg.lora_init(), bias=cfg.bias,
                       base_model_name_or_path=base_model_id(cfg.model), task_type="CAUSAL_LM")
     inject(model, lcfg)
-    if cfg.neftune_alpha:
-        add_neftune(model, cfg.neftune_alpha)
     return model, tokenizer
 
 

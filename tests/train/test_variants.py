@@ -62,3 +62,9 @@ def test_bad_variant_settings_are_refused(kw):
 def test_yaml_booleans_for_init():
     assert TrainConfig(init_lora_weights=False).lora_init() is False
     assert TrainConfig(init_lora_weights="pissa_niter_4").lora_init() == "pissa_niter_4"
+
+
+def test_lora_only_settings_are_refused_with_full():
+    with pytest.raises(ConfigError, match="dora, loraplus_lr_ratio apply to LoRA"):
+        TrainConfig(full=True, dora=True, loraplus_lr_ratio=4)
+    assert TrainConfig(full=True, neftune_alpha=5).neftune_alpha == 5  # NEFTune applies to full fine-tuning too
