@@ -12,7 +12,7 @@ answers fit), served by uvicorn on 127.0.0.1, ``Limits(max_batch_size=8)``, one 
   200-token one (adapter a0); the ratio of the two latencies, and both answers against references.
 
 Rounds alternate scheduler A B A B; medians over rounds and per-round ratios are reported.
-Usage: ``PYTHONPATH=. python -m bench.serve_load --workload mixed`` (bench/results/serve_mixed.*).
+Usage: ``PYTHONPATH=. python -m bench.serve_load --workload mixed`` (bench/results/serve_mixed.{json,md,png}).
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def mixed_round(url: str, clients: int, requests: int, pool: list, models: list[
             "latency_p50_s": _q([r["latency_s"] for r in ok], 0.5), "latency_p99_s": _q([r["latency_s"] for r in ok], 0.99),
             "short_p50_s": _q([r["latency_s"] for r in short], 0.5), "short_p99_s": _q([r["latency_s"] for r in short], 0.99),
             "ttft_p50_s": _q([r["ttft_s"] for r in ok], 0.5), "ttft_p99_s": _q([r["ttft_s"] for r in ok], 0.99),
-            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall}
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall,
+            "samples": [[r["max_tokens"], round(r["latency_s"], 4), round(r["ttft_s"], 4)] for r in ok]}
 
 
 def short_behind_long(url: str, refs: dict, repeats: int = 5) -> dict:
@@ -205,6 +206,31 @@ def _q(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * len(xs)) - 1))] if xs else 0.0
 
 
+def plot(results: dict, png: Path) -> None:
+    """Latency against max_tokens, and the distribution of time to first token, per scheduler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorakit.plots import save_png
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for scheduler, color in zip(SCHEDULERS, ("tab:blue", "tab:orange"), strict=True):
+        samples = [s for r in results["rounds"][scheduler] for s in r["samples"]]
+        left.scatter([s[0] for s in samples], [s[1] for s in samples], s=8, alpha=0.5, color=color, label=scheduler)
+        ttft = sorted(s[2] for s in samples)
+        right.plot(ttft, [(i + 1) / len(ttft) for i in range(len(ttft))], color=color, label=scheduler)
+    left.set(xscale="log", xlabel="max_tokens of the request", ylabel="latency (s)",
+             title="latency by request length (all rounds)")
+    right.set(xscale="log", xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT, CDF")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_png(fig, png)
+    plt.close(fig)
+
+
 def write(results: dict, out: Path, machine: dict) -> None:
     """bench/results/serve_mixed.json and serve_mixed.md."""
     from bench.common import now_iso, target, write_json
@@ -245,4 +271,6 @@ def write(results: dict, out: Path, machine: dict) -> None:
               f"| answers differing from their single-request reference | {c['mismatches']} | {w['mismatches']} |",
               f"| 5xx | {c['5xx']} | {w['5xx']} |", "", "| target (issue 18) | value | status |", "|---|---|---|"]
     lines += [f"| {t['what']} | {t['reason']} | {t['status']} |" for t in targets]
+    plot(results, out / "serve_mixed.png")
+    lines += ["", "![latency by request length and TTFT, continuous vs window](serve_mixed.png)"]
     (out / "serve_mixed.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
