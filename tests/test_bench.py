@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_llama
+from builders import char_tokenizer, tiny_llama
 
 TINY = "test_bench:tiny_chat_model"  # importable by the memory worker too (it inherits sys.path)
 

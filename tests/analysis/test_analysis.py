@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from builders import tiny_llama
 
 import lorakit as lk
 from lorakit.analysis.report import format_table, save_plots

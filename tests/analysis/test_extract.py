@@ -14,7 +14,7 @@ import math
 import peft
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from builders import tiny_gpt2, tiny_llama
 from test_analysis import known_delta, save_known_pair
 
 import lorakit as lk

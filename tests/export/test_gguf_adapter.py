@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import make_adapter
+from gguf_helpers import make_adapter
 
 from lorakit.errors import LorakitError
 from lorakit.export.gguf import export_adapter_gguf
@@ -102,7 +102,7 @@ def test_rebuilt_delta_equals_peft_merge(patterned, base_gguf, bpe_dir, tmp_path
 
 
 def test_qwen2_adapter_is_not_permuted(gguf_home, tmp_path):
-    from conftest import ALL, PATTERNED
+    from gguf_helpers import ALL, PATTERNED
 
     from lorakit.testing import write_tiny_bpe_model
 

@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import ALL, PATTERNED, make_adapter
+from gguf_helpers import ALL, PATTERNED, make_adapter
 
 from lorakit.export.gguf_hf import model_to_gguf
 from lorakit.export.gguf_merged import export_merged_gguf

@@ -12,7 +12,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
+from builders import tiny_gpt2, tiny_llama, tiny_qwen2
 from torch import nn
 
 import lorakit as lk

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_qwen2, tiny_tts
+from builders import tiny_gpt2, tiny_llama, tiny_qwen2, tiny_tts
 from torch import nn
 
 import lorakit as lk

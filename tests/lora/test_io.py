@@ -18,7 +18,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import tiny_llama, tiny_qwen2
+from builders import tiny_llama, tiny_qwen2
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

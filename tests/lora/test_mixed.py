@@ -4,7 +4,7 @@ import gc
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from builders import tiny_gpt2, tiny_llama
 
 import lorakit as lk
 from lorakit.lora.layer import LoraLinear

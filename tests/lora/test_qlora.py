@@ -10,7 +10,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import tiny_llama
+from builders import tiny_llama
 from torch import nn
 
 import lorakit as lk

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from builders import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit as lk

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from builders import tiny_llama
 from torch import nn
 
 import lorakit as lk

@@ -11,7 +11,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_qwen2
+from builders import tiny_gpt2, tiny_qwen2
 
 import lorakit as lk
 from lorakit.errors import AdapterError, ConfigError, TargetError

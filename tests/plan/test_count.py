@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
+from builders import tiny_gpt2, tiny_llama, tiny_qwen2
 
 from lorakit.errors import ConfigError, ModelLoadError, TargetError
 from lorakit.lora.config import LoraConfig

@@ -215,7 +215,7 @@ def test_cli_plan(capsys):
 
 
 def test_a_model_without_a_transformers_config_is_refused():
-    from conftest import tiny_tts
+    from builders import tiny_tts
 
     with pytest.raises(ConfigError, match="TinyTTS: the planner reads hidden_size"):
         read_arch(tiny_tts())

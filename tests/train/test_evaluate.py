@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
+from builders import tiny_gpt2, tiny_llama, tiny_qwen2
 
 import lorakit as lk
 from lorakit.data.tokenize import IGNORE_INDEX

@@ -6,7 +6,7 @@ path (its own positions, its own causal mask)."""
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
+from builders import tiny_gpt2, tiny_llama, tiny_qwen2
 
 import lorakit as lk
 from lorakit.data.batching import collate

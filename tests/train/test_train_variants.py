@@ -5,7 +5,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import tiny_qwen2
+from builders import tiny_qwen2
 from peft.optimizers import create_loraplus_optimizer
 
 import lorakit as lk
