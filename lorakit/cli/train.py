@@ -22,7 +22,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = TrainConfig.__dataclass_fields__
     overrides = {k: v for k, v in vars(args).items() if k in fields}
     cfg = load_recipe(args.recipe, overrides)
-    summary = train(cfg)
+    from ..plan.fit import check_fit
+
+    summary = train(cfg, fit_check=check_fit)
     if "paused_at" in summary:
         print(f"paused after step {summary['paused_at']}; checkpoint {summary['checkpoint']}; continue with --resume")
     elif summary:  # empty on ranks other than 0

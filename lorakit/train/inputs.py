@@ -83,3 +83,20 @@ def report_lines(report: dict[str, Any], cfg) -> list[str]:
             train["padding_fraction"] > SUGGEST_PACKING and not cfg.group_by_length else ""
         lines.append(f"  batches {train['padding_fraction']:.1%} padding{hint}")
     return lines
+
+
+def check_memory(fit_check, model, train_ds: TokenizedDataset, cfg, dtype: str, info) -> None:
+    """Before the first step: the planner's peak for the longest micro-batch against free memory
+    (``plan.fit.check_fit``); warn when it may not fit, or turn checkpointing on for "auto"."""
+    from .setup import enable_checkpointing
+
+    width = cfg.max_seq_len if cfg.packing else int(train_ds.lengths.max())
+    stats = train_ds.stats
+    verdict = fit_check(cfg, dtype, info.device, width, stats.n_trainable_tokens / stats.n_tokens, info.world)
+    auto = cfg.gradient_checkpointing == "auto"
+    if not verdict.fits and auto:
+        enable_checkpointing(model)
+    if info.main:
+        then = ("; --gradient-checkpointing auto: turned on" if auto else
+                "; lower --batch-size or --max-seq-len, or pass --gradient-checkpointing") if not verdict.fits else ""
+        print(f"lorakit: memory: {verdict.message}{then}", flush=True)

@@ -23,7 +23,7 @@ from ..errors import TrainingError
 from .batches import make_batches
 from .checkpoint import list_checkpoints, save_checkpoint
 from .evaluate import eval_loss, loss_sum
-from .inputs import data_report, read_splits, report_lines, tokenize_splits
+from .inputs import check_memory, data_report, read_splits, report_lines, tokenize_splits
 from .memory import release_after_each_step
 from .recipe import TrainConfig, save_recipe
 from .reporting import Reporters, make_reporters
@@ -44,7 +44,7 @@ from .setup import (
 from .trackers import require_trackers
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, progress: bool = True, fit_check=None) -> dict[str, Any]:
     """Run a training recipe end to end and return the summary (also written to out/summary.json).
 
     Under torchrun each process trains on its rows of every global batch; rank 0 alone logs,
@@ -53,6 +53,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     Args:
         cfg: the resolved recipe.
         progress: show tqdm bars (rank 0 only).
+        fit_check: ``lorakit.plan.fit.check_fit`` (what ``lorakit train`` passes), run before the first
+            step: a warning when the planned peak exceeds free memory, or with
+            ``gradient_checkpointing="auto"``, checkpointing turned on. None: no check ("auto" is off).
     """
     from .distributed import barrier, setup, teardown
 
@@ -62,7 +65,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if info.main:
             lock = prepare_out(Path(cfg.out), cfg.resume)  # held until the run ends
         barrier(info)
-        return _train(cfg, progress and info.main, info)
+        return _train(cfg, progress and info.main, info, fit_check)
     finally:
         if lock is not None:
             os.close(lock)
@@ -88,7 +91,7 @@ class Run:
     st: dict  # train state saved in checkpoints: best/last eval, patience, tokens, elapsed, score before
 
 
-def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
+def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> Run:
     """Everything before the first step: data checked before the model loads, model, optimizer,
     batch source, reporters, and the state of a resumed run."""
     from .distributed import unwrap, wrap
@@ -115,6 +118,8 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info) -> Run:
         check_space(out, model, cfg)
         clean_partial_checkpoints(out / "checkpoints")
         save_recipe(cfg, out / "config.yaml")
+    if fit_check is not None:
+        check_memory(fit_check, model, train_ds, cfg, dtype, info)
     model = wrap(model, info, cfg.fsdp)
     opt = make_optimizer(model, cfg)
     release_after_each_step(opt, info.device)  # CPU: freed activations go back to the system each step
@@ -177,11 +182,11 @@ def _evaluate(run: Run, cfg: TrainConfig, step: int, info, bar) -> bool:
     return bool(cfg.patience) and st["bad_evals"] >= cfg.patience
 
 
-def _train(cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
+def _train(cfg: TrainConfig, progress: bool, info, fit_check=None) -> dict[str, Any]:
     from .distributed import all_sum, barrier
 
     out = Path(cfg.out)
-    run = start(cfg, out, progress, info)
+    run = start(cfg, out, progress, info, fit_check)
     model, opt, sched, st, step, total = run.model, run.opt, run.sched, run.st, run.step, run.total
     params = [p for p in model.parameters() if p.requires_grad]
 

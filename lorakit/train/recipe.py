@@ -128,9 +128,11 @@ class TrainConfig:
     about 2x faster steps), else float32; --full trains float32 weights unless you choose."""
     threads: int = 0
     """torch CPU threads (0: all cores)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False
     """Keep only each block's input and recompute the block in backward (non-reentrant, so it works
-    with a frozen base whose inputs need no gradient): less activation memory, about a third more compute."""
+    with a frozen base whose inputs need no gradient): less activation memory, about a third more compute.
+    --gradient-checkpointing auto: on only if the planner's peak for the longest batch exceeds the device's
+    free memory (checked before the first step by lorakit train; without auto it warns)."""
     quantize: str | None = None
     """Quantize the frozen base's Linears (all but the output head) with bitsandbytes before LoRA is
     injected: nf4 or fp4 (4-bit: QLoRA) or int8 (LLM.int8()). The base is quantized the same way at
@@ -170,6 +172,7 @@ class TrainConfig:
             self._check_quantize()
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        self.gradient_checkpointing = _on_off_auto(self.gradient_checkpointing)
         if isinstance(self.columns, str):
             self.columns = self.columns.split()
         if self.packing and self.group_by_length:
@@ -228,6 +231,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _on_off_auto(value: Any) -> bool | str:
+    """gradient_checkpointing's values: True / False (also on/off/true/false) or "auto"."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    choices = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False, "auto": "auto"}
+    if word not in choices:
+        raise ConfigError(f"gradient_checkpointing must be on, off or auto, got {value!r}")
+    return choices[word]
+
+
 def _field_docs() -> dict[str, str]:
     """Docstrings under each field, read from this file's source."""
     import ast
@@ -249,7 +263,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         # --lora-r: torchrun's own parser takes a bare --r for an ambiguous abbreviation of its flags
         flags = [flag, "--lora-r"] if f.name == "r" else [flag]
-        if f.type in ("bool", bool):
+        if f.name == "gradient_checkpointing":  # a switch that also takes "auto"
+            p.add_argument(flag, nargs="?", const=True, default=None, type=_on_off_auto, metavar="auto",
+                           help=docs.get(f.name))
+            p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=None)
+        elif f.type in ("bool", bool):
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
         elif f.name in ("target_modules", "columns"):
             p.add_argument(*flags, nargs="+", default=None, help=docs.get(f.name))

@@ -96,7 +96,7 @@ def build_model(cfg: TrainConfig, dtype: str = "float32"):
         from ..lora.quantize import quantize
 
         quantize(model, cfg.quantize, cfg.double_quant)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is True:  # "auto" is decided before the first step (check_fit)
         enable_checkpointing(model)
     if cfg.neftune_alpha:  # NEFTune noises the input embeddings for LoRA and full fine-tuning alike
         add_neftune(model, cfg.neftune_alpha)
