@@ -195,11 +195,13 @@ def main() -> None:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
             runs[name].append(json.loads(line[-1][7:]))
             print(f"round {round_ + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-    write(summarize(runs, data, args))
+        done = {name: rs for name, rs in runs.items() if rs}
+        write(summarize(done, data, args))  # after every round: a cut-short run keeps what it measured
 
 
 def summarize(runs: dict[str, list[dict]], data: dict, args) -> dict:
     out = {}
+    args.rounds_done = min(len(rs) for rs in runs.values())
     for name, rs in runs.items():
         wall = statistics.median(r["wall_s"] for r in rs)
         out[name] = {"wall_s": wall, "rounds": [r["wall_s"] for r in rs],
@@ -212,7 +214,7 @@ def summarize(runs: dict[str, list[dict]], data: dict, args) -> dict:
             "config": {"model": MODEL, "dtype": "float32", "lr": LR, "r": R, "alpha": ALPHA, "batch": BATCH,
                        "grad_accum": ACCUM, "packed_rows_per_micro_batch": PACKED_ROWS,
                        "max_seq_len": args.max_seq_len, "train": args.train, "eval": args.eval,
-                       "rounds": args.rounds, "threads": args.threads or "all"},
+                       "rounds": args.rounds_done, "threads": args.threads or "all"},
             "results": out}
 
 
