@@ -3,9 +3,9 @@
 Rows are filled best-fit decreasing: examples, longest first, each go into the open row with the
 least room that still holds it (a new row when none does). A packed row carries ``position_ids``
 that restart at 0 for each example; given ``position_ids`` and no 2D attention mask, transformers
-(5.x, ``masking_utils.find_packed_sequence_indices``) builds a block-diagonal causal mask for
-eager and SDPA attention and uses variable-length kernels for flash attention, so attention never
-crosses an example. The first token of each example gets no label: it would otherwise be predicted
+(5.23, ``masking_utils.find_packed_sequence_indices``) builds a block-diagonal causal mask for
+eager and SDPA attention (flash-attention 2 reads them as variable-length sequences), so attention
+never crosses an example. The first token of each example gets no label: it would otherwise be predicted
 from the previous example's last token.
 """
 
