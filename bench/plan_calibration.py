@@ -199,6 +199,11 @@ def report(cases: list[dict]) -> str:
               "memory no tensor owns (small-block heap kept from one step to the next, BLAS and attention "
               "workspaces): a few tens of MiB, which shows most in the smallest case (LoRA, batch 1), whose RSS "
               "also grows from the first step to the second.", "",
+              "qlora: the same runs with `--quantize nf4` (double-quantized scales, fp32 compute). The plan's "
+              "quantized column differs from LoRA's in the weights row alone, which the increase leaves out, so "
+              "its planned increase is LoRA's. Measured, a QLoRA step adds a few tens of MiB over the LoRA step "
+              "(bitsandbytes' dequantized weights and kernel workspaces, transient and not modelled), which puts "
+              "the smallest case (batch 1) outside ±25%.", "",
               "Reproduce: `PYTHONPATH=. python bench/plan_calibration.py` (writes this file and plan_calibration.json); "
               "`--render` rewrites this file from the JSON without measuring again."]
     return "\n".join(lines) + "\n"
