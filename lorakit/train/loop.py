@@ -24,7 +24,7 @@ from .batches import make_batches
 from .checkpoint import list_checkpoints, save_checkpoint
 from .evaluate import eval_loss, loss_sum
 from .inputs import check_memory, data_report, read_splits, report_lines, tokenize_splits
-from .memory import release_after_each_step
+from .memory import fix_mmap_threshold
 from .recipe import TrainConfig, save_recipe
 from .reporting import Reporters, make_reporters
 from .result import finish, score
@@ -107,6 +107,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     if info.main:
         require_trackers(cfg.report_to)  # a missing tracker extra fails before the model loads
     dtype, dtype_why = resolve_dtype(cfg, info.device)
+    fix_mmap_threshold(info.device)  # CPU: freed activations go back to the system (see memory.py)
     model, tokenizer = build_model(cfg, dtype)
     if info.main:
         print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)
@@ -122,7 +123,6 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
         check_memory(fit_check, model, train_ds, cfg, dtype, info)
     model = wrap(model, info, cfg.fsdp)
     opt = make_optimizer(model, cfg)
-    release_after_each_step(opt, info.device)  # CPU: freed activations go back to the system each step
     batches = make_batches(train_ds, cfg, pad_id, info)
     data = data_report(records, datasets, cache_outcome, batches, cfg)
     if info.main:

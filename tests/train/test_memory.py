@@ -1,52 +1,69 @@
-"""The CPU allocator fix: freed heap memory goes back to the system at each optimizer step's end."""
+"""The CPU allocator fix: with glibc's mmap threshold fixed, freed activation-sized blocks go back to
+the system at once (glibc's default keeps them in the heap after its threshold has risen)."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import json
+import subprocess
+import sys
 
 import pytest
-import torch
 
 from lorakit.train import memory
 
-glibc = pytest.mark.skipif(memory._malloc_trim() is None, reason="needs glibc's malloc_trim")
+glibc = pytest.mark.skipif(memory._glibc() is None, reason="needs glibc's mallopt and malloc_trim")
+
+# Free a 16 MiB mapped block (glibc's default then raises its mmap threshold to 16 MiB), allocate 63 + 1
+# blocks of 4 MiB with their pages touched, free 63 of them (the last one alive keeps free() from trimming
+# the heap's top) and report how much of the freed 252 MiB is still resident.
+_SCRIPT = """
+import json, re, sys
+from pathlib import Path
+import torch
+from lorakit.train import memory
+def rss():
+    return int(re.search(r"^VmRSS:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+fixed = memory.fix_mmap_threshold("cpu") if sys.argv[1] == "fix" else False
+big = torch.ones(4 * 2**20)
+del big
+blocks = [torch.ones(2**20) for _ in range(64)]
+keep = blocks.pop()
+before = rss()
+del blocks
+print(json.dumps({"fixed": fixed, "held": rss() - (before - 63 * 4 * 2**20)}))
+"""
 
 
-def _rss() -> int:
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+def _held(mode: str) -> dict:
+    env_free = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=300,
+                         env={**env_free, "OMP_NUM_THREADS": "1"}, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @glibc
-def test_release_returns_freed_heap_blocks_to_the_system():
-    # freeing a 16 MiB mapped block raises glibc's mmap threshold to 16 MiB: the 4 MiB blocks below then
-    # come from the heap, and the last one kept alive stops free() from trimming the heap's top
-    big = torch.ones(4 * 2**20)  # 16 MiB
-    del big
-    blocks = [torch.ones(2**20) for _ in range(64)]  # 64 × 4 MiB, pages touched
-    keep = blocks.pop()
-    before = _rss()
-    del blocks
-    held = _rss() - (before - 63 * 4 * 2**20)  # what free() left resident of the 252 MiB
-    if held < 0.8 * 63 * 4 * 2**20:
-        pytest.skip("malloc returned the blocks by itself (a fixed MALLOC_MMAP_THRESHOLD_?)")
-    assert memory.release_freed_memory()
-    assert before - _rss() > 0.9 * 63 * 4 * 2**20  # the freed 252 MiB left the process
-    del keep
+def test_a_fixed_threshold_returns_freed_blocks_that_the_default_keeps():
+    freed = 63 * 4 * 2**20
+    default, fixed = _held("default"), _held("fix")
+    assert not default["fixed"] and fixed["fixed"]
+    assert default["held"] > 0.8 * freed  # the inflation: freed, yet resident
+    assert fixed["held"] < 0.1 * freed  # each block had its own mapping, unmapped when freed
+
+
+def test_nothing_changes_on_cuda():
+    assert memory.fix_mmap_threshold("cuda") is False
+    assert memory.fix_mmap_threshold("cuda:0") is False
 
 
 @glibc
-def test_the_hook_runs_after_every_optimizer_step(monkeypatch):
+def test_the_loop_set_up_fixes_the_threshold(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+    from lorakit.train.recipe import TrainConfig
+
     calls = []
-    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
-    w = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([w], lr=0.1)
-    handle = memory.release_after_each_step(opt, "cpu")
-    for _ in range(3):
-        w.sum().backward()
-        opt.step()
-    assert len(calls) == 3 and torch.allclose(w.detach(), torch.full((3,), 0.4))  # grads accumulate: 1 - 0.1·(1 + 2 + 3)
-    handle.remove()
-    opt.step()
-    assert len(calls) == 3
-    assert memory.release_after_each_step(opt, "cuda") is None  # CUDA's caching allocator owns that memory
+    monkeypatch.setattr(loop, "fix_mmap_threshold", lambda device: calls.append(device) or True)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(4)))
+    loop.train(TrainConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "run"), max_steps=1,
+                           batch_size=2, max_seq_len=16, r=2, dtype="float32"), progress=False)
+    assert calls == ["cpu"]
