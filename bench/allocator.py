@@ -4,8 +4,8 @@ variable-length chat batches, with and without lorakit's fix (lorakit/train/memo
 Two variants, each run as a whole training run in its own fresh process (RSS depends on the
 allocation history, so cases must not share one), interleaved over rounds (A B, B A, ...):
 
-- ``glibc default``: malloc as it comes (its mmap threshold rises after large frees), the fix disabled;
-- ``lorakit (fixed mmap threshold)``: lorakit as shipped: the loop's set-up fixes glibc's mmap
+- ``glibc default``: malloc as it comes (its mmap threshold rises after large frees): lorakit's default;
+- ``lorakit (fixed mmap threshold)``: ``--low-cpu-memory``: the loop's set-up fixes glibc's mmap
   threshold at 128 KiB (mallopt), so every block above it keeps its own mapping.
 
 Model: the embedded SmolLM2-135M-Instruct (fp32, its tokenizer and chat template) cut to its first
@@ -85,9 +85,7 @@ def worker(variant: str, spec_path: str) -> None:
     from lorakit.train import loop
     from lorakit.train.recipe import TrainConfig
 
-    if not VARIANTS[variant]["fix"]:
-        loop.fix_mmap_threshold = lambda *args, **kwargs: False  # the loop's set-up changes nothing
-    summary = loop.train(TrainConfig(**spec["config"]), progress=False)
+    summary = loop.train(TrainConfig(**spec["config"], low_cpu_memory=VARIANTS[variant]["fix"]), progress=False)
     status = Path("/proc/self/status").read_text()
     kb = {k: int(re.search(rf"^{k}:\s+(\d+) kB", status, re.M).group(1)) for k in ("VmHWM", "VmRSS")}
     print(json.dumps({"variant": variant, "peak_rss_mb": kb["VmHWM"] / 1024, "final_rss_mb": kb["VmRSS"] / 1024,

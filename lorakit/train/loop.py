@@ -107,7 +107,8 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     if info.main:
         require_trackers(cfg.report_to)  # a missing tracker extra fails before the model loads
     dtype, dtype_why = resolve_dtype(cfg, info.device)
-    fix_mmap_threshold(info.device)  # CPU: freed activations go back to the system (see memory.py)
+    if cfg.low_cpu_memory:
+        fix_mmap_threshold(info.device)  # CPU: freed activations go back to the system (see memory.py)
     model, tokenizer = build_model(cfg, dtype)
     if info.main:
         print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)

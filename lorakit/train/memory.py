@@ -7,13 +7,14 @@ step is carved out of the heap arenas instead, and a freed one stays there. With
 length changes every step, new activations rarely fit the holes the freed ones left, so the arenas
 keep growing: RSS follows the allocation history rather than the live tensors.
 
-What: at the run's set-up, ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` fixes the threshold (which also
-turns off its dynamic raising), so every block above 128 KiB keeps its own mapping and goes back to
-the system when freed; ``malloc_trim(0)`` then returns what loading the model left free in the heap.
-Measured in bench/results/allocator.md (0.71x the peak RSS of glibc's default on padded chat batches,
-step time unchanged within the noise). Returning free pages after each step instead (``malloc_trim``
-as an optimizer post-hook) was measured too and is not enough: the peak is reached inside a step,
-where freed blocks are already fragmented (0.96x the peak).
+What: with ``--low-cpu-memory`` the run's set-up calls ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, which
+fixes the threshold (and turns off its dynamic raising), so every block above 128 KiB keeps its own
+mapping and goes back to the system when freed; ``malloc_trim(0)`` then returns what the heap holds
+free. Measured in bench/results/allocator.md: 0.67x the peak RSS of glibc's default on padded chat
+batches, but 1.47x the step time (each large block is mapped and zero-filled by the kernel anew,
+where the heap reused warm pages), so it is off by default. Returning free pages after each step
+instead (``malloc_trim`` as an optimizer post-hook) was measured too and saves little (0.96x the
+peak in one round): the peak is reached inside a step, where freed blocks are already fragmented.
 
 Only on CPU and only with glibc (other C libraries lack these calls: nothing is changed there).
 """

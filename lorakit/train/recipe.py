@@ -143,6 +143,10 @@ class TrainConfig:
     """Under torchrun: shard the frozen base and the adapters with FSDP2 instead of replicating (DDP)."""
     dist_timeout: int = 300
     """Seconds a collective may wait before the run fails (a dead rank must not hang the others)."""
+    low_cpu_memory: bool = False
+    """On CPU (glibc): fix malloc's mmap threshold at 128 KiB so freed activations go back to the system at
+    once instead of piling up in the heap: about 0.67x the peak RSS on padded batches of varying length, but
+    about 1.5x the step time (every large block is mapped and zero-filled anew; bench/results/allocator.md)."""
     report_to: list[str] = field(default_factory=list)
     """Also send metrics (Hugging Face Trainer names: train/loss, eval/loss ...) and the recipe to trackers:
     tensorboard, wandb, mlflow, comma-separated (each an optional extra; default none). Rank 0 reports."""

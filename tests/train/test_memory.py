@@ -56,7 +56,7 @@ def test_nothing_changes_on_cuda():
 
 
 @glibc
-def test_the_loop_set_up_fixes_the_threshold(tiny_model_dir, tmp_path, monkeypatch):
+def test_low_cpu_memory_fixes_the_threshold_at_set_up(tiny_model_dir, tmp_path, monkeypatch):
     import lorakit.train.loop as loop
     from lorakit.train.recipe import TrainConfig
 
@@ -64,6 +64,8 @@ def test_the_loop_set_up_fixes_the_threshold(tiny_model_dir, tmp_path, monkeypat
     monkeypatch.setattr(loop, "fix_mmap_threshold", lambda device: calls.append(device) or True)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(4)))
-    loop.train(TrainConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "run"), max_steps=1,
-                           batch_size=2, max_seq_len=16, r=2, dtype="float32"), progress=False)
-    assert calls == ["cpu"]
+    for flag in (False, True):
+        loop.train(TrainConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / f"run-{flag}"),
+                               max_steps=1, batch_size=2, max_seq_len=16, r=2, dtype="float32",
+                               low_cpu_memory=flag), progress=False)
+    assert calls == ["cpu"]  # only with --low-cpu-memory
