@@ -59,7 +59,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def short_form(split: str) -> list[dict]:
     """The dates task's split as prompt/completion pairs without the chat template."""
-    from lorakit.data.core import load_jsonl
+    from lorakit.data.readers import load_jsonl
     from lorakit.data.tasks import task_path
 
     out = []
