@@ -10,8 +10,6 @@ as figure 1; step memory is measured by figure 2's worker (each case in a fresh 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .common import Context, alternate, fmt_mb, fmt_median, ratio, summary, target
@@ -87,8 +85,7 @@ def run(ctx: Context, done: dict, log) -> dict:
     sizes = resident(ctx, log)
     batch = to_device(text_batch(ctx), ctx)
     qcases = cases(ctx)
-    ctx._cache.pop("qlora_model", None)
-    steps = {c.label: train_step(build(c, ctx, copy.deepcopy(base(ctx))), batch, ctx, loss_of(c)) for c in qcases}
+    steps = {c.label: train_step(build(c, ctx), batch, ctx, loss_of(c)) for c in qcases}
     log(f"  text batch {tuple(batch['input_ids'].shape)}, {compute_dtype(ctx)} compute, competitors: {', '.join(steps)}")
     samples = alternate(steps, ctx, log=log)
     first_loss = {label: float(step.losses[0]) for label, step in steps.items()}
