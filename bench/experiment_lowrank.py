@@ -67,7 +67,7 @@ def exact_match_of_adapter(adapter: Path, limit: int = 0) -> dict:
     """Greedy exact match of base + adapter on the dates test split."""
     from lorakit.data.readers import load_jsonl
     from lorakit.data.tasks import task_path
-    from lorakit.lora.io import load_adapter
+    from lorakit.lora.apply import load_adapter
     from lorakit.models.load import load_model
     from lorakit.train.evaluate import exact_match_score
 

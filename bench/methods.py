@@ -90,7 +90,7 @@ def train_run(args, method: str, seed: int, work: Path) -> dict:
 
 def score_run(base, tokenizer, adapter: str, records: list[dict]) -> float:
     """Exact match of ``adapter`` loaded onto a copy of the original base."""
-    from lorakit.lora.io import load_adapter
+    from lorakit.lora.apply import load_adapter
     from lorakit.train.evaluate import exact_match_score
 
     model = load_adapter(copy.deepcopy(base), adapter).eval()

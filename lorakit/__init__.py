@@ -19,9 +19,10 @@ from .lora.adapters import (
     set_active,
     trainable_report,
 )
+from .lora.apply import load_adapter
 from .lora.config import LoraConfig
 from .lora.inject import Target, inject, plan_injection
-from .lora.io import load_adapter, read_adapter, save_adapter
+from .lora.io import read_adapter, save_adapter
 from .lora.layer import LoraEmbedding, LoraLinear, ModulesToSave
 from .lora.merge import merge, merge_and_unload, merged_adapters, unmerge
 from .lora.mixed import mixed_batch

@@ -77,7 +77,7 @@ def _load_for_inference(model_spec: str, adapter: str | None, dtype: str = "auto
     print(f"lorakit: base weights in {dtype} ({why})", file=sys.stderr)
     model, tokenizer = load_model(model_spec or "smollm2-135m-instruct", dtype=dtype)
     if adapter:
-        from ..lora.io import load_adapter
+        from ..lora.apply import load_adapter
 
         load_adapter(model, adapter)
     return model, tokenizer

@@ -48,7 +48,8 @@ def export_merged_gguf(adapter: str | Path, out: str | Path, base: str | None = 
     Returns:
         {"out", "architecture", "source", "adapted", "types", "added"}.
     """
-    from ..lora.io import load_adapter, read_adapter
+    from ..lora.apply import load_adapter
+    from ..lora.io import read_adapter
     from ..models.load import DEFAULT_MODEL, load_model
 
     if outtype is not None:

@@ -37,7 +37,7 @@ def merge_to_directory(base: str, adapter: str | Path, out: str | Path, dtype: s
         {"out": path, "dtype": dtype, "max_abs_diff": float, "quantization": lorakit.lora.quantized.describe of
         the base before merging, or None}
     """
-    from ..lora.io import load_adapter
+    from ..lora.apply import load_adapter
     from ..lora.merge import merge_and_unload
     from ..models.load import load_model, local_tokenizer_files
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..lora.adapters import delete_adapter, list_adapters
-from ..lora.io import load_adapter
+from ..lora.apply import load_adapter
 from ..lora.layer import ModulesToSave
 from ..lora.merge import merged_adapters
 from .continuous import Running
