@@ -25,7 +25,7 @@ METHOD = "nf4"
 
 def compute_dtype(ctx: Context) -> str:
     """QLoRA's compute dtype here: bf16 where the device computes it natively (as the trainer's dtype=auto)."""
-    from lorakit.train.setup import native_bf16
+    from lorakit.models.dtype import native_bf16
 
     return "bfloat16" if native_bf16(ctx.device) else "float32"
 
