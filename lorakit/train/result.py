@@ -88,8 +88,10 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
     if not cfg.full:
         from ..lora.card import write_model_card
         from ..lora.io import read_adapter
+        from ..lora.quantized import card_section
 
-        write_model_card(product, read_adapter(product)[0], card_sections(summary, cfg, paths))
+        sections = {**(card_section(unwrap(model)) or {}), **card_sections(summary, cfg, paths)}
+        write_model_card(product, read_adapter(product)[0], sections)
     return summary
 
 
@@ -108,7 +110,8 @@ def card_sections(summary: dict[str, Any], cfg: TrainConfig, paths: DataPaths) -
                         f"{stats['n_truncated']} cut to max_seq_len={cfg.max_seq_len})")
     data.append(f"- recipe: {summary['steps']} steps ({summary['epochs']:g} epochs), batch {cfg.batch_size} × "
                 f"grad_accum {cfg.grad_accum}, lr {cfg.lr:g}, seed {cfg.seed}, base in {summary['dtype']}"
-                + (f", quantized {summary['quantization']}" if summary.get("quantization") else ""))
+                + (f", its Linears quantized to {summary['quantization']['method']}" if summary.get("quantization")
+                   else ""))
     em = {k: summary[k]["exact_match"] if summary.get(k) else None for k in ("before", "after")}
     results = [f"- eval loss: final {fmt(summary['final_eval_loss'])}, best {fmt(summary['best_eval_loss'])}; "
                f"final train loss {fmt(summary['final_train_loss'])}",

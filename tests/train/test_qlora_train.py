@@ -64,6 +64,8 @@ def test_a_quantized_run_trains_reports_and_saves_a_plain_peft_adapter(tiny_mode
     assert losses[-1] < losses[0]
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert not [k for k in config if "quant" in k]
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "## Quantized base (QLoRA)" in card and "its Linears quantized to nf4" in card and "## Training results" in card
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
