@@ -184,10 +184,22 @@ def _evaluate(run: Run, cfg: TrainConfig, step: int, info, bar) -> bool:
 
 
 def _train(cfg: TrainConfig, progress: bool, info, fit_check=None) -> dict[str, Any]:
+    run = start(cfg, Path(cfg.out), progress, info, fit_check)
+    try:
+        result = _loop(run, cfg, progress, info)
+    except BaseException as exc:  # the trackers' runs end marked as failed (killed on Ctrl-C), not left open
+        run.reporters.close(status="killed" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    run.reporters.close()
+    return result
+
+
+def _loop(run: Run, cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
+    """The training loop proper: from ``run.step`` to ``run.total`` optimizer steps (or a pause or an
+    early stop), then the results."""
     from .distributed import all_sum, barrier
 
     out = Path(cfg.out)
-    run = start(cfg, out, progress, info, fit_check)
     model, opt, sched, st, step, total = run.model, run.opt, run.sched, run.st, run.step, run.total
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -238,9 +250,7 @@ def _train(cfg: TrainConfig, progress: bool, info, fit_check=None) -> dict[str, 
             checkpoint()
         if pause:
             bar.close()
-            run.reporters.close()
             return {"paused_at": step, "checkpoint": str(list_checkpoints(out / "checkpoints")[-1])} \
                 if info.main else {}
     bar.close()
-    run.reporters.close()
     return finish(model, run.tokenizer, out, cfg, run.paths, st, step, stopped_early, info, progress)

@@ -20,8 +20,9 @@ class Reporter:
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, status: str = "finished") -> None:
+        """End the destination; ``status`` is "finished", "failed" (an exception ended the run) or
+        "killed" (Ctrl-C)."""
 
 
 class JsonlReporter(Reporter):
@@ -57,9 +58,9 @@ class Reporters(Reporter):
         for r in self.reporters:
             r.log_params(params)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         for r in self.reporters:
-            r.close()
+            r.close(status)
 
 
 def make_reporters(cfg, out: Path, main: bool, resume_step: int | None) -> Reporters:

@@ -136,7 +136,7 @@ class TensorBoardReporter:
         if self._writer is not None:
             self._write_params(self._params)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -166,8 +166,9 @@ class WandbReporter:
     def log_params(self, params: dict[str, Any]) -> None:
         self.run.config.update(params, allow_val_change=True)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str = "finished") -> None:
+        # wandb shows a run that ended with a non-zero exit code as "failed" (the code of a Ctrl-C: 255)
+        self.run.finish(exit_code={"finished": 0, "failed": 1}.get(status, 255))
 
 
 class MlflowReporter:
@@ -184,6 +185,7 @@ class MlflowReporter:
             self.client = mlflow.MlflowClient(uri)
             self.run_id = ids.get("mlflow") or self._new_run(out.name)
             self._logged = set(self.client.get_run(self.run_id).data.params)
+            self.client.update_run(self.run_id, status="RUNNING")  # a resumed run that had failed runs again
         except Exception as exc:  # the store's own errors: unsupported URI, server down, file store disabled
             raise TrainingError(f"--report-to mlflow: cannot use the tracking URI {uri!r} ({type(exc).__name__}: "
                                 f"{str(exc)[:300]}); set MLFLOW_TRACKING_URI to an MLflow server "
@@ -209,8 +211,8 @@ class MlflowReporter:
             self.client.log_batch(self.run_id, params=new[i:i + 100])
         self._logged.update(p.key for p in new)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=status.upper())  # FINISHED / FAILED / KILLED
 
 
 def require_trackers(names: list[str]) -> None:
@@ -238,6 +240,6 @@ def make_trackers(names: list[str], out: Path, resuming: bool) -> list:
                         WandbReporter(out, ids) if name == "wandb" else MlflowReporter(out, ids))
     except BaseException:
         for reporter in made:
-            reporter.close()
+            reporter.close("failed")
         raise
     return made

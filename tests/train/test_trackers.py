@@ -69,6 +69,26 @@ def read_wandb(out: Path) -> tuple[list[dict], dict]:
     return rows, config
 
 
+def wandb_exit_code(out: Path) -> int | None:
+    """The exit code the offline run under out/wandb recorded when it ended (None: it never ended)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    data, pos, buf, code = path.read_bytes(), 7, b"", None
+    while pos + 7 <= len(data):  # the same chunk walk as read_wandb, keeping only the exit record
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos, buf = pos + 7 + length, buf + data[pos + 7:pos + 7 + length]
+        if kind in (1, 4):
+            record = pb.Record.FromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "exit":
+                code = record.exit.exit_code
+    return code
+
+
 def read_mlflow(uri: str, run_id: str) -> tuple[dict[str, list[tuple[int, float]]], dict]:
     from mlflow import MlflowClient
 
@@ -291,18 +311,50 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_model_dir, tmp_path, offl
         loop.train(cfg, progress=False)
     out = Path(cfg.out)
     run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    from mlflow import MlflowClient
+
+    assert MlflowClient(offline).get_run(run_id).info.status == "FAILED"  # the crash ended the run as failed
     monkeypatch.setattr(loop, "loss_sum", real)
     loop.train(TrainConfig(**{**cfg.to_dict(), "resume": True}), progress=False)
+    assert MlflowClient(offline).get_run(run_id).info.status == "FINISHED"
 
     want = expected_from_metrics(out / "metrics.jsonl")  # steps 1..12 once each (the resume truncated it)
     assert [s for s, _ in want["train/loss"]] == list(range(1, 13))
     tb, _ = read_tensorboard(out / "tensorboard")
     assert_same(tb, want, rel=1e-6)  # the killed run's steps 5 and 6 are purged
     assert json.loads((out / "trackers.json").read_text())["mlflow"] == run_id  # the same MLflow run goes on
-    from mlflow import MlflowClient
 
     history = MlflowClient(offline).get_metric_history(run_id, "train/loss")
     latest = {}
     for m in sorted(history, key=lambda m: m.timestamp):
         latest[m.step] = m.value  # MLflow cannot delete values: the resumed run's come later at steps 5, 6
     assert_same({"train/loss": sorted(latest.items())}, {"train/loss": want["train/loss"]}, rel=1e-12)
+
+
+def test_an_interrupted_run_ends_its_tracker_runs_as_killed(tiny_model_dir, tmp_path, offline, monkeypatch):
+    import lorakit.train.loop as loop
+
+    cfg = _cfg(tiny_model_dir, tmp_path, report_to="wandb,mlflow", max_steps=6, log_every=1)
+    real, calls = loop.loss_sum, []
+
+    def ctrl_c_in_step_3(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "loss_sum", ctrl_c_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, progress=False)
+    out = Path(cfg.out)
+    from mlflow import MlflowClient
+
+    assert MlflowClient(offline).get_run(json.loads((out / "trackers.json").read_text())["mlflow"]).info.status \
+        == "KILLED"
+    assert wandb_exit_code(out) == 255  # wandb marks a non-zero exit as failed
+    # and a run that ends normally records exit code 0
+    monkeypatch.setattr(loop, "loss_sum", real)
+    (tmp_path / "b").mkdir()
+    cfg2 = _cfg(tiny_model_dir, tmp_path / "b", report_to="wandb", max_steps=2, log_every=1)
+    loop.train(cfg2, progress=False)
+    assert wandb_exit_code(Path(cfg2.out)) == 0
