@@ -120,13 +120,13 @@ def test_adapter_files_both_ways_with_peft_bnb_lora(tiny_model_dir, tmp_path):
     lk.load_adapter(ours, tmp_path / "peft")
     with torch.no_grad():
         want = theirs.train()(ids).logits
-        assert torch.allclose(ours.eval()(ids).logits, want, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(ours.eval()(ids).logits, want, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
     # lorakit saves; PEFT loads it back onto transformers' 4-bit model
     lk.save_adapter(ours, tmp_path / "ours")
     assert not {k for k in json.loads((tmp_path / "ours" / "adapter_config.json").read_text()) if "quant" in k}
     back = peft.PeftModel.from_pretrained(peft_bnb_model(tiny_model_dir), tmp_path / "ours")
     with torch.no_grad():
-        assert torch.allclose(back.train()(ids).logits, want, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(back.train()(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_transformers_4bit_model_injects_like_lk_quantize(tiny_model_dir):
