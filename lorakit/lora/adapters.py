@@ -36,7 +36,7 @@ def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
         if isinstance(module, LoraLinear):
             dicts = (module.lora_A, module.lora_B, module.lora_magnitude_vector)
         elif isinstance(module, LoraEmbedding):
-            dicts = (module.lora_embedding_A, module.lora_embedding_B)
+            dicts = (module.lora_embedding_A, module.lora_embedding_B, module.lora_magnitude_vector)
         elif isinstance(module, ModulesToSave):
             dicts = (module.modules_to_save,)
         else:

@@ -110,9 +110,6 @@ def _check_factors(path: str, parts: dict[str, torch.Tensor], module: nn.Module,
     if set(parts) != need:
         raise AdapterFormatError(f"{where}: module {path!r} ({kind}) needs {sorted(need)} (use_dora={cfg.use_dora}), "
                                  f"found {sorted(parts)}")
-    if cfg.use_dora and kind == "embedding":
-        raise AdapterFormatError(f"{where}: module {path!r} is an embedding with DoRA; lorakit implements DoRA on "
-                                 "Linear layers only")
     if cfg.use_dora and tuple(parts["lora_magnitude_vector"].shape) != (shape[0],):
         raise ShapeMismatchError(f"{where}: {PREFIX}{path}.lora_magnitude_vector has shape "
                                  f"{tuple(parts['lora_magnitude_vector'].shape)}; module {path!r} needs ({shape[0]},)")

@@ -1,6 +1,9 @@
-"""DoRA (weight-decomposed LoRA, Liu et al. 2024) on a LoraLinear, with PEFT's semantics.
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024) on a LoraLinear or a LoraEmbedding, with PEFT's semantics.
 
     W' = m · (W + s·B·A) / ‖W + s·B·A‖        norms per output feature (row of the (out, in) W)
+
+For an embedding the (out, in) weight is the table transposed, (dim, vocabulary): m has one entry per
+embedding dimension and each norm runs over the vocabulary, as PEFT's ``DoraEmbeddingLayer`` takes it.
 
 m (``lora_magnitude_vector[name]``, shape (out,)) starts at ‖W + s·B·A‖, so a new adapter changes
 nothing. The norm is a constant for the gradient (paper §4.3, as PEFT): only m, A and B learn.
@@ -8,7 +11,8 @@ With g = m / ‖W + s·BA‖ the layer computes, as PEFT does,
 
     y = base(x) + (g - 1)·W·x' + g·s·B·A·x'          x' = dropout(x) in training, else x
 
-and when x' = x it reuses base(x) − bias for W·x, so the frozen matmul runs once.
+and when x' = x it reuses base(x) − bias for W·x, so the frozen matmul runs once (an embedding has
+no dropout: y = g·(base(x) + s·B·A·x), PEFT's embedding formula).
 
 The norm never forms W + s·BA (out × in): ‖W + s·BA‖² = ‖W‖² + 2s·Σ_j (W·Aᵀ ⊙ B) + s²·Σ_j (B·(A·Aᵀ) ⊙ B),
 where ‖W‖² is cached per base weight (it is frozen) and the rest costs one (out × in × r) matmul
@@ -26,8 +30,14 @@ from .ops import keep_mask, keep_probability
 
 def base_weight(layer) -> torch.Tensor:
     """The frozen base weight laid out (out, in), in its own dtype (a view, no copy)."""
-    w = layer.base_layer.weight
-    return w.T if layer.fan_in_fan_out else w
+    return layer._oriented(layer.base_layer.weight)
+
+
+def factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of adapter ``name``, (r, in) and (out, r), as stored (a LoraLinear's or a LoraEmbedding's)."""
+    if hasattr(layer, "lora_embedding_A"):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
 
 
 def check_base(layer) -> None:
@@ -54,11 +64,11 @@ def weight_norm(layer, name: str, weight: torch.Tensor | None = None) -> torch.T
     """‖W + s·B·A‖ per output row, fp32 (out,), without forming W + s·B·A.
 
     Args:
-        layer: a LoraLinear holding adapter ``name``.
+        layer: a LoraLinear or LoraEmbedding holding adapter ``name``.
         name: the adapter.
         weight: an (out, in) fp32 base weight to use instead of the layer's own (merging).
     """
-    a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()  # (r, in), (out, r)
+    a, b = (t.float() for t in factors(layer, name))  # (r, in), (out, r)
     s = layer.adapters[name].scaling
     if weight is None:
         w = base_weight(layer)
@@ -75,7 +85,7 @@ def forward(layer, name: str, x: torch.Tensor, result: torch.Tensor, lora: torch
     """The layer output with DoRA adapter ``name`` applied on top of ``result`` (PEFT's formula).
 
     Args:
-        layer: the LoraLinear.
+        layer: the LoraLinear or LoraEmbedding.
         name: a DoRA adapter of it.
         x: the layer input (..., in).
         result: the output so far (base, plus any adapters applied before this one), (..., out).
@@ -115,5 +125,5 @@ def unmerge_weight(layer, name: str, weight: torch.Tensor, g: torch.Tensor) -> t
 
 
 def _delta(layer, name: str) -> torch.Tensor:
-    a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
-    return (b @ a) * layer.adapters[name].scaling
+    a, b = (t.float() for t in factors(layer, name))
+    return (b @ a) * layer.adapters[name].scaling  # (out, in)

@@ -203,7 +203,7 @@ def _target(name: str, module: nn.Module, cfg: LoraConfig) -> Target:
     if r > min(shape):
         raise TargetError(f"r={r} is larger than module {name!r} allows: its weight is {shape[0]}x{shape[1]}, "
                           f"so r must be <= {min(shape)}. Lower r or use rank_pattern for this module.")
-    return Target(name, kind, shape, r, cfg.alpha_for(name), cfg.use_dora and kind != "embedding")
+    return Target(name, kind, shape, r, cfg.alpha_for(name), cfg.use_dora)
 
 
 def link_siblings(parent: nn.Module) -> None:
@@ -305,13 +305,12 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
 
 
 def _check_variant_targets(targets: list[Target], cfg: LoraConfig) -> None:
-    """DoRA and PiSSA/OLoRA are for Linear layers here: say so before anything is wrapped."""
+    """PiSSA/OLoRA are for Linear layers (as in PEFT): say so before anything is wrapped."""
     embeddings = [t.name for t in targets if t.kind == "embedding"]
-    what = "use_dora=True" if cfg.use_dora else (
-        f"init_lora_weights={cfg.init_lora_weights!r}" if moves_base(cfg.init_lora_weights) else None)
-    if embeddings and what:
-        raise TargetError(f"{what} applies to Linear layers only in lorakit, but target_modules matches the "
-                          f"embedding(s) {', '.join(embeddings)}; exclude them (exclude_modules) or use plain LoRA")
+    if embeddings and moves_base(cfg.init_lora_weights):
+        raise TargetError(f"init_lora_weights={cfg.init_lora_weights!r} applies to Linear layers only, but "
+                          f"target_modules matches the embedding(s) {', '.join(embeddings)}; exclude them "
+                          "(exclude_modules) or use another initialisation")
 
 
 def contiguous_head_input(model: nn.Module) -> None:

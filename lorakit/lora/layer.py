@@ -245,17 +245,24 @@ class LoraEmbedding(LoraLayer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, (embedding_dim,)
 
     def _create_weights(self, name: str, spec: Adapter) -> None:
-        if spec.use_dora:
-            raise AdapterError("lorakit implements DoRA on Linear layers only; leave embeddings out of "
-                               "target_modules (or use plain LoRA on them)")
         factory = {"device": self.base_layer.weight.device, "dtype": torch.float32}
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **factory))
+        if spec.use_dora:
+            dora.check_base(self)
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.ones(self.out_features, **factory))
 
     def _delete_weights(self, name: str) -> None:
         del self.lora_embedding_A[name], self.lora_embedding_B[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+
+    def _oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """(out, in) = (dim, vocabulary) ↔ the table's own (vocabulary, dim) layout (DoRA's norms use it)."""
+        return w.T
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
@@ -271,6 +278,8 @@ class LoraEmbedding(LoraLayer):
         else:
             nn.init.zeros_(a)
         nn.init.normal_(b)
+        if name in self.lora_magnitude_vector:
+            self.lora_magnitude_vector[name].copy_(dora.magnitude_init(self, name))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
@@ -285,7 +294,11 @@ class LoraEmbedding(LoraLayer):
             spec, a, b = self.adapters[name], self.lora_embedding_A[name], self.lora_embedding_B[name]
             after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
                                   base.scale_grad_by_freq, base.sparse)  # (..., r)
-            result = result + (after_a @ b.T * spec.scaling).to(result.dtype)
+            lora = after_a @ b.T * spec.scaling
+            if spec.use_dora:  # g·(result + s·B·A·x), g = m / ‖W + s·BA‖ per embedding dimension
+                result = dora.forward(self, name, x, result, lora, 0.0)
+            else:
+                result = result + lora.to(result.dtype)
         return result
 
 

@@ -145,6 +145,69 @@ def test_dora_on_conv1d_matches_peft(tmp_path):
         assert torch.allclose(model(x).logits, ref, atol=ATOL)
 
 
+def untied(seed: int = 0):
+    return tiny_qwen2(seed, tie_word_embeddings=False)  # merging into a tied embedding would change the head
+
+
+EMBED = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True)
+
+
+def test_dora_on_embeddings_goes_both_ways_with_peft(tmp_path):
+    ours = lk.inject(untied(), lk.LoraConfig(**EMBED))
+    emb = ours.model.embed_tokens
+    assert emb.lora_magnitude_vector["default"].shape == (32,)  # one per embedding dimension, as PEFT
+    assert torch.allclose(logits(ours), logits(untied()), atol=ATOL)  # a new adapter changes nothing
+    perturb(ours)
+    ref = logits(ours)
+    lk.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(untied(), tmp_path / "ours")
+    assert torch.allclose(logits(theirs), ref, atol=ATOL)
+    assert torch.allclose(logits(lk.load_adapter(untied(), tmp_path / "ours")), ref, atol=ATOL)
+
+    theirs = peft.get_peft_model(untied(), peft.LoraConfig(**EMBED))
+    perturb(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert torch.allclose(logits(lk.load_adapter(untied(), tmp_path / "theirs")), logits(theirs), atol=ATOL)
+
+
+def test_dora_on_embeddings_is_the_closed_form_and_merges_exactly():
+    model = lk.inject(untied(), lk.LoraConfig(**EMBED))
+    perturb(model)
+    emb = model.model.embed_tokens
+    a, b, s = emb.lora_embedding_A["default"], emb.lora_embedding_B["default"], emb.adapters["default"].scaling
+    full = emb.base_layer.weight + s * (b @ a).T  # (vocabulary, dim), formed in full only here
+    m = emb.lora_magnitude_vector["default"]
+    assert torch.allclose(dora.weight_norm(emb, "default"), full.norm(dim=0), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(emb(ids()), (m * full / full.norm(dim=0))[ids()], atol=ATOL)
+    ref, before = logits(model), emb.base_layer.weight.detach().clone()
+    lk.merge(model)
+    assert torch.allclose(emb.base_layer.weight, m * full / full.norm(dim=0), atol=ATOL)
+    assert torch.allclose(logits(model), ref, atol=ATOL)
+    lk.unmerge(model)
+    assert torch.allclose(emb.base_layer.weight, before, atol=1e-6) and torch.allclose(logits(model), ref, atol=ATOL)
+
+
+def test_dora_on_embeddings_gradients_match_peft():
+    ours, theirs = lk.inject(untied(), lk.LoraConfig(**EMBED)), peft.get_peft_model(untied(), peft.LoraConfig(**EMBED))
+    perturb(ours)
+    mine = ours.state_dict()
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(mine[n.removeprefix("base_model.model.").removesuffix(".weight") if "magnitude" in n
+                             else n.removeprefix("base_model.model.")])
+    for m in (ours, theirs):
+        m.train()
+        m(ids(), labels=ids()).loss.backward()
+    got = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    want = {n.removeprefix("base_model.model.").removesuffix(".weight") if "magnitude" in n
+            else n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    assert set(got) == set(want) and "model.embed_tokens.lora_magnitude_vector.default" in got
+    for n, g in got.items():
+        assert torch.allclose(g, want[n], atol=1e-6, rtol=1e-4), n
+
+
 def test_pissa_factors_are_the_top_singular_part():
     base = tiny_qwen2()
     w = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -230,8 +293,8 @@ def test_bad_values_are_refused():
         lk.LoraConfig(bias="some")
     with pytest.raises(ConfigError, match="init_lora_weights"):
         lk.LoraConfig(init_lora_weights="pissa_niter_x")
-    with pytest.raises(TargetError, match="Linear layers only"):
-        lk.inject(tiny_qwen2(), lk.LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
+    with pytest.raises(TargetError, match="Linear layers only.*embed_tokens"):
+        lk.inject(tiny_qwen2(), lk.LoraConfig(target_modules=["embed_tokens", "q_proj"], init_lora_weights="olora"))
 
 
 def test_mixed_batches_refuse_dora_and_moved_bases():
