@@ -158,12 +158,12 @@ def extract_into(model: nn.Module, base: str | Path, tuned: str | Path, *, r: in
 
 
 def _eval_set(data: str, tokenizer, max_seq_len: int):
-    from ..data.readers import load_jsonl
+    from ..data.readers import read_records
     from ..data.tasks import task_names, task_path
     from ..data.tokenize import tokenize_examples
 
     path = Path(data) if Path(data).exists() or data not in task_names() else task_path(data, "valid")
-    return tokenize_examples(load_jsonl(path), tokenizer, max_seq_len)
+    return tokenize_examples(read_records(path), tokenizer, max_seq_len)
 
 
 def extract(base: str, tuned: str, out: str | Path, *, r: int | None = None, energy: float | None = None,

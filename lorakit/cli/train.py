@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from pathlib import Path
@@ -85,14 +86,15 @@ def _load_for_inference(model_spec: str, adapter: str | None, dtype: str = "auto
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Eval loss and greedy exact match of a model (+ adapter) on a task's test split."""
-    from ..data.readers import load_jsonl
+    from ..data.readers import read_records
     from ..data.tasks import task_names, task_path
     from ..data.tokenize import tokenize_examples
     from ..train.evaluate import eval_loss, exact_match_score
 
     model, tokenizer = _load_for_inference(args.model, args.adapter, args.dtype)
     data = Path(args.data) if Path(args.data).exists() or args.data not in task_names() else task_path(args.data, "test")
-    examples = load_jsonl(data)[: args.limit or None]
+    records = read_records(data)  # JSONL, JSON, CSV, Parquet or a save_to_disk directory, in any format
+    examples = list(itertools.islice(records, args.limit or None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loss = eval_loss(model, tokenize_examples(examples, tokenizer, args.max_seq_len), 16, pad)
     em = exact_match_score(model, tokenizer, examples, args.max_new_tokens, progress=True)

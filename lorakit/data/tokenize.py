@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from .formats import to_canonical, validate_record
-from .readers import Records, load_jsonl
+from .readers import Records, read_records
 
 IGNORE_INDEX = -100
 CHUNK = 1000  # records per tokenizer call (and per task with num_proc > 1)
@@ -91,12 +91,12 @@ class TokenizedDataset:
 
 
 def load(path: str | os.PathLike, tokenizer: Any, max_seq_len: int) -> TokenizedDataset:
-    """Read, validate and tokenize a JSONL dataset.
+    """Read, validate and tokenize a dataset file (any reader and format ``readers.read_records`` takes).
 
     Args:
-        path, tokenizer, max_seq_len: as for ``load_jsonl`` and ``tokenize_examples``.
+        path, tokenizer, max_seq_len: as for ``read_records`` and ``tokenize_examples``.
     """
-    return tokenize_examples(load_jsonl(path), tokenizer, max_seq_len, path=path)
+    return tokenize_examples(read_records(path), tokenizer, max_seq_len)
 
 
 def tokenize_examples(records: Records | Sequence[dict[str, Any]], tokenizer: Any, max_seq_len: int, *,

@@ -76,6 +76,31 @@ def test_eval_json_fields(tiny_model_dir, tmp_path, capsys):
     assert result["n"] == 1 and result["eval_loss"] > 0 and 0 <= result["exact_match"] <= 1
 
 
+def test_eval_reads_every_data_format_the_trainer_reads(tiny_model_dir, tmp_path, capsys):
+    """An alpaca CSV and a sharegpt Parquet give the figures of the same examples written as chat JSONL."""
+    import pandas as pd
+
+    path, _ = _adapter(tiny_model_dir, tmp_path)
+    rows = [("say a", "", "b"), ("say", "c", "d"), ("x", "", "yz")]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": i + (f"\n\n{x}" if x else "")},
+                                                     {"role": "assistant", "content": o}]}) + "\n"
+                            for i, x, o in rows))
+    pd.DataFrame(rows, columns=["instruction", "input", "output"]).to_csv(tmp_path / "alpaca.csv", index=False)
+    pd.DataFrame({"conversations": [[{"from": "human", "value": i + (f"\n\n{x}" if x else "")},
+                                     {"from": "gpt", "value": o}] for i, x, o in rows]}).to_parquet(
+        tmp_path / "sharegpt.parquet")
+    results = []
+    for data in ("chat.jsonl", "alpaca.csv", "sharegpt.parquet"):
+        assert main(["eval", "--adapter", str(path), "--data", str(tmp_path / data), "--json",
+                     "--max-new-tokens", "2"]) == 0
+        out = capsys.readouterr().out
+        results.append(json.loads(out[out.index("{"):]))
+    assert [r["n"] for r in results] == [3, 3, 3]
+    for r in results[1:]:
+        assert r["eval_loss"] == results[0]["eval_loss"] and r["examples"] == results[0]["examples"]
+
+
 def test_count_with_dora_adds_one_magnitude_per_output_feature(tiny_model_dir, capsys):
     args = ["count", str(tiny_model_dir), "--target-modules", "q_proj", "down_proj", "--r", "4", "--json"]
     assert main(args) == 0

@@ -168,7 +168,7 @@ def test_in_memory_records_are_validated_and_file_errors_name_the_path(tmp_path,
         tokenize(tok, [{"text": "hi"}, {"text": 3}])
     path = write(tmp_path, '\n{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
                            '"content": "there"}]}\n')
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} record 1: the messages format needs"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: the messages format needs"):  # file:line
         load(path, make_tokenizer(chat_template=None), 16)
 
 
