@@ -14,7 +14,7 @@ from .analysis import add_analysis_verbs
 from .export import add_export_verb
 from .plan import add_planner_verbs
 from .serve import add_serve_verb
-from .train import add_train_verbs
+from .train import add_train_verbs, bind_switch_values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        argv = bind_switch_values(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:

@@ -122,6 +122,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+SWITCH_VALUES = {"--gradient-checkpointing": ("on", "off", "auto", "true", "false", "yes", "no")}
+
+
+def bind_switch_values(argv: list[str]) -> list[str]:
+    """``--gradient-checkpointing`` is a switch that also takes a value (``auto``); argparse would take
+    whatever word follows it as that value, so ``train --gradient-checkpointing RECIPE.yaml`` lost its
+    recipe. A following word that is none of the switch's values stays where it is (the switch means on)."""
+    out = list(argv)
+    for i, token in enumerate(argv[:-1]):
+        nxt = argv[i + 1]
+        if token in SWITCH_VALUES and not nxt.startswith("-") and nxt.lower() not in SWITCH_VALUES[token]:
+            out[i] = token + "=on"
+    return out
+
+
 def add_train_verbs(sub) -> None:
     from ..train.recipe import add_train_args
 

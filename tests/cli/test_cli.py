@@ -108,3 +108,22 @@ def test_count_with_dora_adds_one_magnitude_per_output_feature(tiny_model_dir, c
     assert main([*args, "--dora"]) == 0
     dora = json.loads(capsys.readouterr().out)["trainable"]
     assert dora - plain == 2 * (32 + 32)  # two layers: q_proj and down_proj both have 32 outputs
+
+
+def test_gradient_checkpointing_before_the_recipe_leaves_the_recipe_positional(tmp_path):
+    from lorakit.cli.main import build_parser
+    from lorakit.cli.train import bind_switch_values
+
+    def parse(*argv):
+        args = build_parser().parse_args(bind_switch_values(["train", *argv]))
+        return args.recipe, args.gradient_checkpointing
+
+    assert parse("--gradient-checkpointing", "my.yaml") == ("my.yaml", True)
+    assert parse("--gradient-checkpointing", "auto", "my.yaml") == ("my.yaml", "auto")
+    assert parse("my.yaml", "--gradient-checkpointing", "off") == ("my.yaml", False)
+    assert parse("--gradient-checkpointing", "--r", "4") == (None, True)
+    assert parse("my.yaml", "--no-gradient-checkpointing") == ("my.yaml", False)
+    # and through main: the recipe file is the one read (its bad key is reported), not taken as the switch's value
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("no_such_key: 1\n")
+    assert main(["train", "--gradient-checkpointing", str(recipe)]) == 2
