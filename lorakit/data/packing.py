@@ -2,10 +2,10 @@
 
 Rows are filled best-fit decreasing: examples, longest first, each go into the open row with the
 least room that still holds it (a new row when none does). A packed row carries ``position_ids``
-that restart at 0 for each example; given ``position_ids`` and no 2D attention mask, transformers
-(5.23, ``masking_utils.find_packed_sequence_indices``) builds a block-diagonal causal mask for
-eager and SDPA attention (flash-attention 2 reads them as variable-length sequences), so attention
-never crosses an example. The first token of each example gets no label: it would otherwise be predicted
+that restart at 0 for each example; given ``position_ids`` and no 2D attention mask, attention never
+crosses an example: the trainer switches the model to per-example attention
+(``lorakit.models.attention``: flash-attention 2's variable-length path on CUDA where installed,
+else causal SDPA per example's span), and transformers' own block-diagonal mask covers the rest. The first token of each example gets no label: it would otherwise be predicted
 from the previous example's last token.
 """
 

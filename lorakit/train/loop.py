@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.tokenize import IGNORE_INDEX, TokenizedDataset
 from ..errors import TrainingError
+from ..models.attention import packed_attention_for
 from .batches import make_batches
 from .checkpoint import list_checkpoints, save_checkpoint
 from .evaluate import eval_loss, loss_sum
@@ -113,6 +114,9 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     if info.main:
         print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)
     model.to(info.device)
+    attention = packed_attention_for(model) if cfg.packing else None  # per-example attention in packed rows
+    if info.main and attention:
+        print(f"lorakit: packed rows attend per example ({attention} attention)", flush=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     datasets, cache_outcome = tokenize_splits(records, tokenizer, cfg, info, progress)
     train_ds, eval_ds = datasets["train"], datasets["eval"]
@@ -126,6 +130,8 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     opt = make_optimizer(model, cfg)
     batches = make_batches(train_ds, cfg, pad_id, info)
     data = data_report(records, datasets, cache_outcome, batches, cfg)
+    if attention:
+        data["train"]["attention"] = attention
     if info.main:
         for line in report_lines(data, cfg):
             print(f"lorakit: {line}", flush=True)

@@ -1,0 +1,111 @@
+"""Per-example attention in packed rows (lorakit.models.attention) against transformers' own paths:
+each example alone through the padded path, and the packed row through SDPA's block-diagonal mask."""
+
+import numpy as np
+import pytest
+import torch
+from builders import tiny_gpt2, tiny_llama, tiny_qwen2
+
+import lorakit as lk
+from lorakit.data.batching import collate
+from lorakit.data.packing import collate_packed
+from lorakit.data.tokenize import DataStats, TokenizedDataset
+from lorakit.models.attention import NAME, packed_attention_for, spans
+from lorakit.train.evaluate import loss_sum, model_inputs
+
+LENGTHS = [5, 9, 4, 7, 3, 6]
+ROWS = [[1, 0, 2], [3, 4], [5]]  # widths 18, 10 and 6: rows 2 and 3 end in padding
+
+
+def dataset(vocab: int) -> TokenizedDataset:
+    ids = np.random.default_rng(0).integers(1, vocab, size=sum(LENGTHS)).astype(np.uint16)
+    offsets = np.concatenate([[0], np.cumsum(LENGTHS)])
+    return TokenizedDataset(ids, np.ones(len(ids), dtype=np.uint8), offsets, DataStats(len(LENGTHS), 0, 0, len(ids), 0))
+
+
+def lora_model(make):
+    model = make()
+    lk.inject(model, lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+def loss_and_grads(model, batch):
+    loss, n = loss_sum(model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), n, grads
+
+
+def test_spans_split_rows_where_positions_restart():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert spans(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert spans(torch.arange(6).repeat(2, 1)) is None  # no row holds two examples: plain SDPA
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
+def test_packed_attention_equals_examples_alone_and_the_block_mask(make):
+    model = lora_model(make)
+    ds = dataset(model.config.vocab_size)
+    batch = collate_packed(ds, ROWS, pad_id=0)
+    masked = loss_and_grads(model, batch)  # transformers' SDPA with its block-diagonal mask
+    assert packed_attention_for(model) == NAME and model.config._attn_implementation == NAME
+    ours = loss_and_grads(model, batch)
+    alone_loss, alone_n, alone = torch.zeros(()), 0, None
+    for i in range(len(LENGTHS)):
+        loss, n, grads = loss_and_grads(model, collate([ds[i]], pad_id=0))
+        alone_loss, alone_n = alone_loss + loss, alone_n + n
+        alone = grads if alone is None else {k: alone[k] + g for k, g in grads.items()}
+    assert ours[1] == masked[1] == alone_n
+    for ref in (alone_loss, masked[0]):
+        torch.testing.assert_close(ours[0], ref, rtol=1e-5, atol=1e-5)
+    for k, g in ours[2].items():
+        torch.testing.assert_close(g, alone[k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(g, masked[2][k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_one_examples_tokens_change_no_other_examples_logits():
+    model = lora_model(tiny_llama).eval()
+    packed_attention_for(model)
+    ds = dataset(model.config.vocab_size)
+    batch = collate_packed(ds, ROWS, pad_id=0)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][0, 5:14] = (changed["input_ids"][0, 5:14] + 1) % model.config.vocab_size  # example 0 (9 tokens)
+    with torch.no_grad():
+        a, b = (model(**model_inputs(x)).logits for x in (batch, changed))
+    assert not torch.allclose(a[0, 5:14], b[0, 5:14])
+    torch.testing.assert_close(a[0, :5], b[0, :5])  # example 1, before it in the row
+    torch.testing.assert_close(a[0, 14:], b[0, 14:])  # example 2, after it
+    torch.testing.assert_close(a[1:], b[1:])
+
+
+def test_padded_batches_and_generation_are_unchanged():
+    model = lora_model(tiny_llama).eval()
+    ds = dataset(model.config.vocab_size)
+    padded = collate([ds[i] for i in range(4)], pad_id=0)
+    prompt = torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        want = model(**model_inputs(padded)).logits
+        want_gen = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        packed_attention_for(model)
+        torch.testing.assert_close(model(**model_inputs(padded)).logits, want)
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), want_gen)
+
+
+def test_a_model_that_keeps_position_ids_from_attention_keeps_the_block_mask():
+    """GPT-2's blocks do not pass position_ids down to attention: the call falls back to SDPA with the
+    mask transformers built, which is still exact."""
+    model = lora_model(tiny_gpt2)
+    ds = dataset(model.config.vocab_size)
+    batch = collate_packed(ds, ROWS, pad_id=0)
+    want = loss_and_grads(model, batch)
+    assert packed_attention_for(model) == NAME
+    got = loss_and_grads(model, batch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+
+
+def test_models_on_other_attention_are_left_alone():
+    model = tiny_llama()
+    model.set_attn_implementation("eager")
+    assert packed_attention_for(model) == NAME  # eager builds the same block mask: switched too
+    assert packed_attention_for(torch.nn.Linear(2, 2)) is None
