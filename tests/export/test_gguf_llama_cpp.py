@@ -35,6 +35,8 @@ def test_adapter_and_merged_agree_in_llama_cpp(patterned, base_gguf, tmp_path):
     plain = llama_logits(base_gguf, ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
-    assert rel(with_adapter, merged) <= 1e-3
-    assert rel(merged, ours) <= 1e-3
+    print(f"llama.cpp: adapter vs merged {rel(with_adapter, merged):.2e}, merged vs lorakit {rel(merged, ours):.2e}, "
+          f"base alone vs lorakit {rel(plain, ours):.2e}")
+    assert rel(with_adapter, merged) <= 1e-4  # 5.6e-7 measured (llama-cpp-python 0.3.36, AMD EPYC)
+    assert rel(merged, ours) <= 1e-4  # 7.8e-7 measured
     assert rel(plain, ours) > 1e-2  # the adapter is applied, not ignored
