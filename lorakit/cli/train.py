@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 from pathlib import Path
 
 from .common import dtype_type
@@ -16,13 +17,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train.loop import train
     from ..train.recipe import TrainConfig, load_recipe
 
+    fields = TrainConfig.__dataclass_fields__
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    cfg = load_recipe(args.recipe, overrides)
+    if getattr(args, "command_line", False):
+        restart_with_allocator(cfg.cpu_allocator, args.argv)  # before torchrun: its workers inherit it
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from ..train.distributed import launch
 
         return launch(args.nproc, _without_nproc(args.argv))
-    fields = TrainConfig.__dataclass_fields__
-    overrides = {k: v for k, v in vars(args).items() if k in fields}
-    cfg = load_recipe(args.recipe, overrides)
     from ..plan.fit import check_fit
 
     summary = train(cfg, fit_check=check_fit)
@@ -31,6 +34,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif summary:  # empty on ranks other than 0
         print_summary(summary)
     return 0
+
+
+def restart_with_allocator(choice: str, argv: list[str]) -> None:
+    """Replace this process by the same ``lorakit train`` with tcmalloc preloaded, when ``choice`` asks
+    for it and it is not loaded yet (``train/memory.py``: glibc's malloc inflates a CPU run's RSS). The
+    torchrun workers of ``--nproc`` inherit the environment. Returns only when nothing is to be done."""
+    from ..train.memory import preload_env
+
+    env = preload_env(choice, dict(os.environ))
+    if env is not None:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "lorakit", *argv], env)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -64,7 +79,6 @@ def print_summary(s: dict) -> None:
 
 
 def _load_for_inference(model_spec: str, adapter: str | None, dtype: str = "auto"):
-    import sys
 
     from ..models.dtype import resolve_dtype
     from ..models.load import load_model

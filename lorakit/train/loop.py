@@ -25,7 +25,7 @@ from .batches import make_batches
 from .checkpoint import list_checkpoints, save_checkpoint
 from .evaluate import eval_loss, loss_sum
 from .inputs import check_memory, data_report, read_splits, report_lines, tokenize_splits
-from .memory import fix_mmap_threshold
+from .memory import check_allocator, fix_mmap_threshold
 from .recipe import TrainConfig, save_recipe
 from .reporting import Reporters, make_reporters
 from .result import finish, score
@@ -108,8 +108,12 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     if info.main:
         require_trackers(cfg.report_to)  # a missing tracker extra fails before the model loads
     dtype, dtype_why = resolve_dtype(cfg, info.device)
+    allocator = check_allocator(cfg.cpu_allocator)  # lorakit train preloads tcmalloc where it can (memory.py)
     if cfg.low_cpu_memory:
         fix_mmap_threshold(info.device)  # CPU: freed activations go back to the system (see memory.py)
+    if info.main:
+        print(f"lorakit: CPU allocator: {allocator}" + (" with the fixed mmap threshold" if cfg.low_cpu_memory and
+                                                        allocator == "glibc" else ""), flush=True)
     model, tokenizer = build_model(cfg, dtype)
     if info.main:
         print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)
@@ -148,6 +152,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     elif info.main or cfg.fsdp:
         st["before"] = score(unwrap(model), tokenizer, paths.test, cfg, progress)
     st["data"] = data
+    st["cpu_allocator"] = allocator
     st["steps_per_epoch"] = batches.steps_per_epoch
     reporters = make_reporters(cfg, out, info.main, step if cfg.resume and ckpts else None)
     return Run(model, tokenizer, paths, train_ds, eval_ds, pad_id, opt, sched, batches, reporters, total, step, st)

@@ -143,6 +143,10 @@ class TrainConfig:
     """Under torchrun: shard the frozen base and the adapters with FSDP2 instead of replicating (DDP)."""
     dist_timeout: int = 300
     """Seconds a collective may wait before the run fails (a dead rank must not hang the others)."""
+    cpu_allocator: str = "auto"
+    """The C allocator on CPU: auto uses tcmalloc where it is installed (lorakit train restarts itself with it
+    preloaded: 0.70x glibc's peak RSS at no step-time cost, bench/results/allocator.md), else glibc's malloc;
+    tcmalloc requires it; glibc keeps the C library's."""
     low_cpu_memory: bool = False
     """On CPU (glibc): fix malloc's mmap threshold at 128 KiB so freed activations go back to the system at
     once instead of piling up in the heap: about 0.67x the peak RSS on padded batches of varying length, but

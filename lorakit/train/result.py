@@ -82,6 +82,7 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
         "peak_memory_mb": _peak_memory_mb(), "final_train_loss": _last_value(out / "metrics.jsonl", "loss"),
         "final_eval_loss": st["last_eval"], "best_eval_loss": st["best_eval"],
         "before": st["before"], "after": after, "output": str(product), "threads": torch.get_num_threads(),
+        "cpu_allocator": st.get("cpu_allocator"),
         "data": st["data"],
     }
     atomic_write_json(out / "summary.json", summary)

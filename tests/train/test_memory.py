@@ -69,3 +69,58 @@ def test_low_cpu_memory_fixes_the_threshold_at_set_up(tiny_model_dir, tmp_path, 
                                max_steps=1, batch_size=2, max_seq_len=16, r=2, dtype="float32",
                                low_cpu_memory=flag), progress=False)
     assert calls == ["cpu"]  # only with --low-cpu-memory
+
+
+# ---- the allocator choice (--cpu-allocator) -------------------------------------------------------
+
+tcmalloc = pytest.mark.skipif(not memory.tcmalloc_installed(),
+                              reason=f"tcmalloc is not installed ({memory.TCMALLOC_INSTALL})")
+
+
+def test_preload_env_decides_when_to_restart(monkeypatch):
+    from lorakit.errors import ConfigError
+
+    monkeypatch.setattr(memory, "tcmalloc_installed", lambda: True)
+    env = memory.preload_env("auto", {"PATH": "/bin", "LD_PRELOAD": "libother.so"})
+    assert env["LD_PRELOAD"] == f"{memory.TCMALLOC} libother.so" and env["PATH"] == "/bin"
+    assert memory.preload_env("auto", env) is None  # restarted once, never again
+    assert memory.preload_env("tcmalloc", {"LD_PRELOAD": memory.TCMALLOC}) is None  # preloaded by the user
+    assert memory.preload_env("glibc", {}) is None
+    monkeypatch.setattr(memory, "tcmalloc_installed", lambda: False)
+    assert memory.preload_env("auto", {}) is None  # nothing to preload: glibc, as before
+    with pytest.raises(ConfigError, match="apt-get install libtcmalloc-minimal4"):
+        memory.preload_env("tcmalloc", {})
+    with pytest.raises(ConfigError, match="auto, tcmalloc, glibc"):
+        memory.preload_env("mimalloc", {})
+
+
+def test_the_python_api_says_how_to_get_tcmalloc():
+    from lorakit.errors import TrainingError
+
+    assert memory.allocator_in_use() == "glibc"  # pytest runs with the C library's malloc
+    assert memory.check_allocator("auto") == "glibc"
+    with pytest.raises(TrainingError, match=f"LD_PRELOAD={memory.TCMALLOC}"):
+        memory.check_allocator("tcmalloc")
+
+
+def _train(model_dir, tmp_path, name, *flags):
+    import os
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"}) + "\n" for i in range(8)))
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LORAKIT_ALLOCATOR_SET")}
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", "--model", str(model_dir), "--data", str(data),
+                           "--out", str(tmp_path / name), "--max-steps", "1", "--batch-size", "4", "--max-seq-len",
+                           "16", "--r", "2", "--dtype", "float32", "--eval-every", "0", *flags],
+                          capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1",
+                                                                            "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr, json.loads((tmp_path / name / "summary.json").read_text())
+
+
+@tcmalloc
+def test_lorakit_train_restarts_itself_with_tcmalloc(tiny_model_dir, tmp_path):
+    out, summary = _train(tiny_model_dir, tmp_path, "auto")
+    assert "CPU allocator: tcmalloc" in out and summary["cpu_allocator"] == "tcmalloc"  # read from /proc/self/maps
+    out, summary = _train(tiny_model_dir, tmp_path, "glibc", "--cpu-allocator", "glibc", "--low-cpu-memory")
+    assert "CPU allocator: glibc with the fixed mmap threshold" in out and summary["cpu_allocator"] == "glibc"
