@@ -39,14 +39,14 @@ def read_tensorboard(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], 
     return scalars, hparams
 
 
-def read_wandb(out: Path) -> tuple[list[dict], dict]:
-    """History rows and config of the offline run under out/wandb, decoded with wandb's own protobuf
-    Record schema from its transaction log (wandb ships no Python reader for it any more: a 7-byte file
-    header, then leveldb-log chunks of crc32, length, type in 32 KiB blocks)."""
+def wandb_records(out: Path):
+    """The records of the offline run under out/wandb, decoded with wandb's own protobuf Record schema
+    from its transaction log (wandb ships no Python reader for it any more: a 7-byte file header, then
+    leveldb-log chunks of crc32, length, type in 32 KiB blocks)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    data, pos, buf, rows, config = path.read_bytes(), 7, b"", [], {}
+    data, pos, buf = path.read_bytes(), 7, b""
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
@@ -57,36 +57,28 @@ def read_wandb(out: Path) -> tuple[list[dict], dict]:
         assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"corrupt chunk at {pos}"
         pos, buf = pos + 7 + length, buf + chunk
         if kind in (1, 4):  # FULL or LAST: a whole record
-            record = pb.Record.FromString(buf)
+            yield pb.Record.FromString(buf)
             buf = b""
-            which = record.WhichOneof("record_type")
-            if which == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-            elif which in ("run", "config"):
-                items = record.run.config.update if which == "run" else record.config.update
-                config.update({item.key: json.loads(item.value_json) for item in items})
+
+
+def read_wandb(out: Path) -> tuple[list[dict], dict]:
+    """History rows and config of the offline run under out/wandb."""
+    rows, config = [], {}
+    for record in wandb_records(out):
+        which = record.WhichOneof("record_type")
+        if which == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+        elif which in ("run", "config"):
+            items = record.run.config.update if which == "run" else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in items})
     return rows, config
 
 
 def wandb_exit_code(out: Path) -> int | None:
     """The exit code the offline run under out/wandb recorded when it ended (None: it never ended)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    data, pos, buf, code = path.read_bytes(), 7, b"", None
-    while pos + 7 <= len(data):  # the same chunk walk as read_wandb, keeping only the exit record
-        if 32768 - pos % 32768 < 7:
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pos, buf = pos + 7 + length, buf + data[pos + 7:pos + 7 + length]
-        if kind in (1, 4):
-            record = pb.Record.FromString(buf)
-            buf = b""
-            if record.WhichOneof("record_type") == "exit":
-                code = record.exit.exit_code
-    return code
+    codes = [r.exit.exit_code for r in wandb_records(out) if r.WhichOneof("record_type") == "exit"]
+    return codes[-1] if codes else None
 
 
 def read_mlflow(uri: str, run_id: str) -> tuple[dict[str, list[tuple[int, float]]], dict]:
@@ -294,19 +286,26 @@ class _Killed(Exception):
     pass
 
 
+def raising_in_call(n: int, exc: type[BaseException], real):
+    """``real`` (the loop's loss_sum) that raises ``exc`` on its n-th call instead."""
+    calls = []
+
+    def wrapped(model, batch):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(model, batch)
+
+    return wrapped
+
+
 def test_a_resumed_run_continues_its_tracker_runs(tiny_model_dir, tmp_path, offline, monkeypatch):
     import lorakit.train.loop as loop
 
     cfg = _cfg(tiny_model_dir, tmp_path, report_to="tensorboard,mlflow", max_steps=12, log_every=1)
-    real, calls = loop.loss_sum, []
-
-    def die_in_step_7(model, batch):  # steps 5 and 6 are logged after the step-4 checkpoint, then a crash
-        calls.append(1)
-        if len(calls) == 7:
-            raise _Killed
-        return real(model, batch)
-
-    monkeypatch.setattr(loop, "loss_sum", die_in_step_7)
+    real = loop.loss_sum
+    # steps 5 and 6 are logged after the step-4 checkpoint, then a crash in step 7
+    monkeypatch.setattr(loop, "loss_sum", raising_in_call(7, _Killed, real))
     with pytest.raises(_Killed):
         loop.train(cfg, progress=False)
     out = Path(cfg.out)
@@ -335,15 +334,8 @@ def test_an_interrupted_run_ends_its_tracker_runs_as_killed(tiny_model_dir, tmp_
     import lorakit.train.loop as loop
 
     cfg = _cfg(tiny_model_dir, tmp_path, report_to="wandb,mlflow", max_steps=6, log_every=1)
-    real, calls = loop.loss_sum, []
-
-    def ctrl_c_in_step_3(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(model, batch)
-
-    monkeypatch.setattr(loop, "loss_sum", ctrl_c_in_step_3)
+    real = loop.loss_sum
+    monkeypatch.setattr(loop, "loss_sum", raising_in_call(3, KeyboardInterrupt, real))  # Ctrl-C in step 3
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, progress=False)
     out = Path(cfg.out)
