@@ -132,6 +132,8 @@ def saved_config(model: nn.Module, adapter_name: str) -> LoraConfig:
     cfg.target_modules = _saved_targets(model, list(specs), cfg.modules_to_save or [])
     cfg.layers_to_transform = cfg.layers_pattern = cfg.exclude_modules = None
     cfg.fan_in_fan_out = any(getattr(m, "fan_in_fan_out", False) for _, m in layers)
+    if not cfg.base_model_name_or_path:  # as PEFT: where transformers loaded the base from (hub id or path)
+        cfg.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return cfg
 
 

@@ -625,3 +625,24 @@ def test_fuzz_config_json(saved):
 
     problems = _fuzz(model, path, mutate, FUZZ_CONFIG, seed=99)
     assert not problems, "\n".join(problems)
+
+
+def test_the_base_a_model_was_loaded_from_is_recorded_and_peft_loads_it_from_there(tiny_model_dir, tmp_path):
+    """As PEFT does: adapter_config.json names where transformers loaded the base from, so
+    AutoPeftModelForCausalLM rebuilds base + adapter from the adapter directory alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                   task_type="CAUSAL_LM"))  # AutoPeftModel picks its class from the task
+    lk.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_model_dir)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        want = model.eval()(ids).logits
+        got = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a").eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    named = lk.inject(tiny_llama(), lk.LoraConfig(r=4, target_modules=["q_proj"], base_model_name_or_path="org/base"))
+    lk.save_adapter(named, tmp_path / "b")  # a name the config gives is kept
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/base"
