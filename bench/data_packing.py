@@ -1,16 +1,22 @@
 """Packing on long-tailed chat data: lorakit packed / padded / grouped vs TRL's SFTTrainer vs a plain PEFT loop.
 
     python -m bench.data_packing                 # bench/results/data_packing.{json,md}
-    python -m bench.data_packing --train 16 --rounds 1 --max-seq-len 256    # a smoke run
+    python -m bench.data_packing --train 16 --rounds 1 --max-seq-len 256 --batch 4   # a smoke run
 
 Every competitor trains one epoch on the same examples (the first --train of
-bench/data/chat_longtail_train.jsonl), on SmolLM2-135M-Instruct in float32, with the same LoRA
-(r=8, alpha=16, every linear layer, no dropout), AdamW at the same constant learning rate, the same
-max_seq_len, and 8 examples per optimizer step (4 per micro-batch, 2 micro-batches; packed: rows of
-max_seq_len, as many per micro-batch as give the same number of optimizer steps over the epoch, so
-every competitor takes the same steps over the same tokens). Loss is taken on the assistant's
-answer alone for all (TRL: its conversational prompt/completion format, completion-only loss by
-default). TRL otherwise runs at its defaults (gradient checkpointing on, no packing, no padding-free).
+bench/data/chat_longtail_train.jsonl: 20-1,500 tokens, median ~200), on SmolLM2-135M-Instruct in
+float32, with the same LoRA (r=8, alpha=16, every linear layer, no dropout), AdamW at the same
+constant learning rate, the same max_seq_len (1536 by default: the long tail is kept, nothing is cut)
+and --batch examples per optimizer step (8 by default, one micro-batch, as in the issue's
+measurement; packed: rows of max_seq_len, as many per micro-batch as give the same number of
+optimizer steps over the epoch, so every competitor takes the same steps over the same tokens).
+Loss is taken on the assistant's answer alone for all (TRL: its conversational prompt/completion
+format, completion-only loss by default). TRL otherwise runs at its defaults (gradient
+checkpointing on, no packing, no padding-free). lorakit runs as `lorakit train` does by default:
+tcmalloc preloaded where installed, `--gradient-checkpointing auto` with the planner's fit check
+(whether it turned checkpointing on is recorded). The plain PEFT loop turns gradient checkpointing
+on (its full-vocabulary logits of a padded batch of 8 would not fit in 24 GB beside the activations).
+TRL and PEFT run with the C library's allocator (their default).
 
 Each run is a fresh process (its peak RSS is the run's, model load included); rounds interleave
 the competitors in a rotated order; medians are reported. The eval loss after the epoch is computed
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -31,12 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorakit.train.memory import allocator_in_use, preload_env
+
 from .common import RESULTS, LoadMonitor, _cpu_model, now_iso, write_json
 
 DATA = Path(__file__).resolve().parent / "data"
 COMPETITORS = ["lorakit_packed", "lorakit_padded", "lorakit_grouped", "trl_sft", "peft_loop"]
 MODEL = "smollm2-135m-instruct"
-LR, R, ALPHA, BATCH, ACCUM = 1e-3, 8, 16, 4, 2
+LR, R, ALPHA = 1e-3, 8, 16
 
 
 def _records(split: str, n: int) -> list[dict]:
@@ -55,6 +64,7 @@ def _rss_mb() -> float:
 
 
 def run_lorakit(name: str, args, tmp: Path) -> dict:
+    from lorakit.plan.fit import check_fit
     from lorakit.train.loop import train
     from lorakit.train.recipe import TrainConfig
 
@@ -62,16 +72,22 @@ def run_lorakit(name: str, args, tmp: Path) -> dict:
         (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(split, n)))
     packing, grouped = name == "lorakit_packed", name == "lorakit_grouped"
     cfg = TrainConfig(model=MODEL, data=str(tmp / "train.jsonl"), eval_data=str(tmp / "eval.jsonl"),
-                      out=str(tmp / "run"), max_steps=0, epochs=1, batch_size=args.packed_rows if packing else BATCH,
-                      grad_accum=ACCUM, lr=LR, min_lr_ratio=1.0, warmup_steps=0, max_seq_len=args.max_seq_len,
+                      out=str(tmp / "run"), max_steps=0, epochs=1, batch_size=args.packed_rows if packing else args.batch,
+                      grad_accum=args.grad_accum, lr=LR, min_lr_ratio=1.0, warmup_steps=0, max_seq_len=args.max_seq_len,
                       r=R, alpha=ALPHA, target_modules=["all-linear"], eval_every=0, save_every=0,
                       log_every=1, dtype="float32", packing=packing, group_by_length=grouped,
-                      data_cache=str(tmp / "cache"), threads=args.threads)
-    summary = train(cfg, progress=False)
+                      data_cache=str(tmp / "cache"), threads=args.threads, gradient_checkpointing="auto")
+    verdicts = []
+
+    def fit_check(*a, **kw):  # lorakit train's check, its verdict kept
+        verdicts.append(check_fit(*a, **kw))
+        return verdicts[-1]
+
+    summary = train(cfg, progress=False, fit_check=fit_check)
     data = summary["data"]["train"]
     return {"wall_s": summary["train_wall_s"], "steps": summary["steps"], "eval_loss": summary["final_eval_loss"],
             "padding_share": data["padding_fraction"], "fill_rate": data.get("fill_rate"),
-            "peak_rss_mb": _rss_mb()}
+            "gradient_checkpointing": not verdicts[0].fits, "allocator": allocator_in_use(), "peak_rss_mb": _rss_mb()}
 
 
 def _tokenizer():
@@ -104,7 +120,8 @@ def run_trl(args, tmp: Path) -> dict:
 
     model, tok = load_model(MODEL, dtype=torch.float32)
     rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in _records("train", args.train)]
-    cfg = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
+    cfg = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=args.batch,
+                    gradient_accumulation_steps=args.grad_accum,
                     num_train_epochs=1, learning_rate=LR, lr_scheduler_type="constant", max_length=args.max_seq_len,
                     save_strategy="no", report_to="none", use_cpu=True, seed=0, logging_steps=1,
                     disable_tqdm=True, bf16=False)
@@ -114,7 +131,8 @@ def run_trl(args, tmp: Path) -> dict:
     out = trainer.train()
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "steps": out.global_step, "eval_loss": _eval(trainer.model, tok, args),
-            "gradient_checkpointing": cfg.gradient_checkpointing, "peak_rss_mb": _rss_mb()}
+            "gradient_checkpointing": cfg.gradient_checkpointing, "allocator": allocator_in_use(),
+            "peak_rss_mb": _rss_mb()}
 
 
 def run_peft(args, tmp: Path) -> dict:
@@ -127,21 +145,23 @@ def run_peft(args, tmp: Path) -> dict:
 
     model, tok = load_model(MODEL, dtype=torch.float32)
     model = get_peft_model(model, _lora_config())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ds = tokenize_examples(_records("train", args.train), tok, args.max_seq_len)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    sampler = BatchSampler(len(ds), BATCH, seed=0)
-    steps = math.ceil(len(ds) / (BATCH * ACCUM))
+    sampler = BatchSampler(len(ds), args.batch, seed=0)
+    steps = math.ceil(len(ds) / (args.batch * args.grad_accum))
     model.train()
     t0 = time.perf_counter()
     for _ in range(steps):  # the plain loop: mean loss per micro-batch over full logits, right-padded
-        for _ in range(ACCUM):
+        for _ in range(args.grad_accum):
             batch = collate([ds[i] for i in next(sampler)], pad)
-            (model(**batch).loss / ACCUM).backward()
+            (model(**batch).loss / args.grad_accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "steps": steps, "eval_loss": _eval(model, tok, args), "peak_rss_mb": _rss_mb()}
+    return {"wall_s": wall, "steps": steps, "eval_loss": _eval(model, tok, args), "gradient_checkpointing": True,
+            "allocator": allocator_in_use(), "peak_rss_mb": _rss_mb()}
 
 
 def worker(name: str, args) -> dict:
@@ -156,7 +176,7 @@ def worker(name: str, args) -> dict:
 
 
 def data_figures(args) -> dict:
-    """Examples, tokens, labelled tokens and the padding share of padded batches of 4 (the data's own)."""
+    """Examples, tokens, labelled tokens and the padding share of random padded micro-batches (the data's own)."""
     import numpy as np
 
     from lorakit.data.batching import BatchSampler, padding_fraction
@@ -166,21 +186,24 @@ def data_figures(args) -> dict:
     ds = tokenize_examples(_records("train", args.train), _tokenizer(), args.max_seq_len)
     lengths = ds.lengths
     # packed rows per micro-batch: as many as give the padded runs' number of optimizer steps, so every
-    # competitor takes the same steps over the same tokens (the rows hold about BATCH examples' tokens)
-    steps = math.ceil(len(ds) / (BATCH * ACCUM))
+    # competitor takes the same steps over the same tokens (the rows hold about --batch examples' tokens)
+    steps = math.ceil(len(ds) / (args.batch * args.grad_accum))
     rows = len(pack(lengths, args.max_seq_len))
-    return {"packed_rows": rows, "packed_rows_per_micro_batch": math.ceil(rows / (steps * ACCUM)), "steps": steps,
+    return {"packed_rows": rows, "packed_rows_per_micro_batch": math.ceil(rows / (steps * args.grad_accum)),
+            "steps": steps,
             "examples": len(ds), "tokens": int(lengths.sum()), "trainable_tokens": ds.stats.n_trainable_tokens,
             "median_tokens": float(np.median(lengths)), "max_tokens": int(lengths.max()),
             "truncated": ds.stats.n_truncated,
-            "padding_share_random_batches": padding_fraction(lengths, BatchSampler(len(ds), BATCH).epoch_batches(0))}
+            "padding_share_random_batches": padding_fraction(lengths, BatchSampler(len(ds), args.batch).epoch_batches(0))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=32)
+    parser.add_argument("--train", type=int, default=48)
     parser.add_argument("--eval", type=int, default=16)
-    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--max-seq-len", type=int, default=1536)
+    parser.add_argument("--batch", type=int, default=8, help="examples per micro-batch (padded runs)")
+    parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--only", nargs="+", default=COMPETITORS, choices=COMPETITORS)
@@ -200,8 +223,9 @@ def main() -> None:
                 name = args.only[(k + round_) % len(args.only)]  # rotated: none always first
                 cmd = [sys.executable, "-m", "bench.data_packing", "--worker", name, "--train", str(args.train),
                        "--eval", str(args.eval), "--max-seq-len", str(args.max_seq_len), "--threads",
-                       str(args.threads), "--packed-rows", str(args.packed_rows)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                       str(args.threads), "--packed-rows", str(args.packed_rows), "--batch", str(args.batch),
+                       "--grad-accum", str(args.grad_accum)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(name))
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not line:
                     raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
@@ -209,6 +233,13 @@ def main() -> None:
                 print(f"round {round_ + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
             done = {name: rs for name, rs in runs.items() if rs}
             write(summarize(done, data, args, load.report()))  # after every round: a cut-short run keeps its figures
+
+
+def _env(name: str) -> dict[str, str]:
+    """A worker's environment: lorakit's runs with the allocator `lorakit train` picks by default
+    (tcmalloc preloaded where installed), the peers' with the C library's (their default)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LORAKIT_ALLOCATOR_SET")}
+    return (preload_env("auto", env) or env) if name.startswith("lorakit") else env
 
 
 def summarize(runs: dict[str, list[dict]], data: dict, args, load: dict) -> dict:
@@ -221,13 +252,18 @@ def summarize(runs: dict[str, list[dict]], data: dict, args, load: dict) -> dict
                      "trainable_tokens_per_s": data["trainable_tokens"] / wall,
                      "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                      "eval_loss": statistics.median(r["eval_loss"] for r in rs), "steps": rs[0]["steps"],
-                     **{k: rs[0][k] for k in ("padding_share", "fill_rate", "gradient_checkpointing") if k in rs[0]}}
+                     **{k: rs[0][k] for k in ("padding_share", "fill_rate", "gradient_checkpointing", "allocator")
+                        if k in rs[0]}}
     return {"name": "data_packing", "tag": args.tag, "when": now_iso(), "cpu": _cpu_model(), "load": load, "data": data,
-            "config": {"model": MODEL, "dtype": "float32", "lr": LR, "r": R, "alpha": ALPHA, "batch": BATCH,
-                       "grad_accum": ACCUM, "packed_rows_per_micro_batch": args.packed_rows,
+            "config": {"model": MODEL, "dtype": "float32", "lr": LR, "r": R, "alpha": ALPHA, "batch": args.batch,
+                       "grad_accum": args.grad_accum, "packed_rows_per_micro_batch": args.packed_rows,
                        "max_seq_len": args.max_seq_len, "train": args.train, "eval": args.eval,
                        "rounds": args.rounds_done, "threads": args.threads or "all"},
             "results": out}
+
+
+def _on(flag) -> str:
+    return "" if flag is None else ("on" if flag else "off")
 
 
 def write(result: dict) -> None:
@@ -240,15 +276,20 @@ def write(result: dict) -> None:
                                                               ld["median"] > ld["cores"] else "."), "",
              f"Data: {d['examples']} examples of `bench/data/chat_longtail_train.jsonl`, {d['tokens']:,} tokens "
              f"(median {d['median_tokens']:.0f}, max {d['max_tokens']}, {d['truncated']} cut to max_seq_len), "
-             f"{d['trainable_tokens']:,} trainable; random batches of 4 are {d['padding_share_random_batches']:.0%} "
-             "padding.", "", "Config: " + json.dumps(result["config"]), "",
-             "| run | epoch wall | examples/s | trainable tokens/s | padding / fill | peak RSS | eval loss | steps |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{d['trainable_tokens']:,} trainable; random batches of {result['config']['batch']} are "
+             f"{d['padding_share_random_batches']:.0%} padding.", "", "Config: " + json.dumps(result["config"]), "",
+             "Each runs at its defaults: lorakit as `lorakit train` (tcmalloc preloaded, `--gradient-checkpointing "
+             "auto`: on only if the planner says the longest batch would not fit), TRL's SFTTrainer with its gradient "
+             "checkpointing and the C library's allocator; the plain PEFT loop turns checkpointing on to fit. Epoch "
+             "wall: the optimizer steps (lorakit: its steps' time; TRL: `trainer.train()`), no eval.", "",
+             "| run | epoch wall | examples/s | trainable tokens/s | padding / fill | peak RSS | eval loss | steps "
+             "| checkpointing | allocator |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, x in r.items():
         fill = f"fill {x['fill_rate']:.0%}" if x.get("fill_rate") else (
             f"{x['padding_share']:.0%} padding" if x.get("padding_share") is not None else "")
         lines.append(f"| {name} | {x['wall_s']:.1f} s | {x['examples_per_s']:.3f} | {x['trainable_tokens_per_s']:.1f} "
-                     f"| {fill} | {x['peak_rss_mb'] / 1024:.2f} GB | {x['eval_loss']:.4f} | {x['steps']} |")
+                     f"| {fill} | {x['peak_rss_mb'] / 1024:.2f} GB | {x['eval_loss']:.4f} | {x['steps']} "
+                     f"| {_on(x.get('gradient_checkpointing'))} | {x.get('allocator', '')} |")
     if "lorakit_packed" in r:
         p = r["lorakit_packed"]
         lines += ["", "Targets (issue 15):", ""]
@@ -256,8 +297,10 @@ def write(result: dict) -> None:
             if other in r:
                 ratio = p["examples_per_s"] / r[other]["examples_per_s"]
                 loss = p["eval_loss"] / r[other]["eval_loss"] - 1
+                paired = [b / a for a, b in zip(p["rounds"], r[other]["rounds"], strict=False)]  # round k vs k
+                spread = f", per round {min(paired):.2f}–{max(paired):.2f}×" if len(paired) > 1 else ""
                 lines.append(f"- packed / {other} examples/s: {ratio:.2f}× (target ≥ {target}×: "
-                             f"{'MET' if ratio >= target else 'MISSED'}); eval loss {loss:+.1%} (target within 2%: "
+                             f"{'MET' if ratio >= target else 'MISSED'}{spread}); eval loss {loss:+.1%} (target within 2%: "
                              f"{'MET' if abs(loss) <= 0.02 else 'MISSED'})")
         if "trl_sft" in r:
             m = p["peak_rss_mb"] / r["trl_sft"]["peak_rss_mb"]
@@ -265,8 +308,7 @@ def write(result: dict) -> None:
         if "lorakit_padded" in r and p.get("padding_share") is not None:
             ceiling = (1 - p["padding_share"]) / (1 - r["lorakit_padded"]["padding_share"])
             ratio = p["examples_per_s"] / r["lorakit_padded"]["examples_per_s"]
-            why = ("below that, and the 1.6× target assumes data with more padding (the issue's measurement had "
-                   "59% at batch 8)" if ratio < ceiling else
+            why = ("below that: the padded rows' attention and the packed rows' are not the whole step" if ratio < ceiling else
                    "above that: padded rows also pay attention over their padding (quadratic in the row length)")
             lines += ["", f"Padding alone: packed rows hold (1 − {p['padding_share']:.0%}) / (1 − "
                       f"{r['lorakit_padded']['padding_share']:.0%}) = {ceiling:.2f}× the useful tokens of padded ones "
