@@ -4,11 +4,15 @@ YAML front matter (``base_model``, ``library_name: peft``, ``pipeline_tag``, ``t
 indexes and what PEFT's ``create_or_update_model_card`` writes), the LoRA configuration, any extra
 sections a caller adds (``lorakit train``: training data and results; other features: their own
 lines), and how to load the adapter with lorakit and with PEFT.
+
+A card lorakit wrote carries :data:`MARK` and is rewritten on every save; a ``README.md`` without it
+(the user's own, or PEFT's) is never overwritten: the save says so and leaves it as it is.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import yaml
@@ -17,6 +21,7 @@ from ..fileio import atomic_write_text
 from .config import LoraConfig, moves_base
 
 CARD_NAME = "README.md"
+MARK = "<!-- model card written by lorakit: rewritten on every save; remove this line to keep your edits -->"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 Sections = dict[str, "str | list[str]"]
 
@@ -103,7 +108,7 @@ def model_card(cfg: LoraConfig, sections: Sections | None = None, *, adapter_dir
         ours = "unknown"
     base = cfg.base_model_name_or_path or "BASE_MODEL"
     where = "" if is_hub_id(base) else " (a local path: PEFT and vLLM need it on this machine)"
-    lines = ["---", yaml.safe_dump(front_matter(cfg, transformers_model), sort_keys=False).rstrip(), "---", "",
+    lines = ["---", yaml.safe_dump(front_matter(cfg, transformers_model), sort_keys=False).rstrip(), "---", MARK, "",
              "# LoRA adapter", "", f"A LoRA adapter for `{base}`{where}, saved by lorakit in PEFT's format "
              "(`adapter_config.json` + `adapter_model.safetensors`).", ""]
     lines += _section("LoRA configuration", _config_lines(cfg))
@@ -118,6 +123,8 @@ def write_model_card(path: str | Path, cfg: LoraConfig, sections: Sections | Non
                      transformers_model: bool = True) -> Path:
     """Write (atomically) ``path/README.md`` for the adapter in ``path``; returns the card's path.
 
+    A ``README.md`` already there that lorakit did not write (no :data:`MARK`) is kept, with a warning.
+
     Args:
         path: the adapter directory.
         cfg: the adapter's config.
@@ -125,5 +132,9 @@ def write_model_card(path: str | Path, cfg: LoraConfig, sections: Sections | Non
         transformers_model: the base is a transformers model.
     """
     card = Path(path) / CARD_NAME
+    if card.is_file() and MARK not in card.read_text(errors="replace"):
+        warnings.warn(f"{card}: kept as it is (not a card lorakit wrote); the adapter's configuration is in "
+                      f"adapter_config.json (delete {CARD_NAME} to have lorakit write its card)", stacklevel=3)
+        return card
     atomic_write_text(card, model_card(cfg, sections, adapter_dir=str(path), transformers_model=transformers_model))
     return card

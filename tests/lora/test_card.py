@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -88,3 +89,23 @@ def test_the_card_is_replaced_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_model_card(tmp_path, lk.LoraConfig(r=8, target_modules=["v_proj"]))
     assert (tmp_path / "README.md").read_text() == before and os.listdir(tmp_path) == ["README.md"]
+
+
+def test_a_readme_lorakit_did_not_write_is_kept_and_its_own_card_is_rewritten(tiny_model_dir, tmp_path):
+    model = _tiny(tiny_model_dir)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=HUB_ID))
+    lk.save_adapter(model, tmp_path / "ours")
+    lk.save_adapter(model, tmp_path / "ours")  # lorakit's own card: rewritten without a word
+    card = tmp_path / "ours" / "README.md"
+    card.write_text(card.read_text().replace("- r: 2", "- r: 3"))  # an edit that keeps lorakit's mark
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lk.save_adapter(model, tmp_path / "ours")
+    assert "- r: 2" in card.read_text() and not [w for w in seen if "kept as it is" in str(w.message)]
+
+    mine = "# My adapter\n\nNotes I wrote by hand.\n"
+    card.write_text(mine)
+    (tmp_path / "ours" / "adapter_model.safetensors").unlink()
+    with pytest.warns(UserWarning, match="README.md: kept as it is"):
+        lk.save_adapter(model, tmp_path / "ours")
+    assert card.read_text() == mine and (tmp_path / "ours" / "adapter_model.safetensors").is_file()
