@@ -94,8 +94,9 @@ def render(doc: dict) -> str:
                      f"{dl['value']:.2f} ± {dl['noise']:.0%} |")
     load = doc["load"]
     lines += ["", f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs); torch {m['torch']}, peft {m['peft']}. "
-              f"Other agents loaded the machine during the run (1-min load {load['min']:.1f}–{load['max']:.1f}, "
-              f"median {load['median']:.1f}): absolute times carry that load, the interleaved ratios less so.", ""]
+              f"1-min load average during the run {load['min']:.1f}–{load['max']:.1f} (median {load['median']:.1f}) on "
+              f"{load['cores']} cores" + (": other jobs shared the machine; absolute times carry that load, the "
+              "interleaved ratios less so." if load["median"] > load["cores"] else "."), ""]
     return "\n".join(lines)
 
 
