@@ -90,6 +90,13 @@ def _columns(driver):
     return out
 
 
+def _listed_models(driver):
+    """The models the page lists, read in one script: the list is rebuilt after every load, so element
+    handles taken in one call can be stale by the next."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#models input')].map((b) => b.dataset.model);")
+
+
 def _type_and_send(driver, text):
     from selenium.webdriver.common.by import By
 
@@ -153,8 +160,7 @@ def test_playground_loads_an_adapter_and_shows_errors(site, browser):
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#models input"))
     browser.find_element(By.ID, "load-name").send_keys("gamma")
     browser.find_element(By.ID, "load").click()
-    wait.until(lambda d: "gamma" in [b.get_attribute("data-model") for b in d.find_elements(By.CSS_SELECTOR,
-                                                                                              "#models input")])
+    wait.until(lambda d: "gamma" in _listed_models(d))
     assert browser.find_element(By.ID, "load-status").text == "gamma loaded"
     assert "gamma" in [m["id"] for m in httpx.get(f"{site}/v1/models").json()["data"]]
     browser.find_element(By.ID, "load-name").send_keys("../etc")
