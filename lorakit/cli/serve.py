@@ -67,6 +67,10 @@ def add_serve_verb(sub) -> None:
     g.add_argument("--scheduler", choices=["continuous", "window"], default=None,
                    help="continuous: rows join and leave the batch at every decoding step (default); "
                         "window: batches gathered for --batch-window-ms, each generated to completion")
+    g.add_argument("--admission", choices=["shortest", "fcfs"], default=None,
+                   help="--scheduler continuous: which waiting requests join the batch first. shortest "
+                        "(default): the highest (decoding steps waited + 1) / max_tokens, so short requests go "
+                        "first and long ones cannot starve; fcfs: oldest first")
     g.add_argument("--max-request-bytes", type=int, default=None,
                    help="request bodies larger than this get 413 before parsing (1048576)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -147,8 +147,9 @@ def health(request: Request) -> dict:
     stats = engine.stats
     return {"status": "ok", "model": engine.name, "adapters": len(engine.adapters()),
             "requests": stats.requests, "batches": stats.batches, "largest_batch": stats.largest_batch,
-            "scheduler": engine.limits.scheduler, "rows_running": stats.running, "rows_waiting": engine.waiting(),
-            "steps": stats.steps, "kv_cache": engine.kv_cache()}
+            "scheduler": engine.limits.scheduler, "admission": engine.limits.admission,
+            "rows_running": stats.running, "rows_waiting": engine.waiting(), "steps": stats.steps,
+            "kv_cache": engine.kv_cache()}
 
 
 @router.get("/metrics")

@@ -67,6 +67,7 @@ class Row:
     on_finish: Callable[[], None] | None = None  # called once, before the final Event is sent
     unpinned: bool = False  # the engine's bookkeeping: this row no longer holds its adapter
     position: int = 0  # position id of the next token fed to the model (continuous batching)
+    arrival_step: int = 0  # the engine's decoding step when the row reached the scheduler (admission order)
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # prefill started
     first_token_at: float | None = None

@@ -3,7 +3,8 @@
 Two schedulers (``Limits.scheduler``):
 
 - ``"continuous"`` (default): iteration-level scheduling. At every decoding step finished rows leave
-  the batch and waiting requests join it, oldest first, up to ``max_batch_size`` rows in flight;
+  the batch and waiting requests join it, up to ``max_batch_size`` rows in flight, short ones first
+  without starving long ones (``Limits.admission``, :mod:`lorakit.serve.admission`);
   newcomers are prefilled together, then decode with the others in one mixed-adapter batch
   (``lorakit.mixed_batch``) over a KV cache they enter and leave without recomputing anyone else's
   (:mod:`lorakit.serve.kvcache`). A short request never waits for a long one to finish.
@@ -35,6 +36,7 @@ from ..lora.adapters import delete_adapter, list_adapters
 from ..lora.apply import load_adapter
 from ..lora.layer import ModulesToSave
 from ..lora.merge import merged_adapters
+from .admission import Waiting
 from .continuous import Running
 from .decode import Event, Row, SamplingParams
 from .kvcache import kv_bytes_per_token, splice_error
@@ -79,6 +81,7 @@ class Engine:
         self._registry = threading.Lock()  # guards _slots and stats (held briefly)
         self._model_lock = threading.Lock()  # guards the model: a batch, or an adapter load/unload
         self._queue: queue.Queue[Row | None] = queue.Queue()
+        self._waiting = Waiting(self.limits.admission)  # taken from _queue by the continuous worker
         self._thread: threading.Thread | None = None
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if isinstance(eos, list) else [eos]
@@ -109,8 +112,10 @@ class Engine:
             self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
+        left, self._waiting.rows = list(self._waiting.rows), []
         while not self._queue.empty():
-            row = self._queue.get_nowait()
+            left.append(self._queue.get_nowait())
+        for row in left:
             if row is not None:
                 self._release([row])
                 row.finish("error", "the server is shutting down")
@@ -353,8 +358,8 @@ class Engine:
                 "rows": self._running.kv.rows, "max_rows": self.limits.max_batch_size}
 
     def waiting(self) -> int:
-        """Requests queued and not yet running (approximate: the queue may change meanwhile)."""
-        return self._queue.qsize()
+        """Rows queued and not yet running (approximate: the queue may change meanwhile)."""
+        return self._queue.qsize() + len(self._waiting)
 
 
 def _longest_token_chars(tokenizer: Any) -> int:

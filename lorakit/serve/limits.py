@@ -31,6 +31,7 @@ class ConflictError(ServeError):
 
 
 SCHEDULERS = ("continuous", "window")
+ADMISSIONS = ("shortest", "fcfs")  # lorakit.serve.admission
 
 
 @dataclass
@@ -45,6 +46,9 @@ class Limits:
         batch_window_ms: window scheduler only: how long to wait for more requests after the first one.
         scheduler: "continuous" (rows join and leave at every decoding step) or "window" (a batch
             gathered for batch_window_ms, generated to completion).
+        admission: continuous scheduler only: which waiting rows join first. "shortest" (highest response
+            ratio next: (decoding steps waited + 1) / max_tokens, so short requests go first and long ones
+            cannot starve) or "fcfs" (oldest first). See :mod:`lorakit.serve.admission`.
         max_request_bytes: largest HTTP request body; larger ones get 413 before they are parsed.
     """
 
@@ -54,6 +58,7 @@ class Limits:
     max_batch_size: int = 8
     batch_window_ms: float = 10.0
     scheduler: str = "continuous"
+    admission: str = "shortest"
     max_request_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
@@ -64,6 +69,8 @@ class Limits:
             raise ServeError(f"Limits.batch_window_ms must be >= 0, got {self.batch_window_ms}")
         if self.scheduler not in SCHEDULERS:
             raise ServeError(f"Limits.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.admission not in ADMISSIONS:
+            raise ServeError(f"Limits.admission must be one of {ADMISSIONS}, got {self.admission!r}")
 
 
 @dataclass

@@ -41,20 +41,15 @@ def run_worker(engine: Engine) -> None:
 
 
 def _admissions(engine: Engine, stopping: bool) -> tuple[list[Row], bool]:
-    """Waiting rows that join now, oldest first, up to max_batch_size in flight; blocks while idle."""
-    joiners: list[Row] = []
-    while not stopping and len(engine._running) + len(joiners) < engine.limits.max_batch_size:
-        try:  # wait only when nothing runs: otherwise the running rows must step on
-            row = engine._queue.get(block=not (engine._running.rows or joiners))
-        except queue.Empty:
-            break
-        if row is None:
-            stopping = True  # finish the rows in flight, admit no more
-        elif row.cancelled.is_set():
-            engine._release([row])
-        else:
-            joiners.append(row)
-    return joiners, stopping
+    """The waiting rows that join now, in the order of ``Limits.admission``, up to max_batch_size in flight;
+    blocks while nothing runs or waits."""
+    waiting, step = engine._waiting, engine.stats.steps  # the worker is the only writer of both
+    if not stopping:  # after the shutdown marker: finish the rows in flight, admit no more
+        stopping = waiting.take(engine._queue, step, block=not (engine._running.rows or waiting.rows))
+    engine._release(waiting.drop_cancelled())
+    if stopping:
+        return [], True
+    return waiting.pick(engine.limits.max_batch_size - len(engine._running), step), False
 
 
 def _iteration(engine: Engine, joiners: list[Row]) -> None:

@@ -95,7 +95,8 @@ def test_metrics_and_health_show_requests_rows_and_the_kv_cap(server):
     per_token = 2 * 2 * 2 * 8 * 4  # k and v, 2 layers, 2 kv heads, head_dim 8, fp32
     assert kv["bytes_per_token"] == per_token == after[("lorakit_kv_cache_bytes_per_token", ())]
     assert kv["cap_bytes"] == 4 * min(64 + 200, 256) * per_token == after[("lorakit_kv_cache_cap_bytes", ())]
-    assert health["scheduler"] == "continuous" and health["rows_running"] == 0 and kv["held_bytes"] == 0
+    assert (health["scheduler"], health["admission"]) == ("continuous", "shortest")
+    assert health["rows_running"] == 0 and kv["held_bytes"] == 0
 
 
 def test_a_client_that_disconnects_frees_its_row(server):
