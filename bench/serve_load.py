@@ -441,8 +441,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--workload", choices=["load", "mixed", "all"], default="all",
                         help="load: clients, churn and hostile requests; mixed: mixed-length streaming load and a "
-                             "short request behind a long one, continuous vs window batching (bench/serve_mixed.py)")
-    parser.add_argument("--rounds", type=int, default=3, help="mixed: rounds per scheduler, alternating")
+                             "short request behind a long one, continuous (shortest / fcfs admission) vs window batching "
+                             "(bench/serve_mixed.py)")
+    parser.add_argument("--rounds", type=int, default=3, help="mixed: rounds per engine, rotating")
     args = parser.parse_args()
     if args.workload in ("load", "all"):
         results = run(args.clients, args.requests, args.adapters, args.churn, args.seed)

@@ -1,5 +1,8 @@
 """Mixed-length load and a short request behind a long one: continuous batching against window batching.
 
+Three engines: continuous batching with its default admission ("shortest": highest response ratio
+next), continuous batching admitting oldest first ("fcfs"), and window batching.
+
 Same tiny model and adapters as bench/serve_load.py (its context raised to 1024 positions so 256-token
 answers fit), served by uvicorn on 127.0.0.1, ``Limits(max_batch_size=8)``, one torch thread.
 
@@ -11,7 +14,7 @@ answers fit), served by uvicorn on 127.0.0.1, ``Limits(max_batch_size=8)``, one 
 - Short behind long: a 4-token request (adapter a1) alone, and the same request sent 0.3 s after a
   200-token one (adapter a0); the ratio of the two latencies, and both answers against references.
 
-Rounds alternate scheduler A B A B; medians over rounds and per-round ratios are reported.
+Rounds rotate the engines A B C A B C; medians over rounds and per-round ratios are reported.
 Usage: ``PYTHONPATH=. python -m bench.serve_load --workload mixed`` (bench/results/serve_mixed.{json,md,png}).
 """
 
@@ -31,7 +34,9 @@ import torch
 
 from bench.serve_load import WORDS, build_files, serve
 
-SCHEDULERS = ("continuous", "window")
+SCHEDULERS = {"continuous": dict(scheduler="continuous", admission="shortest"),  # the engine's defaults
+              "continuous-fcfs": dict(scheduler="continuous", admission="fcfs"),
+              "window": dict(scheduler="window")}
 LIMITS = dict(max_prompt_tokens=64, max_tokens=256, max_adapters=8, max_batch_size=8, batch_window_ms=5)
 SHORT = 16  # requests with max_tokens <= SHORT are "short"
 LONG_BEHIND = (200, 0.3)  # the long request's max_tokens, and how long after it the short one is sent
@@ -74,7 +79,7 @@ def _engine(model_dir: Path, root: Path, scheduler: str):
     from lorakit.serve.engine import Limits, engine_from_spec
 
     return engine_from_spec(str(model_dir), {n: root / n for n in ("a0", "a1", "a2")}, name="tiny",
-                            limits=Limits(**LIMITS, scheduler=scheduler))
+                            limits=Limits(**LIMITS, **SCHEDULERS[scheduler]))
 
 
 def references(url: str, pool: list, models: list[str]) -> dict:
@@ -135,7 +140,7 @@ def short_behind_long(url: str, refs: dict, repeats: int = 5) -> dict:
 
 
 def run(clients: int = 16, requests: int = 8, rounds: int = 3, seed: int = 0) -> dict:
-    """Both schedulers, alternating, ``rounds`` rounds each; returns per-round figures and medians."""
+    """Each engine of SCHEDULERS, rotating, ``rounds`` rounds each; returns per-round figures and medians."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -152,7 +157,7 @@ def run(clients: int = 16, requests: int = 8, rounds: int = 3, seed: int = 0) ->
                     refs["long"] = stream(http, "a0", "hello there", LONG_BEHIND[0])["text"]
             per: dict[str, list] = {s: [] for s in SCHEDULERS}
             for rnd in range(rounds):
-                for scheduler in SCHEDULERS:  # A B A B
+                for scheduler in SCHEDULERS:  # A B C A B C
                     with serve(_engine(model_dir, root, scheduler), root) as url:
                         figures = mixed_round(url, clients, requests, pool, models, refs, seed + rnd)
                         figures["short_behind_long"] = short_behind_long(url, refs)
@@ -175,10 +180,18 @@ def _summary(per: dict[str, list]) -> dict:
         med[s]["mismatches"] = sum(r["mismatches"] for r in rs) + sum(not r["short_behind_long"]["all_match"]
                                                                       for r in rs)
         med[s]["5xx"] = sum(r["5xx"] for r in rs)
-    c, w = per["continuous"], per["window"]
-    ratios = {"short_p99_vs_window": [a["short_p99_s"] / b["short_p99_s"] for a, b in zip(c, w, strict=True)],
-              "throughput_vs_window": [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(c, w, strict=True)],
-              "ttft_p99_vs_window": [a["ttft_p99_s"] / b["ttft_p99_s"] for a, b in zip(c, w, strict=True)]}
+    c, f, w = per["continuous"], per["continuous-fcfs"], per["window"]
+
+    def ratio(key, xs, ys):
+        return [a[key] / b[key] for a, b in zip(xs, ys, strict=True)]
+
+    ratios = {"short_p99_vs_window": ratio("short_p99_s", c, w),
+              "throughput_vs_window": ratio("tokens_per_s", c, w),
+              "ttft_p99_vs_window": ratio("ttft_p99_s", c, w),
+              "fcfs_short_p99_vs_window": ratio("short_p99_s", f, w),
+              "fcfs_throughput_vs_window": ratio("tokens_per_s", f, w),
+              "short_p99_vs_fcfs": ratio("short_p99_s", c, f),
+              "latency_p99_vs_fcfs": ratio("latency_p99_s", c, f)}
     return {"medians": med, "ratios": {k: {"median": statistics.median(v), "per_round": [round(x, 3) for x in v]}
                                        for k, v in ratios.items()}}
 
@@ -216,7 +229,7 @@ def plot(results: dict, png: Path) -> None:
     from lorakit.plots import save_png
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for scheduler, color in zip(SCHEDULERS, ("tab:blue", "tab:orange"), strict=True):
+    for scheduler, color in zip(SCHEDULERS, ("tab:blue", "tab:green", "tab:orange"), strict=True):
         samples = [s for r in results["rounds"][scheduler] for s in r["samples"]]
         left.scatter([s[0] for s in samples], [s[1] for s in samples], s=8, alpha=0.5, color=color, label=scheduler)
         ttft = sorted(s[2] for s in samples)
@@ -236,7 +249,7 @@ def write(results: dict, out: Path, machine: dict) -> None:
     from bench.common import now_iso, target, write_json
 
     med, ratios = results["summary"]["medians"], results["summary"]["ratios"]
-    c, w = med["continuous"], med["window"]
+    c = med["continuous"]
     targets = [
         target("short request behind a long one / alone (continuous)", c["short_behind_long_ratio"], 2.0,
                "the short request's prefill waits for the step in flight"),
@@ -251,30 +264,42 @@ def write(results: dict, out: Path, machine: dict) -> None:
     rows = [("latency p50 / p99 (all)", "latency_p50_s", "latency_p99_s"),
             (f"latency p50 / p99 (short, max_tokens <= {SHORT})", "short_p50_s", "short_p99_s"),
             ("time to first token p50 / p99", "ttft_p50_s", "ttft_p99_s")]
+    names = list(SCHEDULERS)
     lines = [f"# Mixed-length load: continuous vs window batching ({now_iso()})", "",
              f"Tiny random Llama on CPU ({machine['cpu']}, {machine['logical_cpus']} logical CPUs, 1 torch thread), "
              f"uvicorn on 127.0.0.1, max_batch_size {LIMITS['max_batch_size']}; {cfg['clients']} streaming clients x "
              f"{cfg['requests']} greedy completions per round, max_tokens log-uniform 4..256 over 3 adapters + base; "
-             f"{cfg['rounds']} rounds per scheduler, alternating; medians over rounds. 1-min load average during the run "
+             f"{cfg['rounds']} rounds per engine, rotating; medians over rounds. `continuous` is the default engine "
+             "(admission `shortest`: highest response ratio next), `continuous-fcfs` the same admitting oldest "
+             f"first. 1-min load average during the run "
              f"{machine['load']['min']:.1f}..{machine['load']['max']:.1f} on {machine['load']['cores']} cores"
              + (" (other jobs shared the machine, so absolute times are noisy)" if machine["load"]["median"] >
                 machine["load"]["cores"] else "") + "; the ratios compare rounds run back to back. "
              "Generated by `python -m bench.serve_load --workload mixed`.", "",
-             "| figure | continuous | window |", "|---|---|---|"]
-    lines += [f"| {name} | {1e3 * c[a]:.0f} / {1e3 * c[b]:.0f} ms | {1e3 * w[a]:.0f} / {1e3 * w[b]:.0f} ms |"
+             "| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {name} | " + " | ".join(f"{1e3 * med[n][a]:.0f} / {1e3 * med[n][b]:.0f} ms" for n in names) + " |"
               for name, a, b in rows]
-    lines += [f"| throughput | {c['tokens_per_s']:.0f} tokens/s, {c['requests_per_s']:.1f} req/s | "
-              f"{w['tokens_per_s']:.0f} tokens/s, {w['requests_per_s']:.1f} req/s |",
-              f"| 4-token request alone / 0.3 s behind a 200-token one | {1e3 * c['short_alone_s']:.0f} / "
-              f"{1e3 * c['short_behind_long_s']:.0f} ms ({c['short_behind_long_ratio']:.1f}x) | "
-              f"{1e3 * w['short_alone_s']:.0f} / {1e3 * w['short_behind_long_s']:.0f} ms "
-              f"({w['short_behind_long_ratio']:.1f}x) |",
-              f"| answers differing from their single-request reference | {c['mismatches']} | {w['mismatches']} |",
-              f"| 5xx | {c['5xx']} | {w['5xx']} |", "", "| target (issue 18) | value | status |", "|---|---|---|"]
+    lines += ["| throughput | " + " | ".join(f"{med[n]['tokens_per_s']:.0f} tokens/s, {med[n]['requests_per_s']:.1f} "
+                                            "req/s" for n in names) + " |",
+              "| 4-token request alone / 0.3 s behind a 200-token one | " + " | ".join(
+                  f"{1e3 * med[n]['short_alone_s']:.0f} / {1e3 * med[n]['short_behind_long_s']:.0f} ms "
+                  f"({med[n]['short_behind_long_ratio']:.1f}x)" for n in names) + " |",
+              "| answers differing from their single-request reference | "
+              + " | ".join(str(med[n]["mismatches"]) for n in names) + " |",
+              "| 5xx | " + " | ".join(str(med[n]["5xx"]) for n in names) + " |",
+              "", "| target (issue 18) | value | status |", "|---|---|---|"]
     lines += [f"| {t['what']} | {t['reason']} | {t['status']} |" for t in targets]
-    lines += ["", "Per round, continuous / window (rounds run back to back): " + "; ".join(
-        f"{name.replace('_', ' ')} " + ", ".join(f"{x:.2f}" for x in r["per_round"]) for name, r in ratios.items())
-        + f". The p99 of {c['short_requests']} short requests is close to their slowest, so it moves a lot between rounds."]
+    labels = {"short_p99_vs_window": "short p99, continuous / window",
+              "throughput_vs_window": "throughput, continuous / window",
+              "ttft_p99_vs_window": "ttft p99, continuous / window",
+              "fcfs_short_p99_vs_window": "short p99, continuous-fcfs / window",
+              "fcfs_throughput_vs_window": "throughput, continuous-fcfs / window",
+              "short_p99_vs_fcfs": "short p99, continuous / continuous-fcfs",
+              "latency_p99_vs_fcfs": "p99 of all, continuous / continuous-fcfs"}
+    lines += ["", "Per round (rounds run back to back): " + "; ".join(
+        f"{labels[name]} " + ", ".join(f"{x:.2f}" for x in r["per_round"]) for name, r in ratios.items())
+        + f". The p99 of {c['short_requests']} short requests is close to their slowest, so it moves a lot between "
+        "rounds."]
     plot(results, out / "serve_mixed.png")
-    lines += ["", "![latency by request length and TTFT, continuous vs window](serve_mixed.png)"]
+    lines += ["", "![latency by request length and TTFT per engine](serve_mixed.png)"]
     (out / "serve_mixed.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
