@@ -1,6 +1,8 @@
 """The methods experiment: LoRA, rsLoRA, DoRA, PiSSA, LoRA+ and NEFTune side by side on SmolLM2.
 
-Same model, data, rank, alpha, learning rate, steps and seeds for every method. The data is the
+Same model, data, rank, alpha, learning rate, steps and seeds for every method; PiSSA and LoRA+ run a
+second time at a tenth of that learning rate, the direction their authors and PEFT's docs point (a
+drop-in swap at LoRA's learning rate is not how they are meant to be used). The data is the
 packaged dates task written as short prompt/completion pairs ("17 October 1974 =>" → " 1974-10-17",
 no chat template: about 25 tokens an example, so a step is cheap enough for 18 runs on a loaded CPU); each run is one ``lorakit train`` process (so its peak RSS is its own), and the runs are
 interleaved (seed 0: every method, seed 1: every method, ...) so the load other programs put on the
@@ -38,7 +40,10 @@ METHODS = {
     "PiSSA": ["--init-lora-weights", "pissa"],
     "LoRA+ (ratio 16)": ["--loraplus-lr-ratio", "16"],
     "NEFTune (alpha 5)": ["--neftune-alpha", "5"],
+    "PiSSA, lr / 10": ["--init-lora-weights", "pissa"],
+    "LoRA+ (ratio 16), lr / 10": ["--loraplus-lr-ratio", "16"],
 }
+LR_SCALE = {"PiSSA, lr / 10": 0.1, "LoRA+ (ratio 16), lr / 10": 0.1}  # the rest train at --lr
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -76,11 +81,11 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 def train_run(args, method: str, seed: int, work: Path) -> dict:
     """One ``lorakit train`` process; returns its summary.json."""
-    out = work / f"{method.split()[0]}-{seed}"
+    out = work / f"{''.join(c for c in method if c.isalnum())}-{seed}"
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", args.model, "--threads", str(args.threads),
            "--data", str(work / "train.jsonl"), "--eval-data", str(work / "valid.jsonl"),
            "--out", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--warmup-steps", "3", "--max-seq-len", str(args.max_seq_len),
+           "--lr", str(args.lr * LR_SCALE.get(method, 1.0)), "--warmup-steps", "3", "--max-seq-len", str(args.max_seq_len),
            "--lora-r", str(args.r), "--alpha", str(2 * args.r), "--seed", str(seed), "--eval-every", "0",
            "--eval-batches", str(args.eval_batches), "--save-every", "0", "--log-every", "4",
            *METHODS[method]]
@@ -167,7 +172,7 @@ def render(doc: dict) -> str:
         "# Methods on SmolLM2-135M: what each LoRA variant buys",
         "",
         f"Task: the packaged dates task (normalise dates to ISO 8601). Every method: r={s['r']}, "
-        f"alpha={2 * s['r']}, all-linear, lr={s['lr']}, {s['steps']} steps of batch {s['batch_size']}, max_seq_len "
+        f"alpha={2 * s['r']}, all-linear, lr={s['lr']} (the rows marked lr / 10: {s['lr'] / 10:g}), {s['steps']} steps of batch {s['batch_size']}, max_seq_len "
         f"{s['max_seq_len']}, base in {doc['base_dtype']} (LoRA weights fp32), {s['threads']} thread(s), seeds "
         f"{s['seeds']}. Eval loss on {s['eval_batches']} validation batches; "
         f"exact match (greedy) on the first {s['score']} test examples, adapter loaded onto the original base. "
@@ -183,9 +188,11 @@ def render(doc: dict) -> str:
                      f"| {f['step_s']['mean']:.2f} ± {f['step_s']['spread']:.2f} "
                      f"| {f['peak_rss_mb']['mean']:.0f} | {'—' if m == 'LoRA' else verdict(row, ref)} |")
     mach, load = doc["machine"], doc["load_1min"]
-    lines += ["", f"Machine: {mach['cpu']} ({mach['logical_cpus']} logical CPUs), shared with other agents' test runs "
-              f"during the experiment (1-min load {load['min']:.1f} to {load['max']:.1f}, median {load['median']:.1f}), "
-              f"so step times carry that load; whole experiment {doc['wall_s'] / 60:.1f} min.",
+    busy = load["median"] > mach["logical_cpus"]
+    lines += ["", f"Machine: {mach['cpu']} ({mach['logical_cpus']} logical CPUs); 1-min load average during the "
+              f"experiment {load['min']:.1f} to {load['max']:.1f}, median {load['median']:.1f}"
+              + (" (other jobs shared the machine, so step times carry that load)" if busy else "")
+              + f"; whole experiment {doc['wall_s'] / 60:.1f} min. How to read it: docs/variants.md.",
               "", "![eval loss and exact match per method](methods.png)", ""]
     return "\n".join(lines)
 
