@@ -187,6 +187,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_summary() -> dict:
+    """CPU model, its vector flags (avx*, amx*, fma), logical CPUs and the versions that matter: the line
+    every CPU figure is recorded with."""
+    import transformers
+
+    info = {"cpu": _cpu_model(), "flags": [], "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                info["flags"] = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
+                break
+    except OSError:
+        pass
+    return info
+
+
 def _mem_total_gb() -> float | None:
     try:
         kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])

@@ -449,13 +449,12 @@ def main() -> None:
                              "(bench/serve_mixed.py)")
     parser.add_argument("--rounds", type=int, default=3, help="mixed: rounds per engine, rotating")
     args = parser.parse_args()
-    from bench.common import LoadMonitor
-    from bench.serve_mixed import machine
+    from bench.common import LoadMonitor, cpu_summary
 
     if args.workload in ("load", "all"):
         with LoadMonitor() as load:
             results = run(args.clients, args.requests, args.adapters, args.churn, args.seed)
-        write(results, args.out, {**machine(), "load": load.report()})
+        write(results, args.out, {**cpu_summary(), "load": load.report()})
         print((args.out / "serve_load.md").read_text())
     if args.workload in ("mixed", "all"):
         from bench.serve_mixed import run as run_mixed
@@ -463,7 +462,7 @@ def main() -> None:
 
         with LoadMonitor() as load:
             mixed = run_mixed(rounds=args.rounds, seed=args.seed)
-        write_mixed(mixed, args.out, {**machine(), "load": load.report()})
+        write_mixed(mixed, args.out, {**cpu_summary(), "load": load.report()})
         print((args.out / "serve_mixed.md").read_text())
 
 

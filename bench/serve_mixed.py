@@ -196,23 +196,6 @@ def _summary(per: dict[str, list]) -> dict:
                                        for k, v in ratios.items()}}
 
 
-def machine() -> dict:
-    """CPU model, its vector flags, logical CPUs and the versions that matter here."""
-    import os
-
-    import transformers
-
-    info = {"cpu": "unknown", "flags": [], "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            info["cpu"] = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            info["flags"] = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
-            break
-    return info
-
-
 def _q(xs: list[float], q: float) -> float:
     """Nearest-rank quantile (0 for no samples)."""
     xs = sorted(xs)
