@@ -159,9 +159,15 @@ def write(results: dict) -> None:
         lines.append(f"| {r['adapters']} | {p['lorakit']:.0f} | {p['peft']:.0f} | {r['prefill_speedup']:.2f}x | "
                      f"{d['lorakit']:.1f} | {d['peft']:.1f} | {r['decode_speedup']:.2f}x | "
                      f"{r['max_abs_logit_diff_vs_peft']:.1e} |")
-    lat = results["latency"]
+    lat, mach = results["latency"], results["machine"]
+    load = mach["load"]
     lines += ["", f"Forward latency ({results['rows']}x{results['seq']} tokens, base {lat['base_ms']:.0f} ms): "
-              f"unmerged/base = {lat['unmerged_over_base']:.3f}, merged/base = {lat['merged_over_base']:.3f}", ""]
+              f"unmerged/base = {lat['unmerged_over_base']:.3f}, merged/base = {lat['merged_over_base']:.3f}", "",
+              f"CPU: {mach['cpu']} ({mach['logical_cpus']} logical CPUs; {', '.join(mach['flags'])}); torch "
+              f"{mach['torch']}, peft {results['peft']}. 1-min load average during the run {load['min']:.1f}.."
+              f"{load['max']:.1f} on {load['cores']} cores"
+              + (" (other jobs shared the machine: absolute rates carry that load, the interleaved ratios less so)"
+                 if load["median"] > load["cores"] else "") + ".", ""]
     (RESULTS / "mixed_batch.md").write_text("\n".join(lines))
 
 
@@ -170,7 +176,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    write(run(args.reps, args.threads))
+    import peft
+
+    from bench.common import LoadMonitor, cpu_summary
+
+    with LoadMonitor() as load:
+        results = run(args.reps, args.threads)
+    write({**results, "peft": peft.__version__, "machine": {**cpu_summary(), "load": load.report()}})
     print((RESULTS / "mixed_batch.md").read_text())
 
 
