@@ -40,7 +40,17 @@ from .admission import Waiting
 from .continuous import Running
 from .decode import Event, Row, SamplingParams
 from .kvcache import kv_bytes_per_token, splice_error
-from .limits import SCHEDULERS, ConflictError, ForbiddenError, Limits, NotFoundError, ServeError, Stats
+from .limits import (
+    SCHEDULERS,
+    ConflictError,
+    ForbiddenError,
+    Limits,
+    NotFoundError,
+    ServeError,
+    Stats,
+    longest_token_chars,
+    refuse_unservable,
+)
 from .metrics import Metrics
 from .scheduler import run_worker
 
@@ -89,7 +99,7 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
         self.context_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.max_prompt_chars = self.limits.max_prompt_tokens * _longest_token_chars(tokenizer)
+        self.max_prompt_chars = self.limits.max_prompt_tokens * longest_token_chars(tokenizer)
         if self.limits.scheduler == "continuous" and (why := splice_error(model.config)):
             raise ServeError(why)
         self.kv_bytes_per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
@@ -148,7 +158,7 @@ class Engine:
                 if name == self.name or name in self._slots:
                     raise ConflictError(f"model {name!r} is already loaded; unload it first or pick another name")
                 self._eviction_candidate()  # every slot busy: refuse before reading anything
-            _refuse_unservable(name, Path(path))  # before loading: a PiSSA load would rewrite the shared base
+            refuse_unservable(name, Path(path))  # before loading: a PiSSA load would rewrite the shared base
             load_adapter(self.model, path, name, activate=False)  # a broken adapter evicts nothing
             if any(isinstance(m, ModulesToSave) and name in m.adapters for m in self.model.modules()):
                 delete_adapter(self.model, name)
@@ -362,12 +372,6 @@ class Engine:
         return self._queue.qsize() + len(self._waiting)
 
 
-def _longest_token_chars(tokenizer: Any) -> int:
-    """Characters of the longest vocabulary entry (byte-level BPE spells each byte as one character)."""
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    return max((len(t) for t in vocab), default=0) or 64
-
-
 def engine_from_spec(spec: str, adapters: dict[str, str] | None = None, *, name: str | None = None,
                      limits: Limits | None = None, dtype: str = "float32", device: str = "cpu") -> Engine:
     """Load a base model once and the given adapters into a (not yet started) Engine.
@@ -391,26 +395,3 @@ def engine_from_spec(spec: str, adapters: dict[str, str] | None = None, *, name:
     for adapter, path in (adapters or {}).items():
         engine.load_adapter(adapter, path)
     return engine
-
-
-def _refuse_unservable(name: str, path: Path) -> None:
-    """Adapters a shared base with per-row adapters cannot run exactly: DoRA (its magnitude rescales the
-    base output per row), PiSSA/OLoRA (they rewrite the base) and trained biases (they replace the base's)."""
-    import json
-
-    from ..lora.config import moves_base
-
-    try:
-        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # load_adapter names what is wrong with the directory
-    if not isinstance(cfg, dict):
-        return
-    why = ("it uses DoRA, whose magnitude rescales the base output per row" if cfg.get("use_dora") else
-           f"it was initialised with init_lora_weights={cfg['init_lora_weights']!r}, which rewrites the shared base "
-           "weights (save it with convert_to_lora=True for a plain LoRA)" if moves_base(cfg.get("init_lora_weights"))
-           else f"it trains biases (bias={cfg['bias']!r}), which replace the shared base's" if
-           cfg.get("bias", "none") != "none" else None)
-    if why:
-        raise ServeError(f"adapter {name!r} cannot be served next to others: {why}; merge it into its own model "
-                         "(lorakit merge) and serve that")

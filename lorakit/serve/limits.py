@@ -1,8 +1,11 @@
-"""What the serving engine accepts (Limits), the errors it answers with, and its counters (Stats)."""
+"""What the serving engine accepts (Limits, the adapters it refuses to serve next to others, prompt
+characters), the errors it answers with, and its counters (Stats)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ..errors import LorakitError
 
@@ -83,3 +86,32 @@ class Stats:
     largest_batch: int = 0
     steps: int = 0
     running: int = 0
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest vocabulary entry (byte-level BPE spells each byte as one character)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max((len(t) for t in vocab), default=0) or 64
+
+
+def refuse_unservable(name: str, path: Path) -> None:
+    """Adapters a shared base with per-row adapters cannot run exactly: DoRA (its magnitude rescales the
+    base output per row), PiSSA/OLoRA (they rewrite the base) and trained biases (they replace the base's)."""
+    import json
+
+    from ..lora.config import moves_base
+
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # load_adapter names what is wrong with the directory
+    if not isinstance(cfg, dict):
+        return
+    why = ("it uses DoRA, whose magnitude rescales the base output per row" if cfg.get("use_dora") else
+           f"it was initialised with init_lora_weights={cfg['init_lora_weights']!r}, which rewrites the shared base "
+           "weights (save it with convert_to_lora=True for a plain LoRA)" if moves_base(cfg.get("init_lora_weights"))
+           else f"it trains biases (bias={cfg['bias']!r}), which replace the shared base's" if
+           cfg.get("bias", "none") != "none" else None)
+    if why:
+        raise ServeError(f"adapter {name!r} cannot be served next to others: {why}; merge it into its own model "
+                         "(lorakit merge) and serve that")
