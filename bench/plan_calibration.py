@@ -139,8 +139,9 @@ def run_case(mode: str, batch: int, data: str) -> dict:
 def planned(mode: str, batch: int) -> dict:
     """The plan's peak minus the base weights, with its rows, for one case."""
     from lorakit.lora.config import LoraConfig
+    from lorakit.plan.arch import read_arch
     from lorakit.plan.count import count_model, meta_model
-    from lorakit.plan.memory import PlanInputs, plan_memory, read_arch
+    from lorakit.plan.memory import PlanInputs, plan_memory
     from lorakit.train.recipe import TrainConfig
 
     defaults = TrainConfig()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from .arch import read_arch
 from .count import count_model, meta_model
-from .memory import PlanInputs, plan_memory, read_arch
+from .memory import PlanInputs, plan_memory
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from .arch import read_arch
 from .count import CountReport
 from .gpus import CUDA_OVERHEAD_GIB, GPU, fits, run_cost, training_flops
-from .memory import MODES, PlanInputs, plan_memory, read_arch
+from .memory import MODES, PlanInputs, plan_memory
 
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
         ("activations", "activations"), ("logits", "logits / loss"), ("peak", "peak total"))
