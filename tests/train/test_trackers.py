@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -39,26 +40,40 @@ def read_tensorboard(logdir: Path) -> tuple[dict[str, list[tuple[int, float]]], 
     return scalars, hparams
 
 
-def wandb_records(out: Path):
+def wandb_records(out: Path, wait_s: float = 60.0) -> list:
     """The records of the offline run under out/wandb, decoded with wandb's own protobuf Record schema
     from its transaction log (wandb ships no Python reader for it any more: a 7-byte file header, then
-    leveldb-log chunks of crc32, length, type in 32 KiB blocks)."""
+    leveldb-log chunks of crc32, length, type in 32 KiB blocks). wandb's service process may still be
+    writing the log when ``run.finish()`` has returned, so this waits (up to ``wait_s``) for the record
+    that ends a run (its exit record) to be in the file."""
+    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _log_records(path.read_bytes())
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _log_records(data: bytes) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    data, pos, buf = path.read_bytes(), 7, b""
     assert data[:4] == b":W&B"
+    records, pos, buf = [], 7, b""
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
             pos += 32768 - pos % 32768
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):
+            break  # a chunk still being written
         chunk = data[pos + 7:pos + 7 + length]
         assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"corrupt chunk at {pos}"
         pos, buf = pos + 7 + length, buf + chunk
         if kind in (1, 4):  # FULL or LAST: a whole record
-            yield pb.Record.FromString(buf)
+            records.append(pb.Record.FromString(buf))
             buf = b""
+    return records
 
 
 def read_wandb(out: Path) -> tuple[list[dict], dict]:
