@@ -7,7 +7,8 @@ Two schedulers (``Limits.scheduler``):
   without starving long ones (``Limits.admission``, :mod:`lorakit.serve.admission`);
   newcomers are prefilled together, then decode with the others in one mixed-adapter batch
   (``lorakit.mixed_batch``) over a KV cache they enter and leave without recomputing anyone else's
-  (:mod:`lorakit.serve.kvcache`). A short request never waits for a long one to finish.
+  (:mod:`lorakit.serve.kvcache`). A short request waits for a long one to finish only when
+  ``max_batch_size`` rows are in flight (nothing is preempted).
 - ``"window"``: the worker takes the first request, gathers more for up to ``batch_window_ms`` and
   generates that batch to completion (kept for comparison: ``bench/serve_load.py``).
 

@@ -1,7 +1,8 @@
 """The engine's worker thread: continuous batching (rows join and leave at every decoding step) or
 window batching (a batch gathered for ``batch_window_ms``, generated to completion).
 
-These loops own the engine's queue and running batch while they run; the engine's adapter loads and
+These loops own the engine's queue, its waiting rows (:mod:`lorakit.serve.admission` picks which join)
+and its running batch while they run; the engine's adapter loads and
 unloads take the model between two steps (``Engine._writers``), and finished rows unpin their adapters
 through ``Engine._release``.
 """
