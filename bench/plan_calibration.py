@@ -182,7 +182,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def report(cases: list[dict]) -> str:
+def report(cases: list[dict], machine: dict | None = None) -> str:
     lines = ["# `lorakit plan` vs measured peak memory (SmolLM2-135M, CPU, fp32; qlora: NF4 base)", "",
              f"Two optimizer steps of `lorakit.train.train` per case (AdamW, lr schedule, clipping as shipped), "
              f"T = {SEQ_LEN}, loss on every token, {THREADS} threads, each case in a fresh process. "
@@ -199,6 +199,7 @@ def report(cases: list[dict]) -> str:
              "the heap already holds much of a step's freed space (it is in the baseline), so the increase reads "
              "lower than the fixed threshold's in most cases and higher in others: shown so nobody reads the "
              "plan as a promise about default-glibc RSS (lorakit train preloads tcmalloc where it can).", "",
+             *_machine_lines(cases, machine),
              "| mode | batch | measured MiB | planned MiB | planned / measured | within ±25% | measured after "
              "step 1 MiB | glibc default MiB | planned / glibc default | activations MiB | logits MiB | "
              "gradients MiB | optimizer MiB |",
@@ -228,6 +229,20 @@ def report(cases: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _machine_lines(cases: list[dict], machine: dict | None) -> list[str]:
+    """Where the cases were measured: the CPU with its flags and the load of the last run; cases kept from
+    an earlier run on another CPU are named."""
+    if not machine:
+        return []
+    load = machine["load"]
+    line = (f"CPU: {machine['cpu']} ({machine['logical_cpus']} logical CPUs; {', '.join(machine['flags'])}); torch "
+            f"{machine['torch']}; 1-min load average during the last run {load['min']:.1f}..{load['max']:.1f} on "
+            f"{load['cores']} cores.")
+    other = sorted({f"{c['mode']} batch {c['batch']}: {c.get('cpu', 'CPU not recorded')}" for c in cases
+                    if c.get("cpu") != machine["cpu"]})
+    return [line + (f" Kept from earlier runs: {'; '.join(other)}." if other else ""), ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", help="internal: run one MODE:BATCH case on --data and print its JSON")
@@ -241,15 +256,19 @@ def main() -> int:
         print(json.dumps(run_case(mode, int(batch), args.data)))
         return 0
     if args.render:
-        cases = json.loads((RESULTS / "plan_calibration.json").read_text())["cases"]
-        (RESULTS / "plan_calibration.md").write_text(report(cases))
+        doc = json.loads((RESULTS / "plan_calibration.json").read_text())
+        cases = doc["cases"]
+        (RESULTS / "plan_calibration.md").write_text(report(cases, doc.get("machine")))
         return 0 if all(c["ok"] for c in cases) else 1
+    from bench.common import LoadMonitor, cpu_summary
     from lorakit.models.load import load_model
 
     _, tokenizer = load_model(MODEL)  # here in the parent only: converts the embedded GGUF once if needed
-    with tempfile.TemporaryDirectory(prefix="plan-calibration-") as tmp:
+    machine = cpu_summary()
+    with LoadMonitor() as load, tempfile.TemporaryDirectory(prefix="plan-calibration-") as tmp:
         fresh = {(mode, batch): calibrate(mode, batch, _write_data(Path(tmp) / f"{mode}-{batch}", batch, tokenizer))
-                 for mode in args.modes for batch in BATCHES}
+                 | {"cpu": machine["cpu"]} for mode in args.modes for batch in BATCHES}
+    machine["load"] = load.report()
     last = RESULTS / "plan_calibration.json"
     kept = {(c["mode"], c["batch"]): c for c in json.loads(last.read_text())["cases"]} if last.exists() else {}
     merged = {**kept, **fresh}
@@ -257,8 +276,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "plan_calibration.json").write_text(json.dumps(
         {"model": MODEL, "seq_len": SEQ_LEN, "steps": STEPS, "threads": THREADS, "tolerance": TOLERANCE,
-         "cases": cases}, indent=2) + "\n")
-    (RESULTS / "plan_calibration.md").write_text(report(cases))
+         "machine": machine, "cases": cases}, indent=2) + "\n")
+    (RESULTS / "plan_calibration.md").write_text(report(cases, machine))
     return 0 if all(c["ok"] for c in cases) else 1
 
 
