@@ -353,6 +353,10 @@ def test_cli_serve_wires_flags_into_the_app(tiny_model_dir, root, monkeypatch):
         _refused(http.post("/v1/completions", json={"model": "a", "prompt": "hi", "max_tokens": 6}), 400, "1 to 5")
         assert http.post("/v1/adapters", json={"name": "b", "path": "beta"}).status_code == 201  # evicts a
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["base", "b"]
+    assert main(argv + ["--admission", "fcfs"]) == 0
+    with TestClient(seen["app"]) as http:
+        health = http.get("/health").json()
+        assert (health["scheduler"], health["admission"]) == ("continuous", "fcfs")
     assert main(argv + ["--scheduler", "window", "--max-request-bytes", "300"]) == 0
     with TestClient(seen["app"]) as http:
         assert http.get("/health").json()["scheduler"] == "window"
