@@ -2,6 +2,7 @@
 max_tokens) against its closed form, no starvation, fcfs, and the engine admitting in that order."""
 
 import queue
+import threading
 import time
 
 import pytest
@@ -126,3 +127,32 @@ def test_engine_admits_a_waiting_short_request_before_an_older_long_one(tiny_mod
         first, long, short = rows
         assert first.admitted_at < min(long.admitted_at, short.admitted_at)
         assert (short.admitted_at < long.admitted_at) == (policy == "shortest")
+
+
+def test_rows_still_waiting_at_shutdown_get_an_error_and_free_their_adapter(tiny_model_dir, root):
+    """close() while rows wait behind a full batch: the running row finishes, the waiting ones (taken off
+    the queue into the admission list, not admitted) end with an error naming the shutdown and no longer
+    pin their adapter; none is left without a final event."""
+    limits = Limits(max_prompt_tokens=64, max_tokens=200, max_batch_size=1)
+    engine = engine_from_spec(str(tiny_model_dir), {"alpha": root / "alpha"}, name="tiny", limits=limits).start()
+    sinks = [queue.Queue() for _ in range(3)]
+    params = SamplingParams(max_tokens=3, temperature=0)
+    reference = engine.generate("first", "tiny", max_tokens=3, temperature=0).text
+    with engine._model_lock:  # the worker takes the first row, then waits for the model
+        engine.submit(engine.encode("first"), "tiny", params, sinks[0].put)
+        deadline = time.monotonic() + 30
+        while engine._queue.qsize() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for sink in sinks[1:]:
+            engine.submit(engine.encode("later"), "alpha", params, sink.put)
+        assert engine._slots["alpha"].pending == 2
+        closing = threading.Thread(target=engine.close)
+        closing.start()  # the shutdown marker queues behind the two rows
+    closing.join(60)
+    assert not closing.is_alive()
+    assert _finish(sinks[0]) == reference  # the row in flight finishes
+    for sink in sinks[1:]:
+        event = sink.get(timeout=5)
+        assert (event.finish_reason, event.error) == ("error", "the server is shutting down")
+        assert sink.empty()
+    assert engine._slots["alpha"].pending == 0 and engine.waiting() == 0
