@@ -16,7 +16,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "lorakit"
 FOUNDATION = {"errors", "fileio", "plots", "testing"}
-LAYERS = ["lora", "models", "data", "train", "plan", "analysis", "export", "serve", "cli"]
+LAYERS = ["lora", "models", "data", "generate", "train", "plan", "analysis", "export", "serve", "cli"]
 
 
 def module_name(path: Path) -> str:

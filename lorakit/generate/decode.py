@@ -159,7 +159,7 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
 @torch.no_grad()
 def run_batch(model: torch.nn.Module, tokenizer: Any, rows: list[Row], eos_ids: set[int], pad_id: int) -> None:
     """Generate for ``rows`` together (each with its own adapter) until every row is done (window batching:
-    ``Limits(scheduler="window")``; continuous batching is in :mod:`lorakit.serve.continuous`).
+    ``Limits(scheduler="window")``; continuous batching is in :mod:`lorakit.generate.continuous`).
 
     Args:
         model: a causal LM in eval mode holding the rows' adapters (none merged).

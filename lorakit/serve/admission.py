@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 
-from .decode import Row
+from ..generate.decode import Row
 from .limits import ADMISSIONS
 
 

@@ -30,9 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import LorakitError
+from ..generate.decode import Event, Row, SamplingParams
 from . import playground
 from . import schemas as S
-from .decode import Event, Row, SamplingParams
 from .engine import Engine, ForbiddenError, NotFoundError, ServeError
 from .metrics import CONTENT_TYPE
 

@@ -7,7 +7,7 @@ Two schedulers (``Limits.scheduler``):
   without starving long ones (``Limits.admission``, :mod:`lorakit.serve.admission`);
   newcomers are prefilled together, then decode with the others in one mixed-adapter batch
   (``lorakit.mixed_batch``) over a KV cache they enter and leave without recomputing anyone else's
-  (:mod:`lorakit.serve.kvcache`). A short request waits for a long one to finish only when
+  (:mod:`lorakit.generate.kvcache`). A short request waits for a long one to finish only when
   ``max_batch_size`` rows are in flight (nothing is preempted).
 - ``"window"``: the worker takes the first request, gathers more for up to ``batch_window_ms`` and
   generates that batch to completion (kept for comparison: ``bench/serve_load.py``).
@@ -33,14 +33,14 @@ from typing import Any
 
 import torch
 
+from ..generate.continuous import Running
+from ..generate.decode import Event, Row, SamplingParams
+from ..generate.kvcache import kv_bytes_per_token, splice_error
 from ..lora.adapters import delete_adapter, list_adapters
 from ..lora.apply import load_adapter
 from ..lora.layer import ModulesToSave
 from ..lora.merge import merged_adapters
 from .admission import Waiting
-from .continuous import Running
-from .decode import Event, Row, SamplingParams
-from .kvcache import kv_bytes_per_token, splice_error
 from .limits import (
     SCHEDULERS,
     ConflictError,

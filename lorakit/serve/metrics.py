@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from .decode import Row
+from ..generate.decode import Row
 
 if TYPE_CHECKING:
     from .engine import Engine

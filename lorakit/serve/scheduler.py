@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError
-from .decode import Row, run_batch
+from ..generate.decode import Row, run_batch
 
 if TYPE_CHECKING:
     from .engine import Engine

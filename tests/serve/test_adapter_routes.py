@@ -12,8 +12,8 @@ from transformers import LlamaForCausalLM
 import lorakit as lk
 import lorakit.serve.engine as engine_module
 from bench.serve_load import serve
+from lorakit.generate.decode import SamplingParams
 from lorakit.serve.app import create_app
-from lorakit.serve.decode import SamplingParams
 from lorakit.serve.engine import ConflictError, Limits, NotFoundError, engine_from_spec
 
 LIMITS = dict(max_prompt_tokens=64, max_tokens=24, max_adapters=4, batch_window_ms=20)

@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 import lorakit as lk
+from lorakit.generate.decode import Row, SamplingParams
 from lorakit.serve.admission import Waiting
-from lorakit.serve.decode import Row, SamplingParams
 from lorakit.serve.engine import Limits, ServeError, engine_from_spec
 
 

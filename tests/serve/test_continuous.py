@@ -9,10 +9,10 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM, MistralConfig
 
 import lorakit as lk
-from lorakit.serve.continuous import Running
-from lorakit.serve.decode import Row, SamplingParams
+from lorakit.generate.continuous import Running
+from lorakit.generate.decode import Row, SamplingParams
+from lorakit.generate.kvcache import SlotCache, kv_bytes_per_token, splice_error
 from lorakit.serve.engine import Limits, ServeError, engine_from_spec
-from lorakit.serve.kvcache import SlotCache, kv_bytes_per_token, splice_error
 
 LIMITS = dict(max_prompt_tokens=64, max_tokens=200, max_adapters=4, max_batch_size=4)
 
