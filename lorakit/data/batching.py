@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .pretokenized import TokenRow, collate_rows
 from .tokenize import IGNORE_INDEX, TokenizedExample
 
 
-def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch into LongTensors.
+def collate(examples: Sequence[TokenizedExample | TokenRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch into LongTensors (pre-tokenized rows: every column, ``pretokenized.collate_rows``).
 
     Args:
         examples: the batch.
@@ -24,6 +25,8 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torc
     """
     if not examples:
         raise DataError("collate: the batch is empty")
+    if isinstance(examples[0], TokenRow):
+        return collate_rows(list(examples), pad_id)
     if not isinstance(pad_id, int):
         raise ConfigError(f"collate: pad_id must be an int, found {pad_id!r} (does the tokenizer have a pad "
                           "or eos token?)")
