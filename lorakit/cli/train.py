@@ -62,11 +62,11 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def print_summary(s: dict) -> None:
     """The before/after table of a finished run."""
-    def em(block):
-        return f"{100 * block['exact_match']:.1f}%" if block else "n/a"
+    from ..train.result import held_out_figures
 
-    rows = [("held-out exact match", em(s["before"]), em(s["after"])),
-            ("eval loss (final / best)", "", f"{s['final_eval_loss'] or float('nan'):.4f} / "
+    rows = [(f"held-out {name.replace('_', ' ')}", _figure(s["before"], name), _figure(s["after"], name))
+            for name in held_out_figures(s)]
+    rows += [("eval loss (final / best)", "", f"{s['final_eval_loss'] or float('nan'):.4f} / "
                                               f"{s['best_eval_loss'] or float('nan'):.4f}"),
             ("trainable params", "", f"{s['trainable_params']:,} ({s['trainable_percent']:.3f}%)"),
             ("train wall time", "", f"{s['train_wall_s']:.1f} s over {s['steps']} steps"),
@@ -76,6 +76,13 @@ def print_summary(s: dict) -> None:
     for name, before, after in rows:
         print(f"{name:<26} {before:>10} {after:>24}")
     print(f"\n{s['mode']} result: {s['output']}")
+
+
+def _figure(block: dict | None, name: str) -> str:
+    value = (block or {}).get(name)
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if name.endswith(("match", "accuracy", "rate")) else f"{value:.4f}"
 
 
 def _load_for_inference(model_spec: str, adapter: str | None, dtype: str = "auto"):

@@ -1,6 +1,9 @@
-"""The training loop: one flat function, resumable, LoRA or full fine-tuning.
+"""The training loop: one flat function, resumable, LoRA or full fine-tuning, for any objective.
 
     recipe ──► data (checked before the model loads) ──► model + LoRA ──► steps ──► adapter/
+
+What a step minimises, on which data, is the run's ``Objective`` (``objectives/``): the loop only
+back-propagates each micro-batch's summed loss and divides by the global count of its units.
 
 Everything before the first step is ``start`` (set-up pieces in ``setup.py``, ``batches.py``,
 ``reporting.py``, ``resume.py``); everything after the last is ``result.finish``.
@@ -18,17 +21,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.tokenize import IGNORE_INDEX, TokenizedDataset
 from ..errors import TrainingError
 from ..models.attention import packed_attention_for
-from .batches import make_batches
 from .checkpoint import list_checkpoints, save_checkpoint
-from .evaluate import eval_loss, loss_sum
-from .inputs import check_memory, data_report, read_splits, report_lines, tokenize_splits
+from .inputs import check_memory, data_report, report_lines
 from .memory import check_allocator, fix_mmap_threshold
+from .objectives import Objective, StepLoss, make_objective
+from .objectives.base import mean_metrics
 from .recipe import TrainConfig, save_recipe
 from .reporting import Reporters, make_reporters
-from .result import finish, score
+from .result import finish
 from .resume import clean_partial_checkpoints, gather_state, restore
 from .setup import (
     DataPaths,
@@ -79,9 +81,10 @@ class Run:
 
     model: torch.nn.Module  # wrapped for DDP / FSDP under torchrun
     tokenizer: Any
+    objective: Objective  # what the loop minimises, on which data (objectives/)
     paths: DataPaths
-    train_ds: TokenizedDataset
-    eval_ds: TokenizedDataset | None
+    train_ds: Any  # the objective's training set (a TokenizedDataset for sft)
+    eval_ds: Any
     pad_id: int
     opt: torch.optim.Optimizer
     sched: Any
@@ -98,7 +101,8 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     from .distributed import unwrap, wrap
 
     paths = resolve_data(cfg)
-    records = read_splits(cfg, paths.train, paths.eval)  # fail on bad data before spending time on the model
+    objective = make_objective(cfg)
+    records = objective.read(cfg, paths)  # fail on bad data before spending time on the model
     if info.world > cfg.batch_size:
         raise TrainingError(f"batch_size {cfg.batch_size} is smaller than the {info.world} processes; "
                             "each process needs at least one row of every micro-batch")
@@ -121,8 +125,8 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     attention = packed_attention_for(model) if cfg.packing else None  # per-example attention in packed rows
     if info.main and attention:
         print(f"lorakit: packed rows attend per example ({attention} attention)", flush=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    datasets, cache_outcome = tokenize_splits(records, tokenizer, cfg, info, progress)
+    pad_id = objective.pad_id(tokenizer, cfg)
+    datasets, cache_outcome = objective.tokenize(records, tokenizer, cfg, info, progress)
     train_ds, eval_ds = datasets["train"], datasets["eval"]
     if info.main:
         check_space(out, model, cfg)
@@ -132,7 +136,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
         check_memory(fit_check, model, train_ds, cfg, dtype, info)
     model = wrap(model, info, cfg.fsdp)
     opt = make_optimizer(model, cfg)
-    batches = make_batches(train_ds, cfg, pad_id, info)
+    batches = objective.make_batches(train_ds, cfg, pad_id, info)
     data = data_report(records, datasets, cache_outcome, batches, cfg)
     if attention:
         data["train"]["attention"] = attention
@@ -149,20 +153,34 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     step = 0
     if cfg.resume and ckpts:
         step, st = restore(ckpts[-1], model, opt, sched, batches, info)
+        objective.load_state_dict(st.get("objective", {}))
     elif info.main or cfg.fsdp:
-        st["before"] = score(unwrap(model), tokenizer, paths.test, cfg, progress)
+        st["before"] = objective.score(unwrap(model), tokenizer, paths.test, cfg, progress)
+    objective.prepare(model, tokenizer, cfg, info, progress)
     st["data"] = data
     st["cpu_allocator"] = allocator
     st["steps_per_epoch"] = batches.steps_per_epoch
     reporters = make_reporters(cfg, out, info.main, step if cfg.resume and ckpts else None)
-    return Run(model, tokenizer, paths, train_ds, eval_ds, pad_id, opt, sched, batches, reporters, total, step, st)
+    return Run(model, tokenizer, objective, paths, train_ds, eval_ds, pad_id, opt, sched, batches, reporters, total,
+               step, st)
 
 
-def _counts(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
-    """(target tokens, tokens) of one step's micro-batches: labels that receive loss once shifted, and
-    real (unpadded) tokens."""
-    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    return targets, sum(int(b["attention_mask"].sum()) for b in batches)
+def step_totals(parts: list[StepLoss], info) -> tuple[float, float, float, dict[str, float]]:
+    """(loss sum, units, tokens, mean of each metric) of one optimizer step over this rank's micro-batches
+    and every rank, in one collective."""
+    from .distributed import all_sum
+
+    names = sorted({k for p in parts for k in p.metrics})
+    local = [sum(float(p.loss.detach()) for p in parts), sum(p.units for p in parts), sum(p.tokens for p in parts)]
+    for k in names:
+        local += [sum(p.metrics.get(k, (0.0, 0.0))[0] for p in parts), sum(p.metrics.get(k, (0.0, 0.0))[1]
+                                                                          for p in parts)]
+    total = all_sum(info, *local)
+    sums = {k: (total[3 + 2 * i], total[4 + 2 * i]) for i, k in enumerate(names)}
+    if not total[1]:
+        raise TrainingError("an optimizer step had nothing to train on (no target tokens / units in any "
+                            "micro-batch); check the data's labels")
+    return total[0], total[1], total[2], mean_metrics(sums)
 
 
 def scale_grads(params: list[torch.nn.Parameter], factor: float) -> None:
@@ -182,10 +200,11 @@ def _check_finite(train_loss: float, grad_norm: float, step: int, out: Path) -> 
 def _evaluate(run: Run, cfg: TrainConfig, step: int, info, bar) -> bool:
     """Validation loss now; updates best / patience in the train state. Returns whether to stop early."""
     st = run.st
-    ev = eval_loss(run.model, run.eval_ds, cfg.batch_size, run.pad_id, cfg.eval_batches, info)
+    figures = run.objective.evaluate(run.model, run.eval_ds, cfg, run.pad_id, info)
+    ev = figures["eval_loss"]
     st["last_eval"] = ev
     if info.main:
-        run.reporters.log(step, {"eval_loss": ev})
+        run.reporters.log(step, figures)
         bar.write(f"step {step}: eval loss {ev:.4f}")
     if st["best_eval"] is None or ev < st["best_eval"]:
         st["best_eval"], st["bad_evals"] = ev, 0
@@ -208,13 +227,14 @@ def _train(cfg: TrainConfig, progress: bool, info, fit_check=None) -> dict[str, 
 def _loop(run: Run, cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
     """The training loop proper: from ``run.step`` to ``run.total`` optimizer steps (or a pause or an
     early stop), then the results."""
-    from .distributed import all_sum, barrier
+    from .distributed import barrier
 
     out = Path(cfg.out)
     model, opt, sched, st, step, total = run.model, run.opt, run.sched, run.st, run.step, run.total
     params = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint() -> None:
+        st["objective"] = run.objective.state_dict()
         gathered = gather_state(model, opt, sched, run.batches, st, info)
         if info.main:
             save_checkpoint(out / "checkpoints", step, *gathered[:3], gathered[3], cfg.keep_checkpoints)
@@ -225,18 +245,16 @@ def _loop(run: Run, cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
     t_last, tok_last, stopped_early = time.perf_counter(), st["tokens"], False
     while step < total and not stopped_early:
         t0 = time.perf_counter()
-        batches = run.batches.next_step()  # this rank's micro-batches, each (rows, T)
-        local = 0.0
-        for batch in batches:
-            loss, _ = loss_sum(model, batch)  # summed over this micro-batch's target tokens
-            loss.backward()
-            local += float(loss.detach())
-        # one collective a step: loss, target-token and token counts of every rank together
-        loss_total, n_tok, n_seen = all_sum(info, local, *_counts(batches))
-        # DDP/FSDP averaged the summed-loss gradients over ranks: × world / n_tok gives the gradient
-        # of the mean loss over the global batch's target tokens
-        scale_grads(params, info.world / n_tok)
-        train_loss = loss_total / n_tok
+        parts = []
+        for batch in run.objective.next_step(run.batches, model, step):  # this rank's micro-batches
+            part = run.objective.loss(model, batch)  # summed over the micro-batch's units
+            part.loss.backward()
+            parts.append(part)
+        loss_total, n_units, n_seen, metrics = step_totals(parts, info)  # one collective a step
+        # DDP/FSDP averaged the summed-loss gradients over ranks: × world / n_units gives the gradient
+        # of the mean loss over the global batch's units (target tokens for sft)
+        scale_grads(params, info.world / n_units)
+        train_loss = loss_total / n_units
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         _check_finite(train_loss, grad_norm, step + 1, out)
@@ -252,7 +270,8 @@ def _loop(run: Run, cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
             tps = (st["tokens"] - tok_last) / max(now - t_last, 1e-9)
             t_last, tok_last = now, st["tokens"]
             lr = sched.get_last_lr()[0]
-            run.reporters.log(step, {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps})
+            run.reporters.log(step, {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                                     **metrics})
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         if run.eval_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             stopped_early = _evaluate(run, cfg, step, info, bar)
@@ -264,4 +283,4 @@ def _loop(run: Run, cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
             return {"paused_at": step, "checkpoint": str(list_checkpoints(out / "checkpoints")[-1])} \
                 if info.main else {}
     bar.close()
-    return finish(model, run.tokenizer, out, cfg, run.paths, st, step, stopped_early, info, progress)
+    return finish(model, run.tokenizer, out, cfg, run.paths, st, step, stopped_early, info, progress, run.objective)

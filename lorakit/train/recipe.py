@@ -37,6 +37,9 @@ class TrainConfig:
     """Held-out data scored by greedy exact match before and after training (any format but text)."""
     out: str = "runs/demo"
     """Output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml, summary.json."""
+    objective: str = "sft"
+    """What training minimises: sft (causal-LM cross-entropy on the completions; the default). Checked when the
+    run starts, before any data or model is loaded (train/objectives/)."""
     full: bool = False
     """Train every weight (full fine-tuning baseline) instead of LoRA; saves a model directory."""
     max_steps: int = 0

@@ -18,8 +18,9 @@ from .recipe import TrainConfig
 from .setup import DataPaths
 
 
-def score(model, tokenizer, path: Path | None, cfg: TrainConfig, progress: bool = True) -> dict[str, Any] | None:
-    """Greedy exact match on the test file (None when there is none)."""
+def exact_match_on(model, tokenizer, path: Path | None, cfg: TrainConfig, progress: bool = True
+                   ) -> dict[str, Any] | None:
+    """Greedy exact match on the test file (None when there is none): the causal-LM objective's score."""
     if path is None:
         return None
     records = list(read_records(path, parse_columns(cfg.columns)))  # as text, prompt/completion or messages
@@ -55,8 +56,9 @@ def save_result(model, tokenizer, out: Path, cfg: TrainConfig, info) -> Path:
 
 
 def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: dict, step: int,
-           stopped_early: bool, info, progress: bool) -> dict[str, Any]:
-    """Save the product, plot the curves, score the test split and write summary.json (rank 0)."""
+           stopped_early: bool, info, progress: bool, objective) -> dict[str, Any]:
+    """Save the product, plot the curves, score the test split with the objective's held-out score
+    (``Objective.score``) and write summary.json (rank 0)."""
     from ..lora.adapters import trainable_report
     from ..lora.quantized import describe
     from ..plots import plot_loss
@@ -65,14 +67,15 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
     product = save_result(model, tokenizer, out, cfg, info)
     model.eval()
     # FSDP needs every rank in each forward; with whole weights on each rank, rank 0 scores alone
-    after = score(unwrap(model), tokenizer, paths.test, cfg, progress) if info.main or is_sharded(model) else None
+    after = objective.score(unwrap(model), tokenizer, paths.test, cfg, progress) \
+        if info.main or is_sharded(model) else None
     barrier(info)
     if not info.main:
         return {}
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     rep = trainable_report(unwrap(model))
     summary = {
-        "mode": "full" if cfg.full else "lora", "model": cfg.model, "steps": step, "epochs": round(step / st["steps_per_epoch"], 4), "stopped_early": stopped_early,
+        "mode": "full" if cfg.full else "lora", "objective": objective.name, "model": cfg.model, "steps": step, "epochs": round(step / st["steps_per_epoch"], 4), "stopped_early": stopped_early,
         "processes": info.world, "sharded": is_sharded(model),
         "dtype": str(next(unwrap(model).parameters()).dtype).removeprefix("torch."),  # the base's, as loaded
         "quantization": describe(unwrap(model)),  # None, or how bitsandbytes quantized the base's Linears
@@ -101,6 +104,9 @@ def card_sections(summary: dict[str, Any], cfg: TrainConfig, paths: DataPaths) -
     def fmt(value, spec=".4f"):
         return "n/a" if value is None else format(value, spec)
 
+    def held(block, name):
+        return (summary.get(block) or {}).get(name)
+
     data = [f"- train: `{cfg.data}` ({paths.train})"]
     for split, path in (("eval", paths.eval), ("test", paths.test)):
         if path is not None:
@@ -113,15 +119,27 @@ def card_sections(summary: dict[str, Any], cfg: TrainConfig, paths: DataPaths) -
                 f"grad_accum {cfg.grad_accum}, lr {cfg.lr:g}, seed {cfg.seed}, base in {summary['dtype']}"
                 + (f", its Linears quantized to {summary['quantization']['method']}" if summary.get("quantization")
                    else ""))
-    em = {k: summary[k]["exact_match"] if summary.get(k) else None for k in ("before", "after")}
+
     results = [f"- eval loss: final {fmt(summary['final_eval_loss'])}, best {fmt(summary['best_eval_loss'])}; "
                f"final train loss {fmt(summary['final_train_loss'])}",
-               f"- held-out exact match: before {fmt(em['before'], '.1%')}, after {fmt(em['after'], '.1%')}",
+               *(f"- held-out {name.replace('_', ' ')}: before {fmt(held('before', name), '.1%')}, after "
+                 f"{fmt(held('after', name), '.1%')}" for name in held_out_figures(summary)),
                f"- trainable parameters: {summary['trainable_params']:,} ({summary['trainable_percent']:.3f}% of "
                f"{summary['total_params']:,})",
                f"- train wall time {summary['train_wall_s']:.1f} s, {fmt(summary['tokens_per_s'], '.0f')} tokens/s, "
                f"peak memory {summary['peak_memory_mb']:.0f} MB, {summary['processes']} process(es)"]
     return {"Training data": data, "Training results": results}
+
+
+def held_out_figures(s: dict) -> list[str]:
+    """The names of the numbers in a summary's before/after blocks (the objective's held-out score:
+    exact_match for sft), in their order; counts and examples left out."""
+    names: list[str] = []
+    for block in (s.get("before"), s.get("after")):
+        for k, v in (block or {}).items():
+            if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool) and k not in names:
+                names.append(k)
+    return names or ["exact_match"]
 
 
 def _last_value(path: Path, key: str) -> float | None:

@@ -302,7 +302,7 @@ class _Killed(Exception):
 
 
 def raising_in_call(n: int, exc: type[BaseException], real):
-    """``real`` (the loop's loss_sum) that raises ``exc`` on its n-th call instead."""
+    """``real`` (the causal-LM objective's loss_sum) that raises ``exc`` on its n-th call instead."""
     calls = []
 
     def wrapped(model, batch):
@@ -316,11 +316,12 @@ def raising_in_call(n: int, exc: type[BaseException], real):
 
 def test_a_resumed_run_continues_its_tracker_runs(tiny_model_dir, tmp_path, offline, monkeypatch):
     import lorakit.train.loop as loop
+    import lorakit.train.objectives.base as objective_base
 
     cfg = _cfg(tiny_model_dir, tmp_path, report_to="tensorboard,mlflow", max_steps=12, log_every=1)
-    real = loop.loss_sum
+    real = objective_base.loss_sum
     # steps 5 and 6 are logged after the step-4 checkpoint, then a crash in step 7
-    monkeypatch.setattr(loop, "loss_sum", raising_in_call(7, _Killed, real))
+    monkeypatch.setattr(objective_base, "loss_sum", raising_in_call(7, _Killed, real))
     with pytest.raises(_Killed):
         loop.train(cfg, progress=False)
     out = Path(cfg.out)
@@ -328,7 +329,7 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_model_dir, tmp_path, offl
     from mlflow import MlflowClient
 
     assert MlflowClient(offline).get_run(run_id).info.status == "FAILED"  # the crash ended the run as failed
-    monkeypatch.setattr(loop, "loss_sum", real)
+    monkeypatch.setattr(objective_base, "loss_sum", real)
     loop.train(TrainConfig(**{**cfg.to_dict(), "resume": True}), progress=False)
     assert MlflowClient(offline).get_run(run_id).info.status == "FINISHED"
 
@@ -347,10 +348,11 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_model_dir, tmp_path, offl
 
 def test_an_interrupted_run_ends_its_tracker_runs_as_killed(tiny_model_dir, tmp_path, offline, monkeypatch):
     import lorakit.train.loop as loop
+    import lorakit.train.objectives.base as objective_base
 
     cfg = _cfg(tiny_model_dir, tmp_path, report_to="wandb,mlflow", max_steps=6, log_every=1)
-    real = loop.loss_sum
-    monkeypatch.setattr(loop, "loss_sum", raising_in_call(3, KeyboardInterrupt, real))  # Ctrl-C in step 3
+    real = objective_base.loss_sum
+    monkeypatch.setattr(objective_base, "loss_sum", raising_in_call(3, KeyboardInterrupt, real))  # Ctrl-C in step 3
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, progress=False)
     out = Path(cfg.out)
@@ -360,7 +362,7 @@ def test_an_interrupted_run_ends_its_tracker_runs_as_killed(tiny_model_dir, tmp_
         == "KILLED"
     assert wandb_exit_code(out) == 255  # wandb marks a non-zero exit as failed
     # and a run that ends normally records exit code 0
-    monkeypatch.setattr(loop, "loss_sum", real)
+    monkeypatch.setattr(objective_base, "loss_sum", real)
     (tmp_path / "b").mkdir()
     cfg2 = _cfg(tiny_model_dir, tmp_path / "b", report_to="wandb", max_steps=2, log_every=1)
     loop.train(cfg2, progress=False)

@@ -1,0 +1,31 @@
+"""Training objectives: what the loop minimises and on what data. One small interface
+(``base.Objective``), one file per objective; the losses themselves are pure functions over
+log-probs in ``train/losses/``.
+
+    "sft"   causal-LM cross-entropy over the completion tokens (the default)
+
+``make_objective(cfg)`` builds the objective a recipe names.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from ...errors import ConfigError
+from .base import Objective, StepLoss
+from .sft import CausalLM
+
+OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLM}
+
+
+def make_objective(cfg) -> Objective:
+    """The objective of ``cfg.objective``, built from the recipe."""
+    kind = OBJECTIVES.get(cfg.objective)
+    if kind is None:
+        close = difflib.get_close_matches(str(cfg.objective), OBJECTIVES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}{hint}")
+    return kind(cfg)
+
+
+__all__ = ["OBJECTIVES", "CausalLM", "Objective", "StepLoss", "make_objective"]
