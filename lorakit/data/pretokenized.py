@@ -2,7 +2,9 @@
 
 A row holds ``input_ids`` (ints) and optionally ``labels`` (ints, -100 where no loss is taken, the
 shape of ``input_ids``), ``attention_mask`` (0/1 over the time axis) and any other numeric columns
-(speaker ids, durations, codec codes, float features). Each column of a row is
+(speaker ids, durations, codec codes, float features). A model with its own loss may name its
+columns freely (``text_ids``, ``speech_ids``): a row without ``input_ids`` is pre-tokenized too when
+it has no key of a text format and holds a list of numbers. Each column of a row is
 
 - 1-D ``(T,)``: one stream over time,
 - 2-D ``(S, T)``: S streams (codebooks) over time, the time axis last, or
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .formats import FORMAT_KEYS
 from .readers import TABLE_SUFFIXES, _parse_jsonl, _read_bytes, _read_table
 from .tokenize import IGNORE_INDEX, DataStats
 
@@ -48,11 +51,18 @@ TIME_ALIGNED = ("labels", "attention_mask")  # must share input_ids' time length
 
 
 def looks_pretokenized(row: Any) -> bool:
-    """Whether a record is a pre-tokenized row: a mapping whose ``input_ids`` is a list (or array)."""
-    if not isinstance(row, dict) or TOKENS not in row:
+    """Whether a record is a pre-tokenized row: a mapping whose ``input_ids`` is a list (or array), or
+    one with no key of a text format (``text``, ``prompt``, ``messages`` ...) that holds a list of numbers."""
+    if not isinstance(row, dict):
         return False
-    ids = row[TOKENS]
-    return isinstance(ids, (list, tuple, np.ndarray)) and len(ids) > 0
+    if TOKENS in row:
+        return _is_sequence(row[TOKENS])
+    return not any(row.get(k) is not None for k in FORMAT_KEYS) and any(_is_sequence(v) for v in row.values())
+
+
+def _is_sequence(value: Any) -> bool:
+    arr = _numeric(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    return arr is not None and arr.ndim >= 1 and arr.size > 0
 
 
 def is_pretokenized(path: str | os.PathLike) -> bool:
@@ -67,7 +77,8 @@ def is_pretokenized(path: str | os.PathLike) -> bool:
     if path.is_dir() or path.suffix.lower() in TABLE_SUFFIXES:
         if path.suffix.lower() == ".csv" or not path.exists():
             return False
-        return TOKENS in _read_table(path).column_names
+        table = _read_table(path)
+        return TOKENS in table.column_names or (len(table) > 0 and looks_pretokenized(table[0]))
     try:
         with open(path, "rb") as f:
             for line in f:
@@ -195,8 +206,8 @@ def _validate(path: Path | str, raw: list[Any], lines: list[int] | None) -> Toke
         where = out.where(i)
         if not looks_pretokenized(row):
             found = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise DataError(f"{where}: expected a pre-tokenized row with an 'input_ids' list, as the rows before it "
-                            f"(found {found})")
+            raise DataError(f"{where}: expected a pre-tokenized row (an 'input_ids' list, or numeric columns and no "
+                            f"text-format key), as the rows before it (found {found})")
         arrays = {}
         for name, value in row.items():
             arr = _numeric(value)
@@ -245,7 +256,12 @@ def _check_row(arrays: dict[str, np.ndarray], schema: dict, where: str) -> None:
                             f"{'float' if kind == 'f' else 'int'} in the first row")
         if arr.ndim and arr.shape[-1] == 0:
             raise DataError(f"{where}: column {name!r} is empty (0 steps of time)")
-    ids = arrays[TOKENS]
+    if not any(a.ndim for a in arrays.values()):
+        raise DataError(f"{where}: no column is a sequence (time,) or (streams, time); found one number per "
+                        f"column: {sorted(arrays)}")
+    ids = arrays.get(TOKENS)
+    if ids is None:
+        return
     if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2) or (ids < 0).any():
         raise DataError(f"{where}: 'input_ids' must be non-negative ints, (time,) or (streams, time); found "
                         f"{ids.dtype.name} {ids.shape}")
@@ -287,7 +303,7 @@ class TokenRowDataset:
         self.rows = [{k: (v[..., :max_seq_len] if v.ndim else v) for k, v in r.items()} for r in rows]
         cut = sum(any(v.ndim and v.shape[-1] > max_seq_len for v in r.values()) for r in rows)
         self.lengths = np.asarray([max(v.shape[-1] for v in r.values() if v.ndim) for r in self.rows], dtype=np.int64)
-        tokens = sum(r[TOKENS].shape[-1] for r in self.rows)
+        tokens = sum(r[TOKENS].shape[-1] for r in self.rows) if TOKENS in self.rows[0] else int(self.lengths.sum())
         self.stats = DataStats(n_examples=len(rows), n_truncated=cut, n_dropped=0, n_tokens=tokens,
                                n_trainable_tokens=sum(_trainable(r) for r in self.rows))
 
@@ -304,9 +320,10 @@ def _trainable(row: dict[str, np.ndarray]) -> int:
     """Steps of time that carry a label after the causal shift (a step counts once, whatever its streams)."""
     if "labels" in row:
         labelled = (row["labels"] != IGNORE_INDEX).reshape(-1, row["labels"].shape[-1]).any(axis=0)
+    elif "attention_mask" in row:
+        labelled = row["attention_mask"].astype(bool)
     else:
-        labelled = row["attention_mask"].astype(bool) if "attention_mask" in row else \
-            np.ones(row[TOKENS].shape[-1], dtype=bool)
+        labelled = np.ones(max(v.shape[-1] for v in row.values() if v.ndim), dtype=bool)
     return int(labelled[1:].sum())
 
 
@@ -352,7 +369,7 @@ def collate_rows(rows: list[TokenRow], pad_id: int) -> dict[str, torch.Tensor]:
 
     Returns:
         ``{column: tensor}``: (B,) for one number per row, (B, T) for streams, (B, S, T) for S streams, and
-        ``attention_mask`` (B, T) over input_ids' steps.
+        (with input_ids) ``attention_mask`` (B, T) over input_ids' steps.
     """
     if not rows:
         raise DataError("collate: the batch is empty")
@@ -370,7 +387,7 @@ def collate_rows(rows: list[TokenRow], pad_id: int) -> dict[str, torch.Tensor]:
         for i, a in enumerate(arrays):
             buf[i, ..., :a.shape[-1]] = a
         out[name] = torch.from_numpy(buf)
-    if "attention_mask" not in out:
+    if "attention_mask" not in out and TOKENS in out:
         steps = torch.tensor([r[TOKENS].shape[-1] for r in rows])
         out["attention_mask"] = (torch.arange(out[TOKENS].shape[-1]) < steps[:, None]).long()
     return out

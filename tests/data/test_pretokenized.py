@@ -130,7 +130,7 @@ def test_pickles_are_refused(tmp_path):
     ({"input_ids": [1, -2], "labels": [1, 2]}, r"'input_ids' must be non-negative ints"),
     ({"input_ids": [1, 2]}, r"missing column\(s\) \['labels'\]"),
     ({"input_ids": [1, 2], "labels": [1, 2], "extra": [3]}, r"column 'extra' is not in the first row"),
-    ({"text": "hello"}, r"expected a pre-tokenized row with an 'input_ids' list"),
+    ({"text": "hello"}, r"expected a pre-tokenized row \(an 'input_ids' list"),
 ])
 def test_bad_rows_are_named_by_file_and_line(tmp_path, second, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, second])
@@ -156,6 +156,18 @@ def test_pad_values_parse_and_check():
         rows.to_dataset(8, {"spk": 0})
     with pytest.raises(ConfigError, match="holds ints; give a whole number"):
         rows.to_dataset(8, {"labels": 0.5})
+
+
+def test_rows_named_by_the_model_need_no_input_ids(tmp_path):
+    """A model with its own loss (examples/cosyvoice_lm.py) reads text_ids and speech_ids padded with -100."""
+    rows = [{"text_ids": [3, 4, 5], "speech_ids": [7, 8]}, {"text_ids": [6], "speech_ids": [9, 1, 2, 3]}]
+    path = write_jsonl(tmp_path / "tts.jsonl", rows)
+    assert is_pretokenized(path)
+    got = batch_of(path, pad_values={"text_ids": -100, "speech_ids": -100})
+    assert set(got) == {"text_ids", "speech_ids"}
+    assert got["text_ids"].tolist() == [[3, 4, 5], [6, -100, -100]]
+    assert got["speech_ids"].tolist() == [[7, 8, -100, -100], [9, 1, 2, 3]]
+    assert read_token_rows(path).to_dataset(8).lengths.tolist() == [3, 4]
 
 
 def test_text_files_are_not_pretokenized(tmp_path):
