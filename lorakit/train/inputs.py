@@ -1,5 +1,6 @@
 """A run's data: read and checked before the model loads, tokenized (or loaded from the token cache)
-once the tokenizer is known, and described at the start of the run and in summary.json."""
+once the tokenizer is known, and described at the start of the run and in summary.json. Pre-tokenized
+rows (``data/pretokenized.py``) skip the tokenizer: they are batched as they are."""
 
 from __future__ import annotations
 
@@ -8,16 +9,38 @@ from typing import Any
 
 from ..data.cache import cached_tokenize, default_cache_dir
 from ..data.formats import parse_columns
+from ..data.pretokenized import TokenRowDataset, TokenRows, is_pretokenized, parse_pad_values, read_token_rows
 from ..data.readers import Records, read_records
 from ..data.tokenize import TokenizedDataset
+from ..errors import ConfigError
 
 SUGGEST_PACKING = 0.3  # padding share above which the report suggests --packing
 
 
-def read_splits(cfg, train: Path, eval_: Path | None) -> dict[str, Records | None]:
-    """The train and eval records, validated (errors name file:line) before any model is loaded."""
+def read_splits(cfg, train: Path, eval_: Path | None) -> dict[str, Records | TokenRows | None]:
+    """The train and eval records (text formats, or pre-tokenized rows), validated (errors name file:line)
+    before any model is loaded."""
     columns = parse_columns(cfg.columns)
-    return {"train": read_records(train, columns), "eval": read_records(eval_, columns) if eval_ else None}
+    splits = {"train": read_data(train, columns), "eval": read_data(eval_, columns) if eval_ else None}
+    if any(isinstance(r, TokenRows) for r in splits.values()):
+        if cfg.packing:
+            raise ConfigError("--packing joins tokenized text examples into rows; pre-tokenized rows are batched "
+                              "whole (--group-by-length batches rows of similar lengths)")
+        if not all(r is None or isinstance(r, TokenRows) for r in splits.values()):
+            raise ConfigError(f"{train} and {eval_}: one holds pre-tokenized rows and the other text; give both "
+                              "splits in the same form")
+        parse_pad_values(cfg.pad_value)  # a malformed --pad-value fails before the model loads
+    return splits
+
+
+def read_data(path: Path, columns: dict[str, str]) -> Records | TokenRows:
+    """Pre-tokenized rows when the file holds them, else text records."""
+    if is_pretokenized(path):
+        if columns:
+            raise ConfigError(f"{path}: --columns maps text-format fields; pre-tokenized rows are passed to the model "
+                              "and the loss under their own column names")
+        return read_token_rows(path)
+    return read_records(path, columns)
 
 
 def cache_dir(cfg) -> Path | None:
@@ -27,9 +50,10 @@ def cache_dir(cfg) -> Path | None:
     return Path(cfg.data_cache) if cfg.data_cache else default_cache_dir()
 
 
-def tokenize_splits(records: dict[str, Records | None], tokenizer: Any, cfg, info, progress: bool = True
-                    ) -> tuple[dict[str, TokenizedDataset | None], dict[str, str]]:
-    """Each split's tokenized set and what the cache did ("hit", "built", ...).
+def tokenize_splits(records: dict[str, Records | TokenRows | None], tokenizer: Any, cfg, info, progress: bool = True
+                    ) -> tuple[dict[str, TokenizedDataset | TokenRowDataset | None], dict[str, str]]:
+    """Each split's tokenized set and what the cache did ("hit", "built", ...); pre-tokenized rows as they
+    are ("not needed").
 
     Rank 0 tokenizes (and fills the cache) first; the other ranks then load its entry instead of
     tokenizing the same data again.
@@ -44,6 +68,13 @@ def tokenize_splits(records: dict[str, Records | None], tokenizer: Any, cfg, inf
         if recs is None:
             datasets[split] = None
             continue
+        if isinstance(recs, TokenRows):
+            datasets[split], outcome[split] = recs.to_dataset(cfg.max_seq_len, parse_pad_values(cfg.pad_value)), \
+                "not needed (token ids)"
+            continue
+        if tokenizer is None:
+            raise ConfigError(f"{recs.path}: text data needs a tokenizer, and the model came without one; give "
+                              "pre-tokenized rows (input_ids ...), or return (module, tokenizer) from the builder")
         datasets[split], outcome[split] = cached_tokenize(recs, tokenizer, cfg.max_seq_len, cache_dir(cfg),
                                                           cfg.num_proc, progress and info.main)
     if info.main:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..models.attention import packed_attention_for
+from ..models.custom import is_custom_spec
 from .checkpoint import list_checkpoints, save_checkpoint
 from .inputs import check_memory, data_report, report_lines
 from .memory import check_allocator, fix_mmap_threshold
@@ -47,7 +48,8 @@ from .setup import (
 from .trackers import require_trackers
 
 
-def train(cfg: TrainConfig, progress: bool = True, fit_check=None) -> dict[str, Any]:
+def train(cfg: TrainConfig, progress: bool = True, fit_check=None, *, model: torch.nn.Module | None = None,
+          tokenizer: Any = None, objective: Objective | None = None) -> dict[str, Any]:
     """Run a training recipe end to end and return the summary (also written to out/summary.json).
 
     Under torchrun each process trains on its rows of every global batch; rank 0 alone logs,
@@ -59,6 +61,9 @@ def train(cfg: TrainConfig, progress: bool = True, fit_check=None) -> dict[str, 
         fit_check: ``lorakit.plan.fit.check_fit`` (what ``lorakit train`` passes), run before the first
             step: a warning when the planned peak exceeds free memory, or with
             ``gradient_checkpointing="auto"``, checkpointing turned on. None: no check ("auto" is off).
+        model: a model built (and adapted) already, trained instead of the one ``cfg.model`` names; with
+            ``tokenizer`` (or None) and ``objective`` (None: the recipe's). The Python API's way in
+            (``train/api.py``).
     """
     from .distributed import barrier, setup, teardown
 
@@ -68,7 +73,7 @@ def train(cfg: TrainConfig, progress: bool = True, fit_check=None) -> dict[str, 
         if info.main:
             lock = prepare_out(Path(cfg.out), cfg.resume)  # held until the run ends
         barrier(info)
-        return _train(cfg, progress and info.main, info, fit_check)
+        return _train(cfg, progress and info.main, info, fit_check, (model, tokenizer, objective))
     finally:
         if lock is not None:
             os.close(lock)
@@ -95,13 +100,14 @@ class Run:
     st: dict  # train state saved in checkpoints: best/last eval, patience, tokens, elapsed, score before
 
 
-def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> Run:
+def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None, given: tuple = (None, None, None)) -> Run:
     """Everything before the first step: data checked before the model loads, model, optimizer,
-    batch source, reporters, and the state of a resumed run."""
+    batch source, reporters, and the state of a resumed run. ``given``: (model, tokenizer, objective)
+    handed over in Python (each None: built from the recipe; a given model is not built or adapted)."""
     from .distributed import unwrap, wrap
 
     paths = resolve_data(cfg)
-    objective = make_objective(cfg)
+    objective = given[2] or make_objective(cfg)
     records = objective.read(cfg, paths)  # fail on bad data before spending time on the model
     if info.world > cfg.batch_size:
         raise TrainingError(f"batch_size {cfg.batch_size} is smaller than the {info.world} processes; "
@@ -118,7 +124,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
     if info.main:
         print(f"lorakit: CPU allocator: {allocator}" + (" with the fixed mmap threshold" if cfg.low_cpu_memory and
                                                         allocator == "glibc" else ""), flush=True)
-    model, tokenizer = build_model(cfg, dtype)
+    model, tokenizer = build_model(cfg, dtype) if given[0] is None else given[:2]
     if info.main:
         print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)
     model.to(info.device)
@@ -132,7 +138,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None) -> 
         check_space(out, model, cfg)
         clean_partial_checkpoints(out / "checkpoints")
         save_recipe(cfg, out / "config.yaml")
-    if fit_check is not None:
+    if fit_check is not None and given[0] is None and not is_custom_spec(cfg.model):  # the planner reads configs
         check_memory(fit_check, model, train_ds, cfg, dtype, info)
     model = wrap(model, info, cfg.fsdp)
     opt = make_optimizer(model, cfg)
@@ -213,8 +219,9 @@ def _evaluate(run: Run, cfg: TrainConfig, step: int, info, bar) -> bool:
     return bool(cfg.patience) and st["bad_evals"] >= cfg.patience
 
 
-def _train(cfg: TrainConfig, progress: bool, info, fit_check=None) -> dict[str, Any]:
-    run = start(cfg, Path(cfg.out), progress, info, fit_check)
+def _train(cfg: TrainConfig, progress: bool, info, fit_check=None, given: tuple = (None, None, None)
+           ) -> dict[str, Any]:
+    run = start(cfg, Path(cfg.out), progress, info, fit_check, given)
     try:
         result = _loop(run, cfg, progress, info)
     except BaseException as exc:  # the trackers' runs end marked as failed (killed on Ctrl-C), not left open

@@ -40,6 +40,20 @@ class TrainConfig:
     objective: str = "sft"
     """What training minimises: sft (causal-LM cross-entropy on the completions; the default). Checked when the
     run starts, before any data or model is loaded (train/objectives/)."""
+    loss: str | None = None
+    """Your own loss (with objective sft): MODULE:FUNCTION or path/to/file.py:FUNCTION, called as fn(model, batch)
+    with the batch's columns by name; returns the mean over the micro-batch's rows, or a dict holding it under
+    'loss' and sub-losses logged beside it (docs/custom-models.md). Default: causal-LM cross-entropy."""
+    weights: str | None = None
+    """With --model MODULE:FUNCTION: the pretrained state dict to load before LoRA is injected (safetensors, or a
+    torch checkpoint read weights-only); every key must match."""
+    allow_missing_keys: bool = False
+    """With --weights: keys the model has and the file lacks keep the values the builder gave them."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained whole and saved with the adapter (PEFT's modules_to_save), e.g. a new head or embedding."""
+    pad_value: list[str] = field(default_factory=list)
+    """Pre-tokenized rows: the value padding writes into a column, COLUMN=V ... (default: input_ids the pad id
+    (0 without a tokenizer), labels -100, attention_mask 0, any other column 0)."""
     full: bool = False
     """Train every weight (full fine-tuning baseline) instead of LoRA; saves a model directory."""
     max_steps: int = 0
@@ -184,8 +198,11 @@ class TrainConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         self.gradient_checkpointing = _on_off_auto(self.gradient_checkpointing)
-        if isinstance(self.columns, str):
-            self.columns = self.columns.split()
+        for name in ("columns", "modules_to_save", "pad_value"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, getattr(self, name).split())
+        if self.loss and self.objective != "sft":
+            raise ConfigError(f"--loss replaces the sft objective's loss; objective {self.objective!r} has its own")
         if self.packing and self.group_by_length:
             raise ConfigError("packing and group_by_length exclude each other: packed rows are already full")
         self._check_variants()
@@ -280,7 +297,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=None)
         elif f.type in ("bool", bool):
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
-        elif f.name in ("target_modules", "columns"):
+        elif f.name in ("target_modules", "columns", "modules_to_save", "pad_value"):
             p.add_argument(*flags, nargs="+", default=None, help=docs.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)

@@ -86,12 +86,19 @@ def resolve_dtype(cfg: TrainConfig, device: str) -> tuple[str, str]:
 
 def build_model(cfg: TrainConfig, dtype: str = "float32"):
     """Load the model (base weights in ``dtype``) and tokenizer, quantize its Linears (--quantize),
-    then inject LoRA (or unfreeze everything for --full)."""
-    from ..lora.config import LoraConfig, target_modules_from_flags
-    from ..lora.inject import inject
+    then inject LoRA (or unfreeze everything for --full). A model of your own (``MODULE:FUNCTION``) is
+    built by its function and gets ``--weights`` before anything else (``build_custom``)."""
+    from ..models.custom import is_custom_spec
     from ..models.load import base_model_id, load_model
 
-    model, tokenizer = load_model(cfg.model, dtype=dtype)
+    custom = is_custom_spec(cfg.model)
+    if custom:
+        model, tokenizer = build_custom(cfg, dtype)
+    elif cfg.weights or cfg.allow_missing_keys:
+        raise TrainingError(f"--weights loads a state dict into a model built by --model MODULE:FUNCTION; {cfg.model} "
+                            "brings its own weights (drop --weights)")
+    else:
+        model, tokenizer = load_model(cfg.model, dtype=dtype)
     if cfg.quantize:  # deterministic: a resumed run gets the same bits
         from ..lora.quantize import quantize
 
@@ -103,12 +110,46 @@ def build_model(cfg: TrainConfig, dtype: str = "float32"):
     if cfg.full:
         model.requires_grad_(True)
         return model, tokenizer
+    adapt(model, cfg, model.name_or_path if custom else base_model_id(cfg.model), None if custom else "CAUSAL_LM")
+    return model, tokenizer
+
+
+def build_custom(cfg: TrainConfig, dtype: str):
+    """A model of your own: ``FUNCTION()`` of ``--model MODULE:FUNCTION``, then ``--weights`` (keys checked),
+    its floating-point weights cast to ``dtype``."""
+    from ..models.custom import load_custom
+
+    unsupported = {"--full": cfg.full, "--gradient-checkpointing": cfg.gradient_checkpointing is True,
+                   "--neftune-alpha": bool(cfg.neftune_alpha)}
+    named = [flag for flag, on in unsupported.items() if on]
+    if named:
+        raise TrainingError(f"{', '.join(named)}: for transformers models only (they use its save_pretrained, "
+                            f"checkpointing and input-embedding hooks); {cfg.model} is a model of your own. Drop "
+                            f"{'it' if len(named) == 1 else 'them'}")
+    model, tokenizer = load_custom(cfg.model, cfg.weights, cfg.allow_missing_keys)
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+    return model, tokenizer
+
+
+def adapt(model: torch.nn.Module, cfg: TrainConfig, base: str | None, task_type: str | None):
+    """Inject LoRA as the recipe says (rank, alpha, targets, modules_to_save, variants): the base frozen.
+
+    Args:
+        model: the model, pretrained weights loaded.
+        cfg: the recipe.
+        base: what the adapter records as its base model (``base_model_name_or_path``).
+        task_type: PEFT's task type ("CAUSAL_LM" for transformers LMs; None for a model of your own).
+    """
+    from ..lora.config import LoraConfig, target_modules_from_flags
+    from ..lora.inject import inject
+
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=target_modules_from_flags(cfg.target_modules),
+                      modules_to_save=list(cfg.modules_to_save) or None,
                       use_rslora=cfg.rslora, use_dora=cfg.dora, init_lora_weights=cfg.lora_init(), bias=cfg.bias,
-                      base_model_name_or_path=base_model_id(cfg.model), task_type="CAUSAL_LM")
-    inject(model, lcfg)
-    return model, tokenizer
+                      base_model_name_or_path=base, task_type=task_type)
+    return inject(model, lcfg)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

@@ -2,7 +2,9 @@
 (``base.Objective``), one file per objective; the losses themselves are pure functions over
 log-probs in ``train/losses/``.
 
-    "sft"   causal-LM cross-entropy over the completion tokens (the default)
+    "sft"   causal-LM cross-entropy over the completion tokens (the default); with --loss, or a model of
+            your own (--model MODULE:FUNCTION), ``custom.OwnLoss``: your loss function, or the same
+            cross-entropy over the columns your model takes
 
 ``make_objective(cfg)`` builds the objective a recipe names.
 """
@@ -13,6 +15,7 @@ import difflib
 
 from ...errors import ConfigError
 from .base import Objective, StepLoss
+from .custom import OwnLoss
 from .sft import CausalLM
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLM}
@@ -20,6 +23,10 @@ OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLM}
 
 def make_objective(cfg) -> Objective:
     """The objective of ``cfg.objective``, built from the recipe."""
+    from ...models.custom import is_custom_spec
+
+    if cfg.objective == "sft" and (cfg.loss or is_custom_spec(cfg.model)):
+        return OwnLoss(cfg)
     kind = OBJECTIVES.get(cfg.objective)
     if kind is None:
         close = difflib.get_close_matches(str(cfg.objective), OBJECTIVES, n=1)
@@ -28,4 +35,4 @@ def make_objective(cfg) -> Objective:
     return kind(cfg)
 
 
-__all__ = ["OBJECTIVES", "CausalLM", "Objective", "StepLoss", "make_objective"]
+__all__ = ["OBJECTIVES", "CausalLM", "Objective", "OwnLoss", "StepLoss", "make_objective"]
