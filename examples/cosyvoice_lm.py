@@ -25,6 +25,7 @@ Stable interface (other code builds on it):
     wrap(llm, speech_vocab_size, extra_tokens=4) -> CosyVoiceLM   # e.g. around SmolLM2
     build_tiny(seed=0), build(config=None, device=None), build_full(device="meta")
     loss(model, batch) -> {"loss", "acc"}
+    example_inputs(model) -> forward keyword arguments (lorakit export native checks its merge on them)
 
 Batch columns (pre-tokenized rows, padded by the collator): ``text_ids`` (B, T) ids of the inner LM's
 tokenizer and ``speech_ids`` (B, S) speech-token ids, both padded with -100 (any negative id is
@@ -190,3 +191,13 @@ def build_tiny(seed: int = 0) -> CosyVoiceLM:
     """The same architecture at toy size, random weights (seeded), in eval mode: for tests."""
     torch.manual_seed(seed)
     return build(TINY_CONFIG).eval()
+
+
+def example_inputs(model: CosyVoiceLM) -> dict[str, torch.Tensor]:
+    """Two padded rows of forward arguments (what ``lorakit export native`` checks its merge on)."""
+    g = torch.Generator().manual_seed(0)
+    text_vocab = model.llm.model.get_input_embeddings().num_embeddings
+    text = torch.randint(0, text_vocab, (2, 5), generator=g)
+    speech = torch.randint(0, model.speech_vocab_size, (2, 4), generator=g)
+    text[0, -1], speech[1, -1] = IGNORE_ID, IGNORE_ID
+    return {"text_ids": text, "speech_ids": speech}

@@ -16,7 +16,9 @@ Interface:
         inp, labels: (B, 1 + C, T) token grids; labels are the next-step targets (-100 ignored), N the
         number of semantic positions in labels[:, 0]; key_padding_mask (B, T), True on padding.
     build_tiny(seed=0), build(config=None, device=None), build_full(device="meta")  # openaudio-s1-mini shapes
+    build_tiny_tied(seed=0)  # the token head reads embeddings.weight (tie_word_embeddings=True)
     loss(model, batch) -> {"loss", "token_loss", "codebook_loss"}
+    random_batch(model), example_inputs(model)  # a batch; forward keyword arguments for export native's check
 
 Batch columns (2-D rows, codebooks x time, padded on the time axis): ``input_ids`` (B, 1 + C, T),
 ``labels`` (B, 1 + C, T) padded with -100, and optionally ``attention_mask`` (B, T), 1 on real steps.
@@ -200,8 +202,10 @@ class DualAR(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         slow_out = self.norm(x)
-        head = self.embeddings.weight if cfg.tie_word_embeddings else self.output.weight
-        token_logits = F.linear(slow_out, head)  # (B, T, vocab)
+        if cfg.tie_word_embeddings:  # fish-speech's tie: the head reads the embedding table itself
+            token_logits = F.linear(slow_out, self.embeddings.weight)  # (B, T, vocab)
+        else:
+            token_logits = self.output(slow_out)
 
         # fast transformer: at each position whose target is semantic, predict its C codes in turn
         semantic = self.is_semantic(labels[:, 0])  # (B, T)
@@ -289,3 +293,9 @@ def random_batch(model: DualAR, batch: int = 2, steps: int = 7, seed: int = 0) -
     labels[:, 1:][labels[:, :1].expand_as(labels[:, 1:]) < cfg.semantic_begin_id] = -100
     return {"input_ids": inputs, "labels": labels, "attention_mask": mask}
 
+
+
+def example_inputs(model: DualAR) -> dict[str, torch.Tensor]:
+    """Forward arguments of a random batch (what ``lorakit export native`` checks its merge on)."""
+    batch = random_batch(model)
+    return {"inp": batch["input_ids"], "labels": batch["labels"], "key_padding_mask": batch["attention_mask"] == 0}

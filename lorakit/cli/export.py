@@ -1,4 +1,5 @@
-"""`lorakit export`: an adapter as a GGUF LoRA for llama.cpp, a merged GGUF model, an Ollama Modelfile."""
+"""`lorakit export`: an adapter as a GGUF LoRA for llama.cpp, a merged GGUF model, an Ollama Modelfile;
+`lorakit export native ADAPTER --model SPEC --out FILE`: merged into a custom model's own checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the GGUF files (and Modelfile) asked for; at least one of --gguf, --merged-gguf, --ollama."""
     from ..errors import ConfigError
+
+    if args.adapter == "native" and args.native_adapter:
+        return _export_native(args)
+    if args.native_adapter:
+        raise ConfigError(f"unexpected argument {args.native_adapter!r}; a native export is: lorakit export native "
+                          "ADAPTER --model MODULE:FUNCTION --out FILE.safetensors")
     from ..export.gguf import export_adapter_gguf
     from ..export.gguf_merged import export_merged_gguf, gguf_source
 
@@ -41,6 +48,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_native(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..export.native import export_native
+    from ..lora.io import read_adapter
+    from ..models.custom import is_custom_spec
+
+    spec = args.model or read_adapter(args.native_adapter)[0].base_model_name_or_path
+    if not is_custom_spec(spec) or not args.out:
+        raise ConfigError("lorakit export native needs --model MODULE:FUNCTION (or file.py:FUNCTION; default: the "
+                          "adapter's base_model_name_or_path when it is one) and --out FILE.safetensors or FILE.pt")
+    r = export_native(args.native_adapter, spec, args.out, weights=args.weights, allow_missing=args.allow_missing,
+                      inputs=args.inputs)
+    tied = "; tied: " + ", ".join(" = ".join(g) for g in r["tied"]) if r["tied"] else ""
+    print(f"wrote {r['out']}: {r['keys']} tensors under the model's own names, merged; a fresh build loads it "
+          f"strictly and matches the adapted model to {r['max_diff']:.2g}{tied}")
+    return 0
+
+
 def _adapter_base(adapter: str) -> str:
     from ..lora.io import read_adapter
     from ..models.load import DEFAULT_MODEL
@@ -62,7 +87,8 @@ def _write_modelfile(folder: str, base: str, adapter_out: str | None, merged_out
 
 def add_export_verb(sub) -> None:
     p = sub.add_parser("export", help="write an adapter as GGUF (llama.cpp), a merged GGUF model, an Ollama Modelfile")
-    p.add_argument("adapter", help="adapter directory (PEFT format)")
+    p.add_argument("adapter", help="adapter directory (PEFT format); or 'native' followed by the adapter directory")
+    p.add_argument("native_adapter", nargs="?", metavar="ADAPTER", help=argparse.SUPPRESS)
     p.add_argument("--gguf", metavar="OUT.gguf", help="a GGUF LoRA adapter llama.cpp and Ollama load onto the base")
     p.add_argument("--merged-gguf", metavar="OUT.gguf",
                    help="the base with the adapter merged, one GGUF model (metadata and tokenizer of the base)")
@@ -73,4 +99,13 @@ def add_export_verb(sub) -> None:
     p.add_argument("--outtype", choices=OUTTYPES, default=None,
                    help="type of the written LoRA / adapted tensors (adapter default f32; merged default: a float "
                         "base tensor keeps its type, a quantized one becomes f16; never 4-bit)")
+    native = p.add_argument_group("lorakit export native ADAPTER: merge into a custom model's own checkpoint")
+    native.add_argument("--model", metavar="MODULE:FUNCTION", help="the builder the adapter was trained on "
+                        "(also path/to/file.py:FUNCTION)")
+    native.add_argument("--weights", metavar="FILE", help="its pretrained weights (.safetensors, or a torch "
+                        "checkpoint read weights-only)")
+    native.add_argument("--allow-missing", action="store_true", help="accept model keys --weights lacks")
+    native.add_argument("--inputs", metavar="FILE", help="named tensors (the forward's keyword arguments) to check "
+                        "the merge on; default: example_inputs(model) beside the builder")
+    native.add_argument("--out", metavar="FILE", help="FILE.safetensors or FILE.pt (a plain dict of tensors)")
     p.set_defaults(func=cmd_export)

@@ -67,7 +67,7 @@ def load_custom(spec: str, weights: str | Path | None = None, allow_missing: boo
         ModelLoadError: a bad spec (module or file not found, no such function, not a module returned),
             an unreadable or unsafe weights file, or keys that do not match (named).
     """
-    fn = _builder(spec)
+    fn = resolve_builder(spec)
     try:
         out = fn()
     except ModelLoadError:
@@ -90,8 +90,12 @@ def _canonical(spec: str) -> str:
     return f"{Path(where).resolve()}:{fn}" if where.endswith(".py") else spec.strip()
 
 
-def _builder(spec: str):
-    """The function a spec names, imported; or a ModelLoadError saying what is wrong."""
+def resolve_builder(spec: str):
+    """The function a spec names, imported; or a ModelLoadError saying what is wrong.
+
+    Args:
+        spec: ``MODULE:FUNCTION`` or ``path/to/file.py:FUNCTION``.
+    """
     if not is_custom_spec(spec):
         raise ModelLoadError(f"{spec!r} is not a custom model spec: {SPEC_FORMS}")
     where, _, name = spec.strip().rpartition(":")
