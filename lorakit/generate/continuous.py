@@ -1,9 +1,11 @@
 """Iteration-level scheduling (continuous batching): rows join and leave the batch at every decoding step.
 
 A :class:`Running` batch holds the rows in flight, their shared :class:`SlotCache` and the
-mixed-adapter context their order implies. The engine calls, once per iteration:
+mixed-adapter context their order implies. Its driver (:func:`lorakit.generate.generate`, or a
+server's worker) calls, once per iteration:
 
-    running.admit(new_rows)   # prefill the newcomers together (their own adapters), first token each
+    running.admit(new_rows)   # prefill the newcomers together (their own adapters, shared prefixes
+                              # once), first token each
     running.step()            # one decoding step for every row in flight
     running.drop_done()       # finished or cancelled rows leave; their slots are freed
 
@@ -21,8 +23,10 @@ import torch
 
 from ..lora.adapters import list_adapters, lora_layers
 from ..lora.mixed import mixed_batch, set_rows
-from .decode import Row, choose_tokens, left_pad, new_generator
 from .kvcache import SlotCache
+from .prefix import plan_groups, prefill
+from .rows import Row
+from .sampling import choose_tokens, new_generator
 
 
 class AdapterContext:
@@ -60,38 +64,51 @@ class Running:
     """The rows in flight and their cache.
 
     Args:
-        model: a causal LM in eval mode holding the rows' adapters (none merged).
+        model: a causal LM in eval mode holding the rows' adapters (none merged when ``mixed``).
         tokenizer: decodes generated tokens for stop strings and streaming.
         eos_ids: token ids that end a row.
         pad_id: id used for left padding in prefill (masked out).
+        mixed: run each row with its own ``Row.adapter`` (a mixed-adapter batch); False runs every row
+            with the model as it is (its active adapters, merged or not).
+        prefix_sharing: rows admitted together whose prompts share a leading block prefill it once
+            (:mod:`lorakit.generate.prefix`).
+        logprobs: record each row's log-probabilities of its chosen tokens in ``Row.logprobs``.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, eos_ids: set[int], pad_id: int):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, eos_ids: set[int], pad_id: int, *,
+                 mixed: bool = True, prefix_sharing: bool = True, logprobs: bool = False):
         self.model, self.tokenizer, self.eos_ids, self.pad_id = model, tokenizer, eos_ids, pad_id
+        self.mixed, self.prefix_sharing, self.logprobs = mixed, prefix_sharing, logprobs
         self.device = next(model.parameters()).device
         self.rows: list[Row] = []  # in cache order
         self.kv = SlotCache()
         self.adapters = AdapterContext(model)
+        self.prefill_tokens = 0  # prompt tokens run through the model in prefills
+        self.shared_tokens = 0  # prompt tokens a shared prefix saved from being run again
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _use(self, names: list[str | None]) -> None:
+        if self.mixed:
+            self.adapters.use(names)
+
     @torch.no_grad()
     def admit(self, rows: list[Row]) -> None:
         """Prefill ``rows`` together, pick each one's first token, and add the unfinished ones to the batch."""
-        from transformers import DynamicCache
-
         now = time.monotonic()
         for row in rows:
             row.generator = new_generator(row.params.seed, self.device)
             row.admitted_at = now
-        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0 in every row
-        cache = DynamicCache(config=self.model.config)
-        self.adapters.use([r.adapter for r in rows])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        self._push(rows, choose_tokens(out.logits[:, -1].float(), rows))
+            if self.logprobs:
+                row.logprobs = []
+        prompts, names = [r.prompt_ids for r in rows], [r.adapter for r in rows]
+        groups = plan_groups(prompts, names) if self.prefix_sharing else [(0, [i]) for i in range(len(rows))]
+        saved = sum((len(members) - 1) * p for p, members in groups)
+        self.prefill_tokens += sum(map(len, prompts)) - saved
+        self.shared_tokens += saved
+        logits, cache, mask = prefill(self.model, prompts, names, self.pad_id, groups, self._use)
+        self._push(rows, logits)
         for row in rows:
             row.position = len(row.prompt_ids)
         keep = [i for i, r in enumerate(rows) if not r.done]
@@ -100,7 +117,7 @@ class Running:
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
                 mask = mask.index_select(0, index)
-            self.kv.add(out.past_key_values, mask)
+            self.kv.add(cache, mask)
             self.rows += [rows[i] for i in keep]
 
     @torch.no_grad()
@@ -111,12 +128,12 @@ class Running:
         ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[r.position] for r in self.rows], device=self.device)  # (B, 1)
         mask = self.kv.grow()  # (B, T+1)
-        self.adapters.use([r.adapter for r in self.rows])
+        self._use([r.adapter for r in self.rows])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.kv.cache,
                          use_cache=True, logits_to_keep=1)
         for row in self.rows:
             row.position += 1
-        self._push(self.rows, choose_tokens(out.logits[:, -1].float(), self.rows))
+        self._push(self.rows, out.logits[:, -1].float())
 
     def drop_done(self) -> list[Row]:
         """Remove finished and cancelled rows from the batch and the cache; returns them."""
@@ -138,7 +155,10 @@ class Running:
         self.adapters.close()
         return rows
 
-    def _push(self, rows: list[Row], tokens: torch.Tensor) -> None:
-        for row, token in zip(rows, tokens.tolist(), strict=True):
+    def _push(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token from its (B, V) fp32 logits and append it."""
+        tokens, logprobs = choose_tokens(logits, rows, self.logprobs)
+        scores = logprobs.tolist() if logprobs is not None else [None] * len(rows)
+        for row, token, score in zip(rows, tokens.tolist(), scores, strict=True):
             if not row.done:
-                row.push(token, self.tokenizer, self.eos_ids)
+                row.push(token, self.tokenizer, self.eos_ids, score)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import queue
 
-from ..generate.decode import Row
 from .limits import ADMISSIONS
+from .rows import ClientRow
 
 
 class Waiting:
@@ -33,34 +33,36 @@ class Waiting:
         if policy not in ADMISSIONS:
             raise ValueError(f"admission policy must be one of {ADMISSIONS}, got {policy!r}")
         self.policy = policy
-        self.rows: list[Row] = []
+        self.rows: list[ClientRow] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def take(self, source: queue.Queue, step: int, block: bool) -> bool:
         """Move every row queued in ``source`` here (waiting for a first one if ``block``), stamping each
-        with the decoding step it arrived at. Returns True when a shutdown marker (None) was read; the
-        rows queued after it stay in ``source``."""
+        with the decoding step it arrived at; an item may be a list of rows queued together (the n
+        completions of a request: they arrive, and so are admitted, side by side). Returns True when a
+        shutdown marker (None) was read; the rows queued after it stay in ``source``."""
         while True:
             try:
-                row = source.get(block=block)
+                item = source.get(block=block)
             except queue.Empty:
                 return False
-            if row is None:
+            if item is None:
                 return True
-            row.arrival_step = step
-            self.rows.append(row)
+            for row in item if isinstance(item, list) else [item]:
+                row.arrival_step = step
+                self.rows.append(row)
             block = False
 
-    def drop_cancelled(self) -> list[Row]:
+    def drop_cancelled(self) -> list[ClientRow]:
         """Remove the rows whose client went away; returns them."""
         gone = [r for r in self.rows if r.cancelled.is_set()]
         if gone:
             self.rows = [r for r in self.rows if not r.cancelled.is_set()]
         return gone
 
-    def pick(self, room: int, step: int) -> list[Row]:
+    def pick(self, room: int, step: int) -> list[ClientRow]:
         """Remove and return the (up to ``room``) rows the policy admits at decoding step ``step``, in arrival order."""
         if room <= 0 or not self.rows:
             return []
@@ -73,6 +75,6 @@ class Waiting:
         return picked
 
     @staticmethod
-    def priority(row: Row, step: int) -> float:
+    def priority(row: ClientRow, step: int) -> float:
         """Highest response ratio next: (steps waited + 1) / max_tokens."""
         return (step - row.arrival_step + 1) / row.params.max_tokens

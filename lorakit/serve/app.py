@@ -30,11 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import LorakitError
-from ..generate.decode import Event, Row, SamplingParams
+from ..generate.rows import Event
+from ..generate.sampling import SamplingParams
 from . import playground
 from . import schemas as S
 from .engine import Engine, ForbiddenError, NotFoundError, ServeError
 from .metrics import CONTENT_TYPE
+from .rows import ClientRow
 
 REQUEST_TIMEOUT_S = 600.0  # longest wait for the next piece of a generation
 router = APIRouter()
@@ -284,19 +286,21 @@ def _chat_prompt(engine: Engine, messages: list[S.ChatMessage]) -> str:
 
 async def _generate(engine: Engine, body, prompt_ids: list[list[int]], max_tokens: int, request: Request,
                     chat: bool):
-    """Submit one row per (prompt, n), then answer with one JSON body or an SSE stream."""
+    """Submit the ``n`` rows of each prompt side by side (they prefill it once), then answer with one JSON
+    body or an SSE stream; choice ``i`` (prompt ``i // n``, completion ``i % n``) samples with ``seed + i``."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
     def sink(event: Event) -> None:  # runs on the engine thread
         with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is stopping
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-    rows: list[Row] = []
+    rows: list[ClientRow] = []
     try:
-        for i, ids in enumerate(p for p in prompt_ids for _ in range(body.n)):
-            seed = None if body.seed is None else body.seed + i % body.n  # n samples of a prompt differ
-            params = SamplingParams(max_tokens, body.temperature, body.top_p, seed, tuple(body.stop))
-            rows.append(engine.submit(ids, body.model, params, sink, index=i))
+        for k, ids in enumerate(prompt_ids):
+            params = [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                     seed=None if body.seed is None else body.seed + k * body.n + j, stop=body.stop)
+                      for j in range(body.n)]  # the n samples of a prompt differ, and as generate() draws them
+            rows += engine.submit_choices(ids, body.model, params, sink, first_index=k * body.n)
     except BaseException:
         _cancel(rows)
         raise
@@ -324,7 +328,7 @@ async def _generate(engine: Engine, body, prompt_ids: list[list[int]], max_token
     return S.envelope(rid, kind, body.model, choices, S.usage(finals, prompt_tokens))
 
 
-def _cancel(rows: list[Row]) -> None:
+def _cancel(rows: list[ClientRow]) -> None:
     for row in rows:
         row.cancelled.set()  # a no-op for finished rows; stops the others at their next token
 
@@ -358,7 +362,7 @@ def _sse_line(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _sse(events: asyncio.Queue, rows: list[Row], rid: str, body, prompt_tokens: int,
+async def _sse(events: asyncio.Queue, rows: list[ClientRow], rid: str, body, prompt_tokens: int,
                chat: bool) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: chunks, an optional usage chunk, then ``[DONE]``."""
     kind = "chat.completion.chunk" if chat else "text_completion"

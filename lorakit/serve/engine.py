@@ -22,6 +22,7 @@ steps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -34,8 +35,9 @@ from typing import Any
 import torch
 
 from ..generate.continuous import Running
-from ..generate.decode import Event, Row, SamplingParams
 from ..generate.kvcache import kv_bytes_per_token, splice_error
+from ..generate.rows import Event, special_ids
+from ..generate.sampling import SamplingParams
 from ..lora.adapters import delete_adapter, list_adapters
 from ..lora.apply import load_adapter
 from ..lora.layer import ModulesToSave
@@ -53,6 +55,7 @@ from .limits import (
     refuse_unservable,
 )
 from .metrics import Metrics
+from .rows import ClientRow
 from .scheduler import run_worker
 
 __all__ = ["SCHEDULERS", "ConflictError", "Engine", "ForbiddenError", "Limits", "NotFoundError", "ServeError", "Stats",
@@ -91,14 +94,10 @@ class Engine:
         self._slots: OrderedDict[str, _Slot] = OrderedDict((n, _Slot("")) for n in list_adapters(model))
         self._registry = threading.Lock()  # guards _slots and stats (held briefly)
         self._model_lock = threading.Lock()  # guards the model: a batch, or an adapter load/unload
-        self._queue: queue.Queue[Row | None] = queue.Queue()
+        self._queue: queue.Queue[ClientRow | list[ClientRow] | None] = queue.Queue()
         self._waiting = Waiting(self.limits.admission)  # taken from _queue by the continuous worker
         self._thread: threading.Thread | None = None
-        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = pad if pad is not None else 0
+        self.eos_ids, self.pad_id = special_ids(model, tokenizer)
         self.context_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_prompt_chars = self.limits.max_prompt_tokens * longest_token_chars(tokenizer)
         if self.limits.scheduler == "continuous" and (why := splice_error(model.config)):
@@ -125,7 +124,8 @@ class Engine:
             self._thread = None
         left, self._waiting.rows = list(self._waiting.rows), []
         while not self._queue.empty():
-            left.append(self._queue.get_nowait())
+            item = self._queue.get_nowait()
+            left += item if isinstance(item, list) else [item]
         for row in left:
             if row is not None:
                 self._release([row])
@@ -282,45 +282,54 @@ class Engine:
         return ids
 
     def submit(self, prompt_ids: list[int], model: str, params: SamplingParams, sink: Callable[[Event], None],
-               index: int = 0) -> Row:
-        """Queue a generation; ``sink`` gets its Events from the worker thread. Returns the Row (to cancel).
+               index: int = 0) -> ClientRow:
+        """Queue one generation (:meth:`submit_choices` with one choice); returns its row (to cancel)."""
+        return self.submit_choices(prompt_ids, model, [params], sink, index)[0]
+
+    def submit_choices(self, prompt_ids: list[int], model: str, params: list[SamplingParams],
+                       sink: Callable[[Event], None], first_index: int = 0) -> list[ClientRow]:
+        """Queue completions of one prompt side by side (a request's ``n`` choices): the continuous
+        scheduler admits them together, so they prefill the prompt once. Returns the rows (to cancel).
 
         Args:
             prompt_ids: token ids (see :meth:`encode`).
             model: the base model's name or an adapter's name.
-            params: sampling settings (max_tokens is checked against the limits).
-            sink: called with each Event; must not block.
-            index: the choice index put on the Events.
+            params: sampling settings per choice (max_tokens is checked against the limits).
+            sink: called with each Event, from the worker thread; must not block.
+            first_index: the choice index put on the first row's Events (the next rows count on).
         """
-        if params.max_tokens < 1 or params.max_tokens > self.limits.max_tokens:
-            raise ServeError(f"max_tokens={params.max_tokens} is out of range; this server allows 1 to "
-                             f"{self.limits.max_tokens} (--max-tokens)", "max_tokens")
-        if self.context_length and len(prompt_ids) + params.max_tokens > self.context_length:
-            raise ServeError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"model's context length of {self.context_length} tokens", "max_tokens")
+        for p in params:
+            if p.max_tokens < 1 or p.max_tokens > self.limits.max_tokens:
+                raise ServeError(f"max_tokens={p.max_tokens} is out of range; this server allows 1 to "
+                                 f"{self.limits.max_tokens} (--max-tokens)", "max_tokens")
+            if self.context_length and len(prompt_ids) + p.max_tokens > self.context_length:
+                raise ServeError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                                 f"model's context length of {self.context_length} tokens", "max_tokens")
         with self._registry:
-            adapter = self._pin(model)
-            self.stats.requests += 1
-        row = Row(list(prompt_ids), adapter, params, sink, index)
-        row.on_finish = lambda: self._finished(row)
-        self._queue.put(row)
-        return row
+            adapter = self._pin(model, len(params))
+            self.stats.requests += len(params)
+        rows = [ClientRow(list(prompt_ids), adapter, p, sink, first_index + j) for j, p in enumerate(params)]
+        for row in rows:
+            row.on_finish = functools.partial(self._finished, row)
+        for item in [rows] if self.limits.scheduler == "continuous" else rows:  # window batches count rows
+            self._queue.put(item)
+        return rows
 
-    def _pin(self, model: str) -> str | None:
+    def _pin(self, model: str, rows: int = 1) -> str | None:
         if model == self.name:
             return None
         slot = self._slots.get(model)
         if slot is None:
             raise NotFoundError(f"model {model!r} not found; available: {[self.name, *self._slots]}", "model")
-        slot.pending += 1
+        slot.pending += rows
         self._slots.move_to_end(model)  # most recently used
         return model
 
-    def _finished(self, row: Row) -> None:
+    def _finished(self, row: ClientRow) -> None:
         self._release([row])
         self.metrics.finished(row)
 
-    def _release(self, rows: list[Row]) -> None:
+    def _release(self, rows: list[ClientRow]) -> None:
         """Unpin each row's adapter once: when the row finishes, or at the end of its batch at the latest."""
         with self._registry:
             for row in rows:

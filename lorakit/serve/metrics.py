@@ -8,12 +8,8 @@ its own registry, so two engines in one process (tests) do not collide.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
-from ..generate.decode import Row
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .rows import ClientRow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -24,10 +20,11 @@ class Metrics:
     """The engine's Prometheus collectors.
 
     Args:
-        engine: read for the gauges when scraped.
+        engine: the :class:`lorakit.serve.engine.Engine`, read for the gauges when scraped (not imported
+            here: the engine builds its metrics).
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = reg = CollectorRegistry()
@@ -64,7 +61,7 @@ class Metrics:
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=reg).set_function(read)
 
-    def finished(self, row: Row) -> None:
+    def finished(self, row: ClientRow) -> None:
         """Record a row that ended (any reason, cancelled rows included)."""
         self.requests.labels(row.finish_reason or "cancelled").inc()
         self.prompt_tokens.inc(len(row.prompt_ids))

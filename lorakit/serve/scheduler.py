@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import TYPE_CHECKING
 
 from ..errors import AdapterError
-from ..generate.decode import Row, run_batch
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from ..generate.window import run_batch
+from .rows import ClientRow
 
 
-def run_worker(engine: Engine) -> None:
-    """The engine's worker thread: the continuous loop, or the window loop (``Limits.scheduler``)."""
+def run_worker(engine) -> None:
+    """The engine's worker thread: the continuous loop, or the window loop (``Limits.scheduler``).
+
+    Args:
+        engine: the :class:`lorakit.serve.engine.Engine` that started it (not imported here: the engine
+            imports this module; the loops below read its queue, waiting rows, running batch and locks).
+    """
     if engine.limits.scheduler == "window":
         return _window_worker(engine)
     stopping = False
@@ -41,7 +43,7 @@ def run_worker(engine: Engine) -> None:
             time.sleep(0.0005)
 
 
-def _admissions(engine: Engine, stopping: bool) -> tuple[list[Row], bool]:
+def _admissions(engine, stopping: bool) -> tuple[list[ClientRow], bool]:
     """The waiting rows that join now, in the order of ``Limits.admission``, up to max_batch_size in flight;
     blocks while nothing runs or waits."""
     waiting, step = engine._waiting, engine.stats.steps  # the worker is the only writer of both
@@ -53,7 +55,7 @@ def _admissions(engine: Engine, stopping: bool) -> tuple[list[Row], bool]:
     return waiting.pick(engine.limits.max_batch_size - len(engine._running), step), False
 
 
-def _iteration(engine: Engine, joiners: list[Row]) -> None:
+def _iteration(engine, joiners: list[ClientRow]) -> None:
     """Prefill the joiners, drop who is done, one decoding step for the rest, drop who is done."""
     running = engine._running
     if joiners:
@@ -73,7 +75,7 @@ def _iteration(engine: Engine, joiners: list[Row]) -> None:
         _gone(engine, running.drop_done())
 
 
-def _gone(engine: Engine, rows: list[Row]) -> None:
+def _gone(engine, rows: list[ClientRow]) -> None:
     """Rows that left the batch: unpin their adapters; count the cancelled ones (finished ones counted already)."""
     engine._release(rows)
     for row in rows:
@@ -81,7 +83,7 @@ def _gone(engine: Engine, rows: list[Row]) -> None:
             engine.metrics.finished(row)
 
 
-def _next_batch(engine: Engine) -> list[Row] | None:
+def _next_batch(engine) -> list[ClientRow] | None:
     """Window scheduler: block for a first request, then gather more for the window. None: shut down."""
     first = engine._queue.get()
     if first is None:
@@ -99,7 +101,7 @@ def _next_batch(engine: Engine) -> list[Row] | None:
     return batch
 
 
-def _window_worker(engine: Engine) -> None:
+def _window_worker(engine) -> None:
     while (batch := _next_batch(engine)) is not None:
         live = [r for r in batch if not r.cancelled.is_set()]
         try:

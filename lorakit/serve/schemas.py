@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..generate.decode import Event
+from ..generate.rows import Event
 
 _MAX_STOPS = 8
 

@@ -10,9 +10,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 import lorakit as lk
-from lorakit.generate.decode import Row, SamplingParams
+from lorakit.generate import SamplingParams
 from lorakit.serve.admission import Waiting
 from lorakit.serve.engine import Limits, ServeError, engine_from_spec
+from lorakit.serve.rows import ClientRow as Row
 
 
 def _row(max_tokens: int) -> Row:

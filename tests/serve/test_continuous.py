@@ -9,8 +9,8 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM, MistralConfig
 
 import lorakit as lk
+from lorakit.generate import Row, SamplingParams
 from lorakit.generate.continuous import Running
-from lorakit.generate.decode import Row, SamplingParams
 from lorakit.generate.kvcache import SlotCache, kv_bytes_per_token, splice_error
 from lorakit.serve.engine import Limits, ServeError, engine_from_spec
 

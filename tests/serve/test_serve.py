@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 import lorakit as lk
-from lorakit.generate.decode import Row, SamplingParams, _held_back
+from lorakit.generate import Row, SamplingParams
+from lorakit.generate.stops import held_back as _held_back
 from lorakit.serve.app import create_app, resolve_adapter_path
 from lorakit.serve.engine import (
     ConflictError,
