@@ -76,9 +76,9 @@ def grid(tmp_path):
         rows.append({"input_ids": ids, "labels": [[-100] + r[1:] for r in ids], "utt": f"u{i}"})
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from lorakit.models.custom import _builder
+    from lorakit.models.custom import resolve_builder
 
-    return src, _builder(f"{src}:build").__globals__, data
+    return src, resolve_builder(f"{src}:build").__globals__, data
 
 
 def _cfg(src, data, out, **kw):

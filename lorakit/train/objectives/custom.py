@@ -43,14 +43,14 @@ def resolve_loss(spec: str) -> LossFn:
         spec: the ``--loss`` value.
     """
     from ...errors import ModelLoadError
-    from ...models.custom import _builder, is_custom_spec
+    from ...models.custom import is_custom_spec, resolve_builder
 
     if not is_custom_spec(spec):
         raise ConfigError(f"--loss {spec!r}: expected MODULE:FUNCTION (an importable module, e.g. mypkg.tts:loss) "
                           "or path/to/file.py:FUNCTION; FUNCTION(model, batch) returns a loss tensor or a dict "
                           "holding 'loss'")
     try:
-        return _builder(spec)
+        return resolve_builder(spec)
     except ModelLoadError as exc:
         raise ConfigError(f"--loss {spec}: {exc}") from None
 
