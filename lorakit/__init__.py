@@ -30,10 +30,20 @@ from .lora.quantize import quantize
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``lk.fit`` (training from Python) loads the training stack on first use: ``import lorakit`` stays light."""
+    if name == "fit":
+        from .train.api import fit
+
+        return fit
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
 __all__ = [
     "AdapterError", "AdapterFormatError", "ConfigError", "DataError", "LoraConfig", "LoraEmbedding",
     "LoraLinear", "LorakitError", "ModelLoadError", "ModulesToSave", "ShapeMismatchError", "Target",
-    "TargetError", "TrainableReport", "active_adapters", "combine", "delete_adapter", "inject",
+    "TargetError", "TrainableReport", "active_adapters", "combine", "delete_adapter", "fit", "inject",
     "list_adapters", "load_adapter", "merge", "merge_and_unload", "merged_adapters", "mixed_batch",
     "plan_injection", "quantize", "read_adapter", "save_adapter", "set_active", "trainable_report", "unmerge",
 ]
