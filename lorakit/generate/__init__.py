@@ -13,8 +13,8 @@ threads or queues:
 - ``window``: a batch generated to completion (a server's window scheduler);
 - ``api``: :func:`generate`, n completions per prompt, synchronous.
 
-It imports ``lora`` and ``models``-level helpers only; ``serve`` is the HTTP layer over it and ``train``
-may call :func:`generate` (GRPO, online DPO).
+It imports only ``lora`` (and the error types); ``serve`` is the HTTP layer over it, and ``train`` may
+call :func:`generate` (GRPO, online DPO).
 """
 
 from .api import Completion, generate

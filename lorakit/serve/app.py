@@ -151,6 +151,7 @@ def health(request: Request) -> dict:
             "requests": stats.requests, "batches": stats.batches, "largest_batch": stats.largest_batch,
             "scheduler": engine.limits.scheduler, "admission": engine.limits.admission,
             "rows_running": stats.running, "rows_waiting": engine.waiting(), "steps": stats.steps,
+            "prefill_tokens": stats.prefill_tokens, "shared_prefix_tokens": stats.shared_prefix_tokens,
             "kv_cache": engine.kv_cache()}
 
 

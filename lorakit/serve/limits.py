@@ -79,13 +79,16 @@ class Limits:
 @dataclass
 class Stats:
     """Counters for tests and /health: requests submitted, batches prefilled (window: run), the most rows
-    in flight at once, decoding steps run (continuous scheduler) and rows in flight now."""
+    in flight at once, decoding steps run (continuous scheduler), rows in flight now, and prompt tokens
+    prefilled and saved by prefix sharing (a request's n choices, prompts that begin alike)."""
 
     requests: int = 0
     batches: int = 0
     largest_batch: int = 0
     steps: int = 0
     running: int = 0
+    prefill_tokens: int = 0
+    shared_prefix_tokens: int = 0
 
 
 def longest_token_chars(tokenizer: Any) -> int:

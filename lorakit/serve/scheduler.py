@@ -62,6 +62,8 @@ def _iteration(engine, joiners: list[ClientRow]) -> None:
         with engine._registry:
             engine.stats.batches += 1
         running.admit(joiners)
+        with engine._registry:
+            engine.stats.prefill_tokens, engine.stats.shared_prefix_tokens = running.prefill_tokens, running.shared_tokens
         engine._release([r for r in joiners if r.done])
     _gone(engine, running.drop_done())
     with engine._registry:
