@@ -21,6 +21,7 @@ from .adapters import (
     set_requires_grad,
 )
 from .config import LoraConfig, moves_base
+from .conv import conv_shape
 from .inject import _matches_list, candidate_modules, linear_shape, module_kind
 from .io import CONFIG_NAME, FORMAT_VERSION, PREFIX, WEIGHTS_NAME, base_fingerprint, read_adapter
 from .layer import LoraLayer, LoraLinear, ModulesToSave
@@ -29,6 +30,8 @@ from .layer import LoraLayer, LoraLinear, ModulesToSave
 def _module_shape(module: nn.Module) -> tuple[int, int] | None:
     """(out, in) of a module LoRA can wrap, else None."""
     kind = module_kind(module)
+    if kind == "conv":
+        return conv_shape(module.base_layer if isinstance(module, LoraLayer) else module)
     if isinstance(module, LoraLayer):
         return (module.out_features, module.in_features)
     if kind == "embedding":
@@ -114,10 +117,14 @@ def _check_factors(path: str, parts: dict[str, torch.Tensor], module: nn.Module,
         raise ShapeMismatchError(f"{where}: {PREFIX}{path}.lora_magnitude_vector has shape "
                                  f"{tuple(parts['lora_magnitude_vector'].shape)}; module {path!r} needs ({shape[0]},)")
     a, b = parts[a_key], parts[b_key]
-    r = a.shape[0] if a.ndim == 2 else -1
+    r = a.shape[0] if a.ndim == (3 if kind == "conv" else 2) else -1
     out_f, in_f = shape
-    for part, t, want in ((a_key, a, (r, in_f)), (b_key, b, (out_f, r))):
-        if t.ndim != 2 or tuple(t.shape) != want or r < 1:
+    wants = ((r, in_f), (out_f, r))
+    if kind == "conv":  # PEFT's conv factors: A (r, in, kernel), B (out, r, 1)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        wants = ((r, base.in_channels, base.kernel_size[0]), (out_f, r, 1))
+    for part, t, want in ((a_key, a, wants[0]), (b_key, b, wants[1])):
+        if tuple(t.shape) != want or r < 1:
             raise ShapeMismatchError(f"{where}: {PREFIX}{path}.{part} has shape {tuple(t.shape)} but module {path!r} "
                                      f"of this model needs {want} (its weight is {out_f}x{in_f}); "
                                      "is this adapter for another base model?")

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import AdapterError, TargetError
 from .adapters import adapter_names, check_adapter_name, set_active, set_bias_trainable, set_requires_grad
 from .config import ALL_LINEAR, LoraConfig, moves_base
+from .conv import LoraConv, check_conv, conv_shape
 from .layer import Adapter, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .siblings import SIBLING_NAMES
 
@@ -29,7 +30,7 @@ class Target:
     """One module an adapter will wrap. ``shape`` is (out, in) as in the LoRA math."""
 
     name: str
-    kind: str  # "linear" | "conv1d" | "embedding"
+    kind: str  # "linear" | "conv1d" (transformers' Conv1D) | "conv" (nn.Conv1d) | "embedding"
     shape: tuple[int, int]
     r: int
     lora_alpha: float
@@ -54,7 +55,10 @@ def _conv1d_type():
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d', 'embedding', or None when LoRA cannot wrap this module."""
+    """'linear', 'conv1d' (transformers' Conv1D), 'conv' (nn.Conv1d), 'embedding', or None when LoRA cannot
+    wrap this module."""
+    if isinstance(module, LoraConv):
+        return "conv"
     if isinstance(module, LoraLinear):
         return "conv1d" if module.fan_in_fan_out else "linear"
     if isinstance(module, LoraEmbedding):
@@ -65,6 +69,8 @@ def module_kind(module: nn.Module) -> str | None:
         return "conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if isinstance(module, nn.Conv1d):
+        return "conv"
     return None
 
 
@@ -192,8 +198,12 @@ def _target(name: str, module: nn.Module, cfg: LoraConfig) -> Target:
     kind = module_kind(module)
     if kind is None:
         raise TargetError(f"module {name!r} is a {type(module).__name__}; lorakit adapts nn.Linear, "
-                          "nn.Embedding and transformers' Conv1D. Narrow target_modules to those.")
-    if isinstance(module, LoraLayer):
+                          "nn.Embedding, nn.Conv1d and transformers' Conv1D. Narrow target_modules to those.")
+    if kind == "conv":
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        check_conv(name, base)
+        shape = conv_shape(base)
+    elif isinstance(module, LoraLayer):
         shape = (module.out_features, module.in_features)
     elif kind == "embedding":
         shape = (module.embedding_dim, module.num_embeddings)
@@ -230,7 +240,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def _wrap(model: nn.Module, name: str, module: nn.Module, kind: str) -> LoraLayer:
     if isinstance(module, LoraLayer):
         return module
-    layer = LoraEmbedding(module) if kind == "embedding" else LoraLinear(module)
+    layer = {"embedding": LoraEmbedding, "conv": LoraConv}.get(kind, LoraLinear)(module)
     layer.train(module.training)  # a wrapper in an eval-mode model must not start dropping out
     _set_submodule(model, name, layer)
     return layer
