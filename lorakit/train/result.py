@@ -72,7 +72,7 @@ def finish(model, tokenizer, out: Path, cfg: TrainConfig, paths: DataPaths, st: 
     barrier(info)
     if not info.main:
         return {}
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    plot_loss(out / "metrics.jsonl", out / "loss.png", objective.plotted)
     rep = trainable_report(unwrap(model))
     summary = {
         "mode": "full" if cfg.full else "lora", "objective": objective.name, "model": cfg.model, "steps": step, "epochs": round(step / st["steps_per_epoch"], 4), "stopped_early": stopped_early,

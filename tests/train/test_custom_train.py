@@ -168,6 +168,13 @@ def test_custom_model_run_logs_sub_losses_and_saves_the_adapter(grid, tmp_path):
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("wqkv.lora_B.weight") and v.abs().sum() > 0 for k, v in saved.items())
     assert any("head" in k and "lora" not in k for k in saved)
+    # loss.png draws the sub-losses in a second panel: taller than the loss alone
+    from PIL import Image
+
+    from lorakit.plots import plot_loss
+
+    plot_loss(out / "metrics.jsonl", tmp_path / "alone.png")
+    assert Image.open(out / "loss.png").height > 1.5 * Image.open(tmp_path / "alone.png").height
 
 
 def test_pretrained_weights_survive_injection(grid, tmp_path):

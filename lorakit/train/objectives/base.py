@@ -48,6 +48,7 @@ class Objective:
     """
 
     name = "sft"
+    plotted: tuple[str, ...] = ()  # logged figures loss.png draws beside the loss (a loss function's sub-losses)
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg

@@ -85,6 +85,7 @@ class OwnLoss(CausalLM):
             total, n = default_loss_sum(model, batch)
             return StepLoss(total, n, tokens_in(batch))
         value, parts = call_loss(self.fn, model, batch)
+        self.plotted = tuple(dict.fromkeys([*self.plotted, *parts]))
         rows = rows_in(batch)
         return StepLoss(value * rows, rows, tokens_in(batch), {k: (v * rows, rows) for k, v in parts.items()})
 
