@@ -213,3 +213,27 @@ def test_bad_loss_specs_and_returns_are_named(grid, tmp_path):
         _cfg(src, data, tmp_path / "o", objective="dpo")
     with pytest.raises(TrainingError, match="--full: for transformers models only"):
         build_model(_cfg(src, data, tmp_path / "o", full=True))
+
+
+def test_transformers_model_on_pretokenized_rows_equals_the_text_run(tiny_model_dir, tmp_path):
+    """The sft objective on rows tokenized beforehand (as TRL's SFTTrainer takes input_ids) trains exactly as on
+    the text they came from."""
+    from lorakit.data.tokenize import tokenize_examples
+    from lorakit.models.load import load_model
+
+    text = [{"prompt": f"{i} say ", "completion": "yes" if i % 3 else "no"} for i in range(9)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text))
+    _, tok = load_model(str(tiny_model_dir))
+    ds = tokenize_examples(text, tok, 32)
+    rows = [{"input_ids": ds[i].input_ids, "labels": ds[i].labels} for i in range(len(ds))]
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = dict(model=str(tiny_model_dir), max_steps=3, batch_size=4, target_modules=["q_proj", "v_proj"], r=4,
+                  eval_every=0, save_every=0, log_every=1, dtype="float32", max_seq_len=32)
+    summaries = [train(TrainConfig(data=str(tmp_path / f"{name}.jsonl"), eval_data=str(tmp_path / f"{name}.jsonl"),
+                                   out=str(tmp_path / name), **recipe), progress=False) for name in ("text", "ids")]
+    assert [s["objective"] for s in summaries] == ["sft", "sft"]
+    assert summaries[0]["final_eval_loss"] == summaries[1]["final_eval_loss"]
+    a, b = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("text", "ids"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "ids" / "summary.json").read_text())["data"]["train"]["token_cache"] == \
+        "not needed (token ids)"
