@@ -1,0 +1,1 @@
+"""Losses as pure functions over log-probs (torchtune style)."""
