@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from .continuous import Running
+from .kvcache import unspliceable_layers
 from .rows import Row, special_ids
 from .sampling import SamplingParams
 
@@ -116,6 +117,10 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Prompt], 
         one list of ``n`` completions per prompt, in the order of ``prompts``.
     """
     sampling = sampling or SamplingParams()
+    if kinds := unspliceable_layers(model.config):
+        raise ConfigError(f"generate: the model's KV cache has {kinds} layers (sliding-window or linear attention); "
+                          "generate() batches rows over full-attention caches only (transformers' "
+                          "model.generate() runs such a model)")
     if n < 1 or max_rows < 1:
         raise ConfigError(f"generate: n and max_rows must be >= 1, got n={n}, max_rows={max_rows}")
     if adapters is not None and len(adapters) != len(prompts):

@@ -33,14 +33,21 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def splice_error(config: Any) -> str | None:
-    """Why rows of this model cannot enter and leave a shared cache (None: they can)."""
+def unspliceable_layers(config: Any) -> list[str]:
+    """The kinds of cache layer of a model with ``config`` that rows cannot enter and leave (sliding-window
+    or linear attention); empty when every layer is a full-attention DynamicLayer."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers}
-    if kinds - {DynamicLayer.__name__}:
-        return (f"the model's KV cache has {sorted(kinds)} layers (sliding-window or linear attention); "
+    return sorted(kinds) if kinds - {DynamicLayer.__name__} else []
+
+
+def splice_error(config: Any) -> str | None:
+    """Why rows of this model cannot enter and leave a shared cache, with a server's fix (None: they can)."""
+    kinds = unspliceable_layers(config)
+    if kinds:
+        return (f"the model's KV cache has {kinds} layers (sliding-window or linear attention); "
                 "continuous batching splices only full-attention DynamicLayer caches: use --scheduler window")
     return None
 

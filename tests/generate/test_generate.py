@@ -166,3 +166,12 @@ def test_the_core_imports_no_server_machinery():
         assert not {m.split(".")[0] for m in names} & banned, path.name
         relative = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 2}
         assert {m.split(".")[0] for m in relative} <= {"lora", "errors"}, (path.name, relative)
+
+
+def test_a_sliding_window_cache_is_refused_with_what_to_use(tok):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    with pytest.raises(lk.ConfigError, match="DynamicSlidingWindowLayer.*model.generate"):
+        generate(MistralForCausalLM(cfg), tok, ["hello"])
