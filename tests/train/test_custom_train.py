@@ -60,6 +60,17 @@ def loss(model, batch):
     labels = batch["labels"][..., 1:]
     per = [F.cross_entropy(logits[:, s].reshape(-1, VOCAB), labels[:, s].reshape(-1)) for s in range(STREAMS)]
     return {"loss": sum(per) / STREAMS, "semantic": per[0], "codebook": per[1]}
+
+
+def row_loss(model, batch):
+    """Mean over rows of each row's token mean: a figure independent of how rows are split (DDP)."""
+    logits = model(batch["input_ids"], batch["attention_mask"])[..., :-1, :]
+    labels = batch["labels"][..., 1:]
+    per_token = F.cross_entropy(logits.transpose(1, -1), labels.transpose(1, -1), reduction="none")  # (B, T-1, S)
+    labelled = (labels != -100).transpose(1, -1)
+    per_row = (per_token * labelled).sum((1, 2)) / labelled.sum((1, 2))
+    return {"loss": per_row.mean(), "first_stream": ((per_token[..., 0] * labelled[..., 0]).sum(1)
+                                                     / labelled[..., 0].sum(1)).mean()}
 '''
 
 
