@@ -1,22 +1,17 @@
-"""The serving engine: one base model, many adapters, requests batched across adapters in a worker thread.
+"""The serving engine: one base model, many adapters, the generation core (:mod:`lorakit.generate`) in a
+worker thread. Two schedulers (``Limits.scheduler``):
 
-Two schedulers (``Limits.scheduler``):
+- ``"continuous"`` (default): iteration-level scheduling over the core's ``Running`` batch. At every
+  decoding step finished rows leave and waiting ones join, up to ``max_batch_size`` in flight, in the
+  order of ``Limits.admission`` (:mod:`lorakit.serve.admission`); a request's n choices join together
+  and prefill their prompt once. A short request waits for a long one only when ``max_batch_size`` rows
+  are in flight (nothing is preempted).
+- ``"window"``: the worker gathers requests for ``batch_window_ms`` and generates that batch to
+  completion (the core's ``window.run_batch``; kept for comparison: ``bench/serve_load.py``).
 
-- ``"continuous"`` (default): iteration-level scheduling. At every decoding step finished rows leave
-  the batch and waiting requests join it, up to ``max_batch_size`` rows in flight, short ones first
-  without starving long ones (``Limits.admission``, :mod:`lorakit.serve.admission`);
-  newcomers are prefilled together, then decode with the others in one mixed-adapter batch
-  (``lorakit.mixed_batch``) over a KV cache they enter and leave without recomputing anyone else's
-  (:mod:`lorakit.generate.kvcache`). A short request waits for a long one to finish only when
-  ``max_batch_size`` rows are in flight (nothing is preempted).
-- ``"window"``: the worker takes the first request, gathers more for up to ``batch_window_ms`` and
-  generates that batch to completion (kept for comparison: ``bench/serve_load.py``).
-
-The worker thread's loops are in :mod:`lorakit.serve.scheduler`.
-
-Adapters are loaded at start, at runtime, or on a request's first use of them (:meth:`Engine.hold`); past
-``max_adapters`` the least recently used idle one is unloaded. Loading and unloading happen between decoding
-steps.
+The worker thread's loops are in :mod:`lorakit.serve.scheduler`. Adapters are loaded at start, at
+runtime, or on a request's first use of them (:meth:`Engine.hold`); past ``max_adapters`` the least
+recently used idle one is unloaded. Loading and unloading happen between decoding steps.
 """
 
 from __future__ import annotations
@@ -346,8 +341,6 @@ class Engine:
             timeout: seconds to wait for the result.
             **params: SamplingParams fields (max_tokens, temperature, top_p, seed, stop).
         """
-        if "stop" in params:
-            params["stop"] = tuple(params["stop"])
         events: queue.Queue[Event] = queue.Queue()
         self.submit(self.encode(prompt), model or self.name, SamplingParams(**params), events.put)
         parts, deadline = [], time.monotonic() + timeout
