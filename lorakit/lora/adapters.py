@@ -11,6 +11,9 @@ from torch import nn
 
 from ..errors import AdapterError
 from .layer import Adapter, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .tokens import TrainableTokens
+
+WRAPPERS = (LoraLayer, ModulesToSave, TrainableTokens)  # modules that hold adapters
 
 COMBINE_METHODS = ("cat", "linear", "svd")
 
@@ -19,7 +22,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters present anywhere in the model, in order of first appearance."""
     names: dict[str, None] = {}
     for module in model.modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, WRAPPERS):
             names.update(dict.fromkeys(module.adapters))
     return list(names)
 
@@ -39,6 +42,8 @@ def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
             dicts = (module.lora_embedding_A, module.lora_embedding_B, module.lora_magnitude_vector)
         elif isinstance(module, ModulesToSave):
             dicts = (module.modules_to_save,)
+        elif isinstance(module, TrainableTokens) and module.source is module:
+            dicts = (module.trainable_tokens_delta,)
         else:
             continue
         for d in dicts:
@@ -50,7 +55,7 @@ def set_requires_grad(model: nn.Module, names: list[str], flag: bool) -> None:
 def freeze_base(model: nn.Module) -> None:
     """Freeze every parameter that is not a LoRA factor or a modules_to_save copy (as PEFT does)."""
     own = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.",
-           ".modules_to_save.")
+           ".modules_to_save.", ".trainable_tokens_delta.")
     for name, p in model.named_parameters():
         if not any(mark in f".{name}." for mark in own):
             p.requires_grad_(False)
@@ -112,7 +117,7 @@ def set_active(model: nn.Module, names: list[str] | str) -> None:
     names = [names] if isinstance(names, str) else list(names)
     _require(model, names)
     for module in model.modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, WRAPPERS):
             module.set_active(names)
     model.lorakit_active = names
 
@@ -125,7 +130,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         name: the adapter to remove.
     """
     _require(model, [name])
-    layers = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave)) and name in m.adapters]
+    layers = [m for m in model.modules() if isinstance(m, WRAPPERS) and name in m.adapters]
     merged = [n for n, m in lora_layers(model) if name in m.merged]
     if merged:
         raise AdapterError(f"adapter {name!r} is merged into {merged[0]}; call lk.unmerge(model) before deleting it")

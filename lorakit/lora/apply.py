@@ -23,8 +23,9 @@ from .adapters import (
 from .config import LoraConfig, moves_base
 from .conv import conv_shape
 from .inject import _matches_list, candidate_modules, linear_shape, module_kind
-from .io import CONFIG_NAME, FORMAT_VERSION, PREFIX, WEIGHTS_NAME, base_fingerprint, read_adapter
+from .io import CONFIG_NAME, FORMAT_VERSION, PREFIX, TOKENS_KEY, WEIGHTS_NAME, base_fingerprint, read_adapter
 from .layer import LoraLayer, LoraLinear, ModulesToSave
+from .tokens import TrainableTokens, token_targets
 
 
 def _module_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -50,8 +51,9 @@ def _closest(name: str, names) -> str:
 
 def _split_keys(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module], save_paths: set[str], where: str,
                 bias: str = "none"):
-    """Sort PEFT keys into LoRA factors {path: {part: t}}, modules_to_save {path: {param: t}} and
-    trained biases {module path: t}."""
+    """Sort PEFT keys into LoRA factors {path: {part: t}}, modules_to_save {path: {param: t}}, trained
+    biases {module path: t} and trainable tokens' rows {embedding path: t}."""
+    tokens: dict[str, torch.Tensor] = {}
     lora: dict[str, dict[str, torch.Tensor]] = {}
     saves: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor] = {}
@@ -62,6 +64,9 @@ def _split_keys(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{where}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file")
         k = key[len(PREFIX):]
+        if k.endswith("." + TOKENS_KEY):
+            tokens[k.removesuffix("." + TOKENS_KEY)] = t
+            continue
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", k) or re.fullmatch(
             r"(.+)\.(lora_embedding_[AB]|lora_magnitude_vector)", k)
         if m:
@@ -80,7 +85,23 @@ def _split_keys(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
             raise AdapterFormatError(f"{where}: unexpected key {key!r}: neither a LoRA factor nor a parameter of a "
                                      f"modules_to_save module{_closest(k.rsplit('.', 1)[0], modules)}")
         saves.setdefault(owner, {})[k[len(owner) + 1:]] = t
-    return lora, saves, biases
+    return lora, saves, biases, tokens
+
+
+def _check_tokens(tokens: dict[str, torch.Tensor], model: nn.Module, modules: dict[str, nn.Module], cfg: LoraConfig,
+                  where: str) -> dict[str, list[int]]:
+    """{embedding path: indices} of the adapter's trainable tokens, each file tensor checked against them."""
+    want = token_targets(model, cfg.trainable_token_indices, modules) if cfg.trainable_token_indices else {}
+    if set(want) != set(tokens):
+        raise AdapterFormatError(f"{where}: trainable_token_indices={cfg.trainable_token_indices!r} names "
+                                 f"{sorted(want) or 'no embedding'}, the file has rows for {sorted(tokens) or 'none'}")
+    for path, indices in want.items():
+        module = modules[path]
+        dim = (module.base_layer if isinstance(module, TrainableTokens) else module).embedding_dim
+        if tuple(tokens[path].shape) != (len(indices), dim):
+            raise ShapeMismatchError(f"{where}: {PREFIX}{path}.{TOKENS_KEY} has shape {tuple(tokens[path].shape)}; "
+                                     f"{len(indices)} tokens of {path!r} need ({len(indices)}, {dim})")
+    return want
 
 
 def _check_bias(key: str, t: torch.Tensor, module: nn.Module | None, where: str) -> torch.Tensor:
@@ -156,9 +177,9 @@ def _check_metadata(metadata: dict[str, str], model: nn.Module, where: str) -> N
                       "(parameter names/shapes); its target shapes fit, so it is loaded", stacklevel=3)
 
 
-def _apply(model, name, cfg, lora, saves, biases, modules) -> None:
+def _apply(model, name, cfg, lora, saves, biases, modules, tokens=None) -> None:
     from .adapters import _set_factors
-    from .inject import _set_submodule, _wrap
+    from .inject import _set_submodule, _wrap, add_trainable_tokens
     from .layer import Adapter
 
     for path, parts in lora.items():
@@ -185,6 +206,12 @@ def _apply(model, name, cfg, lora, saves, biases, modules) -> None:
             _set_submodule(model, path, wrapper)
         wrapper.add_adapter(name)
         wrapper.modules_to_save[name].load_state_dict(params)
+    rows, indices = tokens or ({}, {})
+    if indices:
+        add_trainable_tokens(model, indices, name)
+        with torch.no_grad():
+            for path, t in rows.items():
+                model.get_submodule(path).trainable_tokens_delta[name].copy_(t)
 
 
 def _rollback(model: nn.Module, name: str, before: dict[str, nn.Module]) -> None:
@@ -193,7 +220,7 @@ def _rollback(model: nn.Module, name: str, before: dict[str, nn.Module]) -> None
     for path, module in candidate_modules(model).items():
         if path in before and module is not before[path]:
             _set_submodule(model, path, before[path])
-        elif isinstance(module, (LoraLayer, ModulesToSave)) and name in module.adapters:
+        elif isinstance(module, (LoraLayer, ModulesToSave, TrainableTokens)) and name in module.adapters:
             module.delete_adapter(name)
 
 
@@ -222,7 +249,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     cfg, tensors, metadata = read_adapter(path)
     modules = candidate_modules(model)
     save_paths = {n for n in modules if cfg.modules_to_save and _matches_list(n, cfg.modules_to_save)}
-    lora, saves, biases = _split_keys(tensors, modules, save_paths, where, cfg.bias)
+    lora, saves, biases, tokens = _split_keys(tensors, modules, save_paths, where, cfg.bias)
     if not lora:
         raise AdapterFormatError(f"{where}: {WEIGHTS_NAME} holds no LoRA factors")
     for p, parts in lora.items():
@@ -231,9 +258,10 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                                      f"have{_closest(p, modules)}; is it for another base model?")
         _check_factors(p, parts, modules[p], cfg, where)
     _check_saves(saves, modules, where)
+    token_indices = _check_tokens(tokens, model, modules, cfg, where)
     _check_metadata(metadata, model, where)  # after the shape checks: its warning says the shapes fit
     try:
-        _apply(model, adapter_name, cfg, lora, saves, biases, modules)
+        _apply(model, adapter_name, cfg, lora, saves, biases, modules, (tokens, token_indices))
     except BaseException:
         _rollback(model, adapter_name, modules)
         raise

@@ -23,14 +23,14 @@ _PEFT_INERT_KEYS = {
     "peft_type": "LORA", "auto_mapping": None, "revision": None, "inference_mode": None,
     "peft_version": None, "loftq_config": {}, "megatron_config": None, "megatron_core": "megatron.core",
     "lora_bias": False, "layer_replication": None, "target_parameters": None,
-    "trainable_token_indices": None, "use_qalora": False, "qalora_group_size": 16, "eva_config": None,
+    "use_qalora": False, "qalora_group_size": 16, "eva_config": None,
     "corda_config": None, "arrow_config": None, "alora_invocation_tokens": None, "ensure_weight_tying": False,
     "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "velora_config": None,
     "use_bdlora": None, "runtime_config": None, "exclude_modules": None,
 }
 # Of those, the ones whose non-default value means a method lorakit does not implement.
 _UNSUPPORTED_IF_SET = (
-    "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+    "lora_bias", "layer_replication", "target_parameters",
     "use_qalora", "alora_invocation_tokens", "use_bdlora",
 )
 
@@ -59,6 +59,8 @@ class LoraConfig:
         bias: which biases train with the adapter and are saved in its file: "none", "all"
             (every bias of the model) or "lora_only" (the biases of the adapted modules).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
+        trainable_token_indices: rows of an embedding trained in full (new tokens): a list of ids for the
+            input embedding, or {embedding name: ids} (PEFT's meaning; lorakit.lora.tokens).
         layers_to_transform: layer index or indices to adapt (list targets only).
         layers_pattern: name of the module list holding the layers (e.g. "layers", "h").
         rank_pattern: {regex: r} overriding r for modules whose name ends with a match.
@@ -78,6 +80,7 @@ class LoraConfig:
     use_dora: bool = False
     bias: str = "none"
     modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -100,6 +103,7 @@ class LoraConfig:
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = _str_list("modules_to_save", self.modules_to_save)
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
         self.layers_to_transform = _layers(self.layers_to_transform)
         if isinstance(self.layers_pattern, (list, tuple)):
             self.layers_pattern = _str_list("layers_pattern", self.layers_pattern)
@@ -247,6 +251,20 @@ def _names_or_regex(what: str, value: Any, allow_none: bool = True) -> list[str]
     if not names:
         raise ConfigError(f"{what} must not be an empty list")
     return names
+
+
+def _token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    def ids(v) -> bool:
+        return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                and i >= 0 for i in v)
+    if value is None:
+        return None
+    if ids(value):
+        return list(value)
+    if isinstance(value, dict) and value and all(isinstance(k, str) and k and ids(v) for k, v in value.items()):
+        return {k: list(v) for k, v in value.items()}
+    raise ConfigError(f"trainable_token_indices must be a non-empty list of token ids >= 0, or {{embedding name: "
+                      f"[ids]}}, got {value!r}")
 
 
 def _layers(value: Any) -> list[int] | None:

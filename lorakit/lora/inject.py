@@ -21,6 +21,7 @@ from .config import ALL_LINEAR, LoraConfig, moves_base
 from .conv import LoraConv, check_conv, conv_shape
 from .layer import Adapter, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .siblings import SIBLING_NAMES
+from .tokens import TrainableTokens, tied_modules, token_targets
 
 _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
@@ -91,7 +92,7 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
         if not name or any(".".join(parts[:i]) in inner for i in range(1, len(parts))):
             continue
         out[name] = module
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, TrainableTokens)):
             inner.add(name)
     return out
 
@@ -268,6 +269,27 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -
 
 
 
+def add_trainable_tokens(model: nn.Module, spec: list[int] | dict[str, list[int]], adapter_name: str
+                         ) -> dict[str, list[int]]:
+    """Train rows of embeddings for ``adapter_name`` (PEFT's trainable_token_indices); a module sharing the
+    table's weight (a tied output head) reads the same rows. Returns {embedding path: indices}."""
+    modules = candidate_modules(model)
+    targets = token_targets(model, spec, modules)
+    for path, indices in targets.items():
+        layer = modules[path]
+        if isinstance(layer, (LoraLayer, ModulesToSave)):
+            raise TargetError(f"{path!r} is already adapted by LoRA or trained in full (modules_to_save); train its "
+                              "rows with trainable_token_indices or the whole table, not both")
+        if not isinstance(layer, TrainableTokens):
+            heads = tied_modules(model, layer.weight, path)
+            layer = TrainableTokens(layer)
+            _set_submodule(model, path, layer)
+            for head in heads:
+                _set_submodule(model, head, TrainableTokens(model.get_submodule(head), tied_to=layer))
+        layer.add_adapter(adapter_name, indices)
+    return targets
+
+
 def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, activate: bool = True) -> nn.Module:
     """Add adapter ``adapter_name`` to the modules ``cfg`` targets, in place.
 
@@ -289,6 +311,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
                            "delete_adapter it first or pick another name")
     targets = plan_injection(model, cfg)
     _check_variant_targets(targets, cfg)
+    _check_token_targets(model, targets, cfg)
     if any(t.kind == "conv1d" for t in targets) and not cfg.fan_in_fan_out:
         warnings.warn("targets include Conv1D layers (weights stored (in, out)); setting fan_in_fan_out=True "
                       "as PEFT does", stacklevel=2)
@@ -304,6 +327,8 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
         layer.add_adapter(adapter_name, spec, cfg.init_lora_weights)
     if cfg.modules_to_save:
         add_modules_to_save(model, cfg.modules_to_save, adapter_name)
+    if cfg.trainable_token_indices:
+        add_trainable_tokens(model, cfg.trainable_token_indices, adapter_name)
     set_requires_grad(model, [adapter_name], True)
     set_bias_trainable(model, cfg.bias, True)
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), adapter_name: cfg}
@@ -312,6 +337,17 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
     return model
 
 
+
+
+def _check_token_targets(model: nn.Module, targets: list[Target], cfg: LoraConfig) -> None:
+    """trainable_token_indices names embeddings (rows in range) that LoRA and modules_to_save leave alone."""
+    if not cfg.trainable_token_indices:
+        return
+    for path in token_targets(model, cfg.trainable_token_indices, candidate_modules(model)):
+        saved = any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in cfg.modules_to_save or [])
+        if saved or path in {t.name for t in targets}:
+            raise TargetError(f"{path!r} is targeted by LoRA or modules_to_save and by trainable_token_indices; train "
+                              "its rows with trainable_token_indices or the whole table, not both")
 
 
 def _check_variant_targets(targets: list[Target], cfg: LoraConfig) -> None:

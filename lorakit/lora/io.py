@@ -37,6 +37,7 @@ PREFIX = "base_model.model."
 FORMAT_VERSION = "1"
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _VECTOR_PARTS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")  # no ".weight" in the key
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # trainable_token_indices' rows, PEFT's key
 
 
 def to_peft_key(key: str, adapter_name: str) -> str:
@@ -49,12 +50,15 @@ def to_peft_key(key: str, adapter_name: str) -> str:
     key = re.sub(rf"\.(lora_A|lora_B)\.{name}\.", r".\1.", key)
     key = re.sub(rf"\.modules_to_save\.{name}\.", ".", key)
     key = re.sub(rf"\.(lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.{name}$", r".\1", key)
+    key = re.sub(rf"\.trainable_tokens_delta\.{name}$", "." + TOKENS_KEY, key)  # PEFT's wrapper adds a level
     return PREFIX + key
 
 
 def from_peft_key(key: str, adapter_name: str, save_paths: set[str]) -> str:
     """PEFT file key → model state-dict key (``save_paths``: modules_to_save locations)."""
     key = key.removeprefix(PREFIX)
+    if key.endswith("." + TOKENS_KEY):
+        return f"{key.removesuffix(TOKENS_KEY)}trainable_tokens_delta.{adapter_name}"
     for part in ("lora_A", "lora_B"):
         if f".{part}." in key:
             return key.replace(f".{part}.", f".{part}.{adapter_name}.")
@@ -72,7 +76,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str,
     """The adapter's tensors under model state-dict keys (LoRA factors, DoRA magnitudes, modules_to_save
     copies, and the biases its config's ``bias`` trains)."""
     marks = [f".{p}.{adapter_name}." for p in ("lora_A", "lora_B", "modules_to_save")]
-    ends = [f".{p}.{adapter_name}" for p in _VECTOR_PARTS]
+    ends = [f".{p}.{adapter_name}" for p in (*_VECTOR_PARTS, "trainable_tokens_delta")]
     source = model.state_dict() if state_dict is None else state_dict
     out = {k: v for k, v in source.items() if any(m in k for m in marks) or k.endswith(tuple(ends))}
     cfg = getattr(model, "lorakit_configs", {}).get(adapter_name)
@@ -90,7 +94,8 @@ def base_fingerprint(model: nn.Module) -> str:
 def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
-        if any(f".{part}." in name for part in (*_LORA_PARTS, "modules_to_save")) or name.split(".")[-2] in _LORA_PARTS:
+        if any(f".{part}." in name for part in (*_LORA_PARTS, "modules_to_save")) or \
+                name.split(".")[-2] in (*_LORA_PARTS, "trainable_tokens_delta"):
             continue
         out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = p
     return out

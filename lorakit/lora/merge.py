@@ -14,6 +14,7 @@ from . import quantized
 from .adapters import _require, active_adapters, lora_layers
 from .inject import candidate_modules
 from .layer import LoraLayer, ModulesToSave
+from .tokens import TrainableTokens
 
 
 def merge(model: nn.Module, names: list[str] | str | None = None) -> None:
@@ -30,6 +31,9 @@ def merge(model: nn.Module, names: list[str] | str | None = None) -> None:
     _refuse_shared_weights(model, names)
     for _, layer in lora_layers(model):
         layer.merge(names)
+    for module in model.modules():  # a tied head reads the embedding's table, so both see the merged rows
+        if isinstance(module, TrainableTokens):
+            module.merge(names)
 
 
 def _refuse_shared_weights(model: nn.Module, names: list[str]) -> None:
@@ -56,13 +60,17 @@ def unmerge(model: nn.Module) -> None:
     """
     for _, layer in lora_layers(model):
         layer.unmerge()
+    for module in model.modules():
+        if isinstance(module, TrainableTokens):
+            module.unmerge()
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
     """Adapters currently merged into at least one base weight."""
     out: dict[str, None] = {}
-    for _, layer in lora_layers(model):
-        out.update(dict.fromkeys(layer.merged))
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, TrainableTokens)):
+            out.update(dict.fromkeys(module.merged))
     return list(out)
 
 
@@ -90,6 +98,8 @@ def merge_and_unload(model: nn.Module, names: list[str] | str | None = None) -> 
     for name, module in list(candidate_modules(model).items()):
         if isinstance(module, LoraLayer):
             replacement = quantized.plain(module.base_layer)
+        elif isinstance(module, TrainableTokens):
+            replacement = module.base_layer
         elif isinstance(module, ModulesToSave):
             chosen = [a for a in active if a in module.modules_to_save]
             replacement = module.modules_to_save[chosen[0]] if chosen else module.original_module
