@@ -312,6 +312,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *, 
     targets = plan_injection(model, cfg)
     _check_variant_targets(targets, cfg)
     _check_token_targets(model, targets, cfg)
+    _warn_tied_embeddings(model, targets)
     if any(t.kind == "conv1d" for t in targets) and not cfg.fan_in_fan_out:
         warnings.warn("targets include Conv1D layers (weights stored (in, out)); setting fan_in_fan_out=True "
                       "as PEFT does", stacklevel=2)
@@ -348,6 +349,19 @@ def _check_token_targets(model: nn.Module, targets: list[Target], cfg: LoraConfi
         if saved or path in {t.name for t in targets}:
             raise TargetError(f"{path!r} is targeted by LoRA or modules_to_save and by trainable_token_indices; train "
                               "its rows with trainable_token_indices or the whole table, not both")
+
+
+def _warn_tied_embeddings(model: nn.Module, targets: list[Target]) -> None:
+    """A LoRA on an embedding whose table another module shares acts on the input side only; merge refuses it."""
+    for t in (t for t in targets if t.kind == "embedding"):
+        table = model.get_submodule(t.name).weight
+        others = [n for n, p in model.named_parameters(remove_duplicate=False)
+                  if p is table and not n.startswith(t.name + ".")]
+        if others:
+            warnings.warn(f"LoRA on {t.name}: its table is tied to {', '.join(others)}, which the adapter does not "
+                          "change while training, and merging it is refused (it would change both). To keep the tie, "
+                          "train new rows with trainable_token_indices or leave the embedding out of target_modules; "
+                          "to adapt the input side alone, untie the weights before injecting", stacklevel=3)
 
 
 def _check_variant_targets(targets: list[Target], cfg: LoraConfig) -> None:

@@ -191,8 +191,12 @@ def count_model(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default"
     for path, module in copies.items():
         for key, tensor in module.state_dict().items():
             saved[to_peft_key(f"{path}.modules_to_save.{adapter_name}.{key}", adapter_name)] = tuple(tensor.shape)
+    tokens = _trainable_tokens(model, cfg)
+    saved.update({to_peft_key(f"{path}.trainable_tokens_delta.{adapter_name}", adapter_name): shape
+                  for path, shape in tokens.items()})
     trainable = sum(t.lora_params for t in targets) + sum(
-        p.numel() for m in copies.values() for p in m.parameters()) + sum(p.numel() for p in biases.values())
+        p.numel() for m in copies.values() for p in m.parameters()) + sum(p.numel() for p in biases.values()) + sum(
+        rows * dim for rows, dim in tokens.values())
     stats = _base_stats(model, targets)
     metadata = {"format": "pt", "lorakit_format_version": FORMAT_VERSION,
                 "lorakit_base_fingerprint": base_fingerprint(model),
@@ -212,6 +216,16 @@ def _trained_biases(model: nn.Module, bias: str, targets: list[Target]) -> dict[
         if name.endswith(".bias") and (bias == "all" or owner in adapted):
             out[f"{owner}.base_layer.bias" if owner in adapted else name] = p
     return out
+
+
+def _trainable_tokens(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int, int]]:
+    """{embedding path: (rows, dim)} that trainable_token_indices trains."""
+    from ..lora.tokens import token_targets
+
+    if not cfg.trainable_token_indices:
+        return {}
+    found = token_targets(model, cfg.trainable_token_indices, candidate_modules(model))
+    return {path: (len(ids), model.get_submodule(path).embedding_dim) for path, ids in found.items()}
 
 
 def count_spec(spec: str, cfg: LoraConfig) -> CountReport:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 import lorakit as lk
 from lorakit.errors import ConfigError, TargetError
 from lorakit.models.custom import load_custom
+from lorakit.plan.count import count_model
 
 peft = pytest.importorskip("peft")
 IDS = [3, 5, 7, 60]
@@ -56,6 +57,9 @@ def test_peft_reads_ours_and_we_read_peft(build, ids, tmp_path):
     loaded = lk.load_adapter(build(), tmp_path / "theirs", is_trainable=True)
     torch.testing.assert_close(logits(loaded, ids), logits(made, ids), atol=1e-5, rtol=0)
     assert lk.trainable_report(loaded).trainable == made.get_nb_trainable_parameters()[0]
+    report = count_model(build(), lk.LoraConfig(**cfg))
+    assert report.trainable == made.get_nb_trainable_parameters()[0]
+    assert report.saved == file_keys(tmp_path / "theirs")
 
 
 def test_only_the_chosen_rows_train(ids):
@@ -133,3 +137,10 @@ def test_bad_targets_are_named():
         with pytest.raises(TargetError, match="not both"):
             lk.inject(model, lk.LoraConfig(trainable_token_indices=[1], **cfg))
         assert lk.list_adapters(model) == []  # nothing half-applied
+
+
+def test_lora_on_a_tied_table_warns_and_merge_refuses_saying_what_to_do(ids):
+    with pytest.warns(UserWarning, match="tied to lm_head.weight.*trainable_token_indices"):
+        model = lk.inject(tiny_qwen2(), lk.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
+    with pytest.raises(lk.AdapterError, match="shared with lm_head.weight.*Untie"):
+        lk.merge(model)
