@@ -5,6 +5,7 @@ the micro-batches the sampler draws, the state dict written to --weights."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -165,10 +166,19 @@ def test_user_loss_is_a_row_weighted_mean_over_micro_batches(grid, tmp_path):
 def test_custom_model_run_logs_sub_losses_and_saves_the_adapter(grid, tmp_path):
     src, mod, data = grid
     out = tmp_path / "run"
-    summary = train(_cfg(src, data, out, eval_data=str(data), max_steps=4, eval_every=2), progress=False)
+    trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    summary = train(_cfg(src, data, out, eval_data=str(data), max_steps=4, eval_every=2, report_to=trackers),
+                    progress=False)
     assert summary["objective"] == "custom"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all({"semantic", "codebook"} <= set(r) for r in records if "loss" in r)
+    if trackers:  # the sub-losses reach the trackers under the Trainer's names
+        from test_trackers import read_tensorboard
+
+        scalars, _ = read_tensorboard(out / "tensorboard")
+        assert [v for _, v in scalars["train/semantic"]] == pytest.approx([r["semantic"] for r in records if "loss" in r])
+        assert [v for _, v in scalars["eval/codebook"]] == \
+            pytest.approx([r["eval_codebook"] for r in records if "eval_loss" in r])
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["eval_loss"] == pytest.approx((r["eval_semantic"] + r["eval_codebook"]) / 2) for r in evals)
