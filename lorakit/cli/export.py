@@ -58,7 +58,7 @@ def _export_native(args: argparse.Namespace) -> int:
     if not is_custom_spec(spec) or not args.out:
         raise ConfigError("lorakit export native needs --model MODULE:FUNCTION (or file.py:FUNCTION; default: the "
                           "adapter's base_model_name_or_path when it is one) and --out FILE.safetensors or FILE.pt")
-    r = export_native(args.native_adapter, spec, args.out, weights=args.weights, allow_missing=args.allow_missing,
+    r = export_native(args.native_adapter, spec, args.out, weights=args.weights, allow_missing=args.allow_missing_keys,
                       inputs=args.inputs)
     tied = "; tied: " + ", ".join(" = ".join(g) for g in r["tied"]) if r["tied"] else ""
     print(f"wrote {r['out']}: {r['keys']} tensors under the model's own names, merged; a fresh build loads it "
@@ -104,7 +104,7 @@ def add_export_verb(sub) -> None:
                         "(also path/to/file.py:FUNCTION)")
     native.add_argument("--weights", metavar="FILE", help="its pretrained weights (.safetensors, or a torch "
                         "checkpoint read weights-only)")
-    native.add_argument("--allow-missing", action="store_true", help="accept model keys --weights lacks")
+    native.add_argument("--allow-missing-keys", action="store_true", help="accept model keys --weights lacks")
     native.add_argument("--inputs", metavar="FILE", help="named tensors (the forward's keyword arguments) to check "
                         "the merge on; default: example_inputs(model) beside the builder")
     native.add_argument("--out", metavar="FILE", help="FILE.safetensors or FILE.pt (a plain dict of tensors)")

@@ -228,7 +228,7 @@ def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]
                              f"{_names(unexpected)}; the model's keys look like {_names(sorted(own), 3)}")
     if missing and not allow_missing:
         raise ModelLoadError(f"{where}: {len(missing)} key(s) of the model missing from the file: {_names(missing)}. "
-                             "Pass --allow-missing (allow_missing=True) to keep the built values for them")
+                             "Pass --allow-missing-keys (allow_missing=True) to keep the built values for them")
     wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
              if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:

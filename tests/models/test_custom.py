@@ -135,7 +135,7 @@ def test_torch_checkpoint_wrappers_are_unwrapped(user_module, tmp_path, wrap):
 def test_missing_unexpected_and_wrong_shape_keys_are_named(user_module, tmp_path):
     sd = {k: v for k, v in _trained().state_dict().items() if k != "head.weight"}
     save_file({k: v for k, v in sd.items() if k != "proj.bias"}, tmp_path / "missing.safetensors")
-    with pytest.raises(ModelLoadError, match=r"missing from the file: proj\.bias.*--allow-missing"):
+    with pytest.raises(ModelLoadError, match=r"missing from the file: proj\.bias.*--allow-missing-keys"):
         load_custom("usernet:build", weights=tmp_path / "missing.safetensors")
     model, _ = load_custom("usernet:build", weights=tmp_path / "missing.safetensors", allow_missing=True)
     torch.testing.assert_close(model.proj.weight, sd["proj.weight"])
