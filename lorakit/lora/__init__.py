@@ -1,5 +1,6 @@
 """The LoRA core: ``LoraConfig``, the layers that wrap a frozen base (``LoraLinear``,
-``LoraEmbedding``, ``ModulesToSave``), the fast autograd paths (``ops``), sibling fusion, strict
+``LoraEmbedding``, ``LoraConv`` for nn.Conv1d, ``ModulesToSave``, ``TrainableTokens`` for rows of an
+embedding), the fast autograd paths (``ops``), sibling fusion, strict
 injection with PEFT's matching rules, adapter bookkeeping (activate / delete / combine / count),
 PEFT-format files (``io``), merging and mixed-adapter batches.
 

@@ -150,7 +150,8 @@ def test_check_inputs_are_required_and_may_come_from_a_file(tmp_path, monkeypatc
     with pytest.raises(ModelLoadError, match="--inputs FILE.*example_inputs"):
         export_native(adapter, spec, tmp_path / "m.safetensors")
     save_file({"input": torch.randn(5, 4)}, tmp_path / "inputs.safetensors")
-    rc = cli_main(["export", "native", str(adapter), "--model", spec, "--inputs", str(tmp_path / "inputs.safetensors"),
+    # --model defaults to the adapter's base_model_name_or_path: load_custom recorded the spec there
+    rc = cli_main(["export", "native", str(adapter), "--inputs", str(tmp_path / "inputs.safetensors"),
                    "--out", str(tmp_path / "m.safetensors")])
     assert rc == 0
     fresh, _ = load_custom(spec)
