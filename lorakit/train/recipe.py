@@ -38,12 +38,47 @@ class TrainConfig:
     out: str = "runs/demo"
     """Output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml, summary.json."""
     objective: str = "sft"
-    """What training minimises: sft (causal-LM cross-entropy on the completions; the default). Checked when the
-    run starts, before any data or model is loaded (train/objectives/)."""
+    """What training minimises: sft (causal-LM cross-entropy on the completions; the default) or grpo (online RL
+    on prompts with --reward functions). Checked when the run starts, before any data or model is loaded
+    (train/objectives/)."""
     loss: str | None = None
     """Your own loss (with objective sft): MODULE:FUNCTION or path/to/file.py:FUNCTION, called as fn(model, batch)
     with the batch's columns by name; returns the mean over the micro-batch's rows, or a dict holding it under
     'loss' and sub-losses logged beside it (docs/custom-models.md). Default: causal-LM cross-entropy."""
+    reward: str | None = None
+    """GRPO: reward functions, MODULE:FUNCTION or path/to/file.py:FUNCTION, comma-separated; each is called as
+    fn(prompts, completions, completion_ids, **columns) and returns one float (or None) per completion, TRL's
+    signature (docs/grpo.md)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """GRPO: one weight per reward function, comma-separated (default 1 each); a completion's reward is the sum."""
+    num_generations: int = 8
+    """GRPO: completions sampled per prompt (a group); batch_size (completions per micro-batch) × grad_accum must
+    be a multiple of it."""
+    max_completion_length: int = 256
+    """GRPO: most tokens of a completion (an eos counts)."""
+    temperature: float = 1.0
+    """GRPO: sampling temperature of the rollouts (> 0); log-probs are scored at the same temperature."""
+    top_p: float = 1.0
+    """GRPO: nucleus sampling of the rollouts (1: off)."""
+    beta: float = 0.0
+    """GRPO: KL coefficient towards the base model (adapters off; TRL's default 0: no reference forward at all)."""
+    epsilon: float = 0.2
+    """GRPO: clipping range of the probability ratio, lower side (ratio >= 1 - epsilon)."""
+    epsilon_high: float = 0.0
+    """GRPO: clipping range, upper side (ratio <= 1 + epsilon_high; DAPO uses 0.28); 0: epsilon."""
+    grpo_loss_type: str = "dapo"
+    """GRPO: how per-token terms are averaged: dapo (token mean over the global batch, TRL's default), grpo
+    (per-sequence token mean, then mean), bnpo (token mean per micro-batch), dr_grpo (÷ rows × max length)."""
+    scale_rewards: str = "group"
+    """GRPO: advantages divided by the std of the group's rewards (group), of the batch's (batch), or not (none)."""
+    num_iterations: int = 1
+    """GRPO: optimizer steps per rollout batch (PPO-style clipping binds from the second)."""
+    mask_truncated_completions: bool = False
+    """GRPO: completions cut at max_completion_length take no loss (DAPO's overlong filtering)."""
+    rollout_rows: int = 64
+    """GRPO: completions generated at once (the generation KV cache holds this many rows)."""
+    pass_reward: float = 1.0
+    """GRPO: a held-out completion passes when its reward reaches this (the before/after pass_rate)."""
     weights: str | None = None
     """With --model MODULE:FUNCTION: the pretrained state dict to load before LoRA is injected (safetensors, or a
     torch checkpoint read weights-only); every key must match."""
@@ -198,6 +233,10 @@ class TrainConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         self.gradient_checkpointing = _on_off_auto(self.gradient_checkpointing)
+        if isinstance(self.reward_weights, str):  # a flag's "1,0.5"
+            from .rewards import parse_weights
+
+            self.reward_weights = parse_weights(self.reward_weights)
         for name in ("columns", "modules_to_save", "pad_value"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, getattr(self, name).split())

@@ -5,6 +5,7 @@ log-probs in ``train/losses/``.
     "sft"   causal-LM cross-entropy over the completion tokens (the default); with --loss, or a model of
             your own (--model MODULE:FUNCTION), ``custom.OwnLoss``: your loss function, or the same
             cross-entropy over the columns your model takes
+    "grpo"  online RL on prompt-only rows: rollouts by the generation core, --reward functions, TRL's GRPO loss
 
 ``make_objective(cfg)`` builds the objective a recipe names.
 """
@@ -16,9 +17,10 @@ import difflib
 from ...errors import ConfigError
 from .base import Objective, StepLoss
 from .custom import OwnLoss
+from .grpo import GRPO
 from .sft import CausalLM
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLM}
+OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLM, "grpo": GRPO}
 
 
 def make_objective(cfg) -> Objective:
@@ -35,4 +37,4 @@ def make_objective(cfg) -> Objective:
     return kind(cfg)
 
 
-__all__ = ["OBJECTIVES", "CausalLM", "Objective", "OwnLoss", "StepLoss", "make_objective"]
+__all__ = ["GRPO", "OBJECTIVES", "CausalLM", "Objective", "OwnLoss", "StepLoss", "make_objective"]
