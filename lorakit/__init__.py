@@ -15,6 +15,7 @@ from .lora.adapters import (
     active_adapters,
     combine,
     delete_adapter,
+    disable_adapters,
     list_adapters,
     set_active,
     trainable_report,
@@ -43,7 +44,7 @@ def __getattr__(name: str):
 __all__ = [
     "AdapterError", "AdapterFormatError", "ConfigError", "DataError", "LoraConfig", "LoraEmbedding",
     "LoraLinear", "LorakitError", "ModelLoadError", "ModulesToSave", "ShapeMismatchError", "Target",
-    "TargetError", "TrainableReport", "active_adapters", "combine", "delete_adapter", "fit", "inject",
-    "list_adapters", "load_adapter", "merge", "merge_and_unload", "merged_adapters", "mixed_batch",
+    "TargetError", "TrainableReport", "active_adapters", "combine", "delete_adapter", "disable_adapters", "fit",
+    "inject", "list_adapters", "load_adapter", "merge", "merge_and_unload", "merged_adapters", "mixed_batch",
     "plan_injection", "quantize", "read_adapter", "save_adapter", "set_active", "trainable_report", "unmerge",
 ]

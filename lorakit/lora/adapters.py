@@ -1,9 +1,10 @@
-"""Pure functions over a model with LoRA layers: activate, delete, list, count, combine."""
+"""Pure functions over a model with LoRA layers: activate, disable for a while, delete, list, count, combine."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,48 @@ def set_active(model: nn.Module, names: list[str] | str) -> None:
         if isinstance(module, WRAPPERS):
             module.set_active(names)
     model.lorakit_active = names
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block; the adapters active before come back on exit (also
+    on an exception). Nothing is copied: it is how preference training gets its reference model.
+
+    Every wrapper computes its base only: LoRA and DoRA layers (quantized bases too) skip their
+    adapters, ``ModulesToSave`` runs its original module, trainable tokens read the original rows; an
+    open ``lk.mixed_batch`` is suspended. A merged adapter is refused: its update sits inside the base
+    weight, and taking it out for a while would change weights behind the caller's back (unmerge
+    first, as ``lk.unmerge(model)``).
+
+        with lk.disable_adapters(model):
+            ref_logits = model(input_ids).logits
+
+    Args:
+        model: a model with adapters (a DDP/FSDP wrapper of one works too).
+    """
+    merged = {n for m in model.modules() if isinstance(m, (LoraLayer, TrainableTokens)) for n in m.merged}
+    if merged:
+        raise AdapterError(f"adapter(s) {sorted(merged)} are merged into the base weights, so the base alone cannot "
+                           "run; call lk.unmerge(model) before disable_adapters")
+    wrappers = [m for m in model.modules() if isinstance(m, WRAPPERS)]
+    saved = [(m, m.active, getattr(m, "mixed", None)) for m in wrappers]
+    had = "lorakit_active" in vars(model)
+    before = vars(model).get("lorakit_active")
+    for m in wrappers:
+        m.active = []
+        if isinstance(m, LoraLayer):
+            m.mixed = None
+    if had:
+        model.lorakit_active = []
+    try:
+        yield model
+    finally:
+        for m, active, mixed in saved:
+            m.active = active
+            if isinstance(m, LoraLayer):
+                m.mixed = mixed
+        if had:
+            model.lorakit_active = before
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
