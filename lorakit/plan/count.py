@@ -92,7 +92,13 @@ def build_meta_model(config) -> nn.Module:
 
 
 def meta_model(spec: str) -> nn.Module:
-    """Build ``spec``'s architecture (preset | config.json | model spec) on the meta device."""
+    """Build ``spec``'s architecture (preset | config.json | model spec | a ``MODULE:FUNCTION`` builder) on
+    the meta device; a builder runs under ``torch.device("meta")`` (one that picks its own device keeps it)."""
+    from ..models.custom import is_custom_spec, load_custom
+
+    if is_custom_spec(spec):
+        with torch.device("meta"):
+            return load_custom(spec)[0]
     return build_meta_model(load_spec_config(spec))
 
 

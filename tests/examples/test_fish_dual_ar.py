@@ -86,3 +86,16 @@ def test_s1_mini_count_reconciles_the_documents_8_1m(fish):
     assert doc.trainable == 28 * per_slow_layer + 4 * per_fast_layer + embeddings
     assert fish_default.trainable - doc.trainable == 8 * (1024 + 155_776) + 8 * (1024 + 4096)
     assert per_slow_layer == 163_840  # the document: "~115,000" (w3 left out, wqkv taken as 1024 -> 3072)
+
+
+def test_lorakit_count_takes_a_builder_spec(capsys):
+    from lorakit.cli.main import main
+
+    fish = ["wqkv", "wo", "w1", "w2", "w3", "embeddings", "codebook_embeddings", "fast_embeddings", "output",
+            "fast_output"]
+    assert main(["count", f"{SPEC}:build_full", "--r", "8", "--alpha", "16", "--target-modules", *fish]) == 0
+    assert "trainable 8,169,472 of 880,921,600 parameters = 0.9274%" in capsys.readouterr().out
+    cosy = SPEC.replace("fish_dual_ar.py", "cosyvoice_lm.py")
+    assert main(["count", f"{cosy}:build_full", "--r", "24", "--target-modules", "q_proj", "k_proj", "v_proj",
+                 "o_proj", "gate_proj", "up_proj", "down_proj"]) == 0
+    assert "trainable 13,197,312 of 519,345,792 parameters" in capsys.readouterr().out
