@@ -99,3 +99,13 @@ def test_lorakit_count_takes_a_builder_spec(capsys):
     assert main(["count", f"{cosy}:build_full", "--r", "24", "--target-modules", "q_proj", "k_proj", "v_proj",
                  "o_proj", "gate_proj", "up_proj", "down_proj"]) == 0
     assert "trainable 13,197,312 of 519,345,792 parameters" in capsys.readouterr().out
+
+
+def test_regex_targets_pick_the_slow_transformer_only(fish):
+    from lorakit import inject
+
+    model = fish.build_tiny()
+    inject(model, LoraConfig(r=2, target_modules=r"layers\.\d+\.attention\.(wqkv|wo)"))
+    adapted = sorted(n for n, m in model.named_modules() if hasattr(m, "lora_A"))
+    assert adapted == sorted(f"layers.{i}.attention.{p}" for i in (0, 1) for p in ("wqkv", "wo"))
+    assert not any("fast_layers" in n for n in adapted)  # full-match regex: "fast_layers.0..." is not "layers.0..."
