@@ -146,8 +146,8 @@ def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Te
         model: a CosyVoiceLM (adapted or not).
         batch: ``text_ids`` (B, T) and ``speech_ids`` (B, S), padded with -100.
     """
-    logits = model(batch["text_ids"], batch["speech_ids"])  # (B, L, V)
-    target = model.targets(batch["text_ids"], batch["speech_ids"])  # (B, L)
+    logits = model(batch["text_ids"], batch["speech_ids"])  # (B, L, V); through DDP's wrapper when there is one
+    target = getattr(model, "module", model).targets(batch["text_ids"], batch["speech_ids"])  # (B, L)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_ID)
     keep = target != IGNORE_ID
     acc = (logits.argmax(-1)[keep] == target[keep]).float().mean()

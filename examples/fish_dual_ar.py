@@ -230,7 +230,8 @@ def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Te
     mask = batch.get("attention_mask")
     token_logits, codebook_logits = model(batch["input_ids"], labels, None if mask is None else mask == 0)
     token_loss = F.cross_entropy(token_logits.flatten(0, 1).float(), labels[:, 0].flatten(), ignore_index=-100)
-    semantic = (labels[:, 0] >= model.config.semantic_begin_id) & (labels[:, 0] <= model.config.semantic_end_id)
+    cfg = getattr(model, "module", model).config  # DDP wraps the module; the forward above goes through it
+    semantic = (labels[:, 0] >= cfg.semantic_begin_id) & (labels[:, 0] <= cfg.semantic_end_id)
     code_labels = labels[:, 1:].permute(0, 2, 1)[semantic]  # (N, C)
     if code_labels.numel():
         codebook_loss = F.cross_entropy(codebook_logits.flatten(0, 1).float(), code_labels.flatten(), ignore_index=-100)
