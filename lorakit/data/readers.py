@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +74,16 @@ class Records:
         return f"{kinds} rows"
 
 
-def read_records(path: str | os.PathLike, columns: dict[str, str] | None = None) -> Records:
+def read_records(path: str | os.PathLike, columns: dict[str, str] | None = None,
+                 validate: Callable[[Any, str], str] = validate_record) -> Records:
     """Read and validate a dataset without tokenizing it (cheap: call it before loading a model).
 
     Args:
         path: a ``.jsonl`` file (core install), or ``.json``, ``.csv``, ``.parquet`` or a
             ``save_to_disk`` directory (``datasets`` extra).
         columns: ``{field: column}`` from ``formats.parse_columns``.
+        validate: ``fn(row, where) -> format name``, raising DataError on a bad row (default: the
+            training formats; preference pairs pass their own and read rows with ``raw_chunks``).
 
     Raises:
         DataError: naming ``file:line`` / ``file:row`` and what was expected, if the file has no
@@ -91,7 +94,7 @@ def read_records(path: str | os.PathLike, columns: dict[str, str] | None = None)
         raw = _read_bytes(path)
         rows, lines = _parse_jsonl(path, raw)
         rows = [rename_columns(r, columns, f"{path}:{n}") for r, n in zip(rows, lines, strict=True)]
-        formats = Counter(validate_record(r, f"{path}:{n}") for r, n in zip(rows, lines, strict=True))
+        formats = Counter(validate(r, f"{path}:{n}") for r, n in zip(rows, lines, strict=True))
         return Records(path, rows, formats, _digest([raw], columns), lines)
     table = _read_table(path)
     if len(table) == 0:
@@ -99,7 +102,7 @@ def read_records(path: str | os.PathLike, columns: dict[str, str] | None = None)
     records = Records(path, table, Counter(), _digest(_file_chunks(path), columns), columns=columns)
     for start, chunk in records.raw_chunks(1000):
         for j, row in enumerate(chunk):
-            records.formats[validate_record(row, records.where(start + j))] += 1
+            records.formats[validate(row, records.where(start + j))] += 1
     return records
 
 
