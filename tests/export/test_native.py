@@ -25,8 +25,8 @@ CASES = {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         modules_to_save=["speech_embedding", "llm_decoder"])),
     "fish": (f"{FISH}:build_tiny", dict(r=4, lora_alpha=8, lora_dropout=0.01, target_modules=[
-        "wqkv", "wo", "w1", "w2", "w3", "embeddings", "codebook_embeddings", "fast_embeddings", "output",
-        "fast_output"])),
+        "wqkv", "wo", "w1", "w2", "w3", "embeddings", "codebook_embeddings", "fast_embeddings", "output"],
+        modules_to_save=["fast_output"])),
 }
 
 
