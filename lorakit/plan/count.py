@@ -187,8 +187,12 @@ def count_model(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default"
     for t in targets:
         a, b = ("lora_embedding_A", "lora_embedding_B") if t.kind == "embedding" else ("lora_A", "lora_B")
         suffix = "" if t.kind == "embedding" else ".weight"
-        saved[to_peft_key(f"{t.name}.{a}.{adapter_name}{suffix}", adapter_name)] = (t.r, t.shape[1])
-        saved[to_peft_key(f"{t.name}.{b}.{adapter_name}{suffix}", adapter_name)] = (t.shape[0], t.r)
+        a_shape, b_shape = (t.r, t.shape[1]), (t.shape[0], t.r)
+        if t.kind == "conv":  # PEFT's conv factors: A (r, in, kernel), B (out, r, 1)
+            conv = model.get_submodule(t.name)
+            a_shape, b_shape = (t.r, conv.in_channels, conv.kernel_size[0]), (t.shape[0], t.r, 1)
+        saved[to_peft_key(f"{t.name}.{a}.{adapter_name}{suffix}", adapter_name)] = a_shape
+        saved[to_peft_key(f"{t.name}.{b}.{adapter_name}{suffix}", adapter_name)] = b_shape
         if t.use_dora:
             saved[to_peft_key(f"{t.name}.lora_magnitude_vector.{adapter_name}", adapter_name)] = (t.shape[0],)
     biases = _trained_biases(model, cfg.bias, targets)

@@ -89,12 +89,14 @@ def test_peft_reads_ours_and_we_read_peft(x, tmp_path):
         torch.testing.assert_close(lk.merge_and_unload(loaded)(x), merged(x), atol=1e-5, rtol=0)
 
 
-def test_count_matches_peft(x):
+def test_count_matches_peft(tmp_path):
     cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS)
     report = count_model(vocoder(), lk.LoraConfig(**cfg))
     trainable, _ = peft.get_peft_model(vocoder(), peft.LoraConfig(**cfg)).get_nb_trainable_parameters()
     assert report.trainable == trainable == 4 * (16 + 8 * 3) + 4 * (16 + 16) + 4 * (4 + 16 * 5)
     assert {t.kind for t in report.targets} == {"conv"}
+    made = lk.inject(vocoder(), lk.LoraConfig(**cfg))
+    assert report.saved == {k: tuple(v.shape) for k, v in lk.read_adapter(lk.save_adapter(made, tmp_path))[1].items()}
 
 
 @pytest.mark.parametrize("conv", [nn.Conv1d(8, 16, 3, groups=2), nn.Conv1d(8, 16, 3, dilation=2),
