@@ -163,3 +163,15 @@ def test_check_inputs_are_required_and_may_come_from_a_file(tmp_path, monkeypatc
 def test_bad_output_suffix_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="must end in .safetensors, .pt, .pth"):
         export_native(tmp_path, f"{COSY}:build_tiny", tmp_path / "m.bin")
+
+
+def test_a_trained_copy_of_one_side_of_a_tie_is_refused(tmp_path):
+    spec = f"{COSY}:build_tiny"
+    model, _ = load_custom(spec)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    with torch.no_grad():
+        model.llm.model.model.embed_tokens.modules_to_save["default"].weight.add_(1.0)
+    adapter = lk.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(AdapterError, match="lm_head.weight and llm.model.model.embed_tokens.weight are one tied"):
+        export_native(adapter, spec, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
