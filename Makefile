@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: demo test browser tcmalloc torture lint bench clean
+.PHONY: demo demo-speech test browser tcmalloc torture lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP) tcmalloc
 	$(VENV)/bin/lorakit train configs/demo.yaml --out runs/demo
+
+# SmolLM2 wrapped CosyVoice-style learns Norwegian pronunciation (words -> espeak-ng phonemes, committed in
+# examples/speech/), then prints held-out phoneme error rate and exact-word rate before/after
+demo-speech: $(STAMP) tcmalloc
+	$(VENV)/bin/lorakit train configs/demo-speech.yaml --out runs/demo-speech
+	$(PY) examples/speech/evaluate.py runs/demo-speech
 
 test: $(STAMP) browser tcmalloc
 	$(VENV)/bin/ruff check lorakit tests scripts bench
