@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, replace_dir
 from .recipe import TrainConfig
 
-Rows = list[dict[str, Any]] | str | os.PathLike
+Rows = Any  # a list of row dicts, a datasets.Dataset, or a data file / directory path
 
 
 def fit(model: torch.nn.Module, rows: Rows, loss_fn=None, *, eval_rows: Rows | None = None, tokenizer: Any = None,
@@ -33,7 +34,8 @@ def fit(model: torch.nn.Module, rows: Rows, loss_fn=None, *, eval_rows: Rows | N
             else ``lora`` (a ``LoraConfig``) is injected, or one made from the recipe fields (``r``,
             ``alpha``, ``target_modules``, ``modules_to_save`` ...), with the base frozen.
         rows: a list of row dicts, pre-tokenized (``input_ids`` / your model's columns, lists, arrays or
-            tensors) or in a text format (with ``tokenizer``); or a data file / directory path.
+            tensors) or in a text format (with ``tokenizer``); a ``datasets.Dataset``; or a data file /
+            directory path.
         loss_fn: ``fn(model, batch) -> Tensor | dict`` (the contract of ``--loss``); None: causal-LM
             cross-entropy over the shifted labels.
         eval_rows: validation rows in the same form (evaluated every ``eval_every`` steps and at the end).
@@ -80,11 +82,19 @@ def fit(model: torch.nn.Module, rows: Rows, loss_fn=None, *, eval_rows: Rows | N
 
 
 def _rows_file(rows: Rows, out: Path, split: str) -> Path:
-    """A path as given; a list of rows written to ``out/data/<split>.jsonl`` (arrays and tensors as lists)."""
+    """A path as given; a list of rows written to ``out/data/<split>.jsonl`` (arrays and tensors as lists), a
+    ``datasets.Dataset`` saved to ``out/data/<split>/``."""
     if isinstance(rows, (str, os.PathLike)):
         return Path(rows)
+    if hasattr(rows, "save_to_disk"):
+        path, tmp = out / "data" / split, out / "data" / f".{split}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        rows.save_to_disk(str(tmp))
+        replace_dir(tmp, path)
+        return path
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ConfigError(f"fit(): {split} rows must be a non-empty list of dicts or a data file path, got "
+        raise ConfigError(f"fit(): {split} rows must be a non-empty list of dicts, a datasets.Dataset or a data "
+                          f"file path, got "
                           f"{type(rows).__name__}")
     path = out / "data" / f"{split}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)

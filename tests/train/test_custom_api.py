@@ -62,6 +62,17 @@ def test_fit_trains_the_adapters_a_model_has(grid, tmp_path):  # noqa: F811
         lk.fit(model, str(data), data=str(data), out=tmp_path / "p")
 
 
+def test_fit_takes_a_datasets_dataset(grid, tmp_path):  # noqa: F811
+    datasets = pytest.importorskip("datasets")
+    src, mod, data = grid
+    rows = datasets.Dataset.from_list([json.loads(line) for line in data.read_text().splitlines()])
+    lk.fit(mod["build"](), rows, mod["loss"], eval_rows=rows, out=tmp_path / "ds", progress=False, **RECIPE)
+    lk.fit(mod["build"](), str(data), mod["loss"], eval_rows=str(data), out=tmp_path / "file", progress=False,
+           **RECIPE)
+    assert (tmp_path / "ds" / "data" / "eval").is_dir()
+    _same_adapter(tmp_path / "file", tmp_path / "ds")
+
+
 def test_fit_on_a_transformers_model_and_text_equals_the_cli_run(tiny_model_dir, tmp_path):
     from lorakit.models.load import load_model
 
