@@ -26,7 +26,8 @@ class TrainConfig:
     """Everything a training run needs. Field docs double as ``lorakit train --help``."""
 
     model: str = "smollm2-135m-instruct"
-    """Model spec: smollm2-135m-instruct (embedded), a local transformers dir, a .gguf, or a hub id."""
+    """Model spec: smollm2-135m-instruct (embedded), a local transformers dir, a .gguf, a hub id, or a model of your
+    own: MODULE:FUNCTION or path/to/file.py:FUNCTION returning an nn.Module (docs/custom-models.md)."""
     data: str = "dates"
     """Training data: a JSONL file (core install), or JSON, CSV, Parquet or a datasets save_to_disk directory
     (pip install 'lorakit[data]'), in format text, prompt/completion, messages, alpaca or sharegpt (detected per
