@@ -26,7 +26,9 @@ from torch import nn
 
 from ..errors import AdapterError
 from .adapters import _factors, list_adapters, lora_layers
+from .conv import LoraConv
 from .layer import LoraEmbedding, LoraLayer, ModulesToSave
+from .tokens import TrainableTokens
 
 
 @dataclass
@@ -135,6 +137,8 @@ def _check(model: nn.Module, names: list[str | None]) -> None:
         raise AdapterError("mixed_batch runs inference only (its stacked factors carry no gradient); "
                            "call model.eval() first")
     for path, layer in lora_layers(model):
+        if isinstance(layer, LoraConv):
+            raise AdapterError(f"mixed_batch does not run Conv1d adapters ({path}); use set_active for them")
         dora = [n for n, spec in layer.adapters.items() if spec.use_dora]
         if dora:
             raise AdapterError(f"mixed_batch does not run DoRA adapters ({dora} in {path}): their magnitude rescales "
@@ -149,8 +153,9 @@ def _check(model: nn.Module, names: list[str | None]) -> None:
         if layer.mixed is not None:
             raise AdapterError("mixed_batch contexts cannot be nested (or used from two threads on one model)")
     for path, module in model.named_modules():
-        if isinstance(module, ModulesToSave) and (module.active or set(names) & set(module.adapters)):
-            raise AdapterError(f"{path} is replaced in full by adapter(s) {module.adapters} (modules_to_save); "
+        if isinstance(module, (ModulesToSave, TrainableTokens)) and (module.active or set(names) & set(module.adapters)):
+            what = "modules_to_save" if isinstance(module, ModulesToSave) else "trainable_token_indices"
+            raise AdapterError(f"{path} is replaced in full or in rows by adapter(s) {module.adapters} ({what}); "
                                "mixed_batch runs LoRA factors only: use set_active for such adapters")
 
 

@@ -106,3 +106,10 @@ def test_convolutions_merging_cannot_reproduce_are_refused(conv):
     with pytest.raises(TargetError, match="groups=1, dilation=1 and integer zero padding"):
         lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]))
     assert type(model[0]) is nn.Conv1d
+
+
+def test_mixed_batches_refuse_conv_adapters(x):
+    model = lk.inject(vocoder(), lk.LoraConfig(r=2, target_modules=["proj"]))
+    with pytest.raises(lk.AdapterError, match="does not run Conv1d adapters"):
+        with lk.mixed_batch(model, ["default", None]):
+            model(x)

@@ -144,3 +144,10 @@ def test_lora_on_a_tied_table_warns_and_merge_refuses_saying_what_to_do(ids):
         model = lk.inject(tiny_qwen2(), lk.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
     with pytest.raises(lk.AdapterError, match="shared with lm_head.weight.*Untie"):
         lk.merge(model)
+
+
+def test_mixed_batches_refuse_trainable_tokens(ids):
+    model = lk.inject(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1]))
+    with pytest.raises(lk.AdapterError, match="trainable_token_indices"):
+        with lk.mixed_batch(model, ["default", None]):
+            model(input_ids=ids)
