@@ -218,6 +218,11 @@ def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]
         allow_missing: accept keys the file lacks.
     """
     where = str(weights) if not isinstance(weights, dict) else "state dict"
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ModelLoadError(f"{where}: the builder made the model on the meta device ({meta[0]} has no storage), "
+                             "so there is nothing to load the weights into; build it on a real device (meta "
+                             "builders are for counting)")
     state = read_state_dict(weights) if not isinstance(weights, dict) else weights
     own = model.state_dict()
     state = _strip_prefixes(state, set(own))

@@ -197,3 +197,10 @@ def test_pretrained_weights_survive_injection_into_a_custom_module(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(text, speech), trained(text, speech))  # B = 0: the pretrained output
     assert isinstance(model.llm_decoder.original_module, nn.Linear)
+
+
+def test_weights_into_a_meta_model_are_refused(tmp_path):
+    spec = f"{COSY}:build_full"  # shapes only, on the meta device
+    save_file({"x": torch.zeros(1)}, tmp_path / "w.safetensors")
+    with pytest.raises(ModelLoadError, match="meta device"):
+        load_custom(spec, weights=tmp_path / "w.safetensors")
