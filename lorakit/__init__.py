@@ -33,11 +33,24 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``lk.fit`` (training from Python) loads the training stack on first use: ``import lorakit`` stays light."""
+    """``lk.fit`` (training from Python) and the preference functions load the training stack on first use:
+    ``import lorakit`` stays light."""
     if name == "fit":
         from .train.api import fit
 
         return fit
+    if name == "preference_batch":
+        from .data.preference import preference_batch
+
+        return preference_batch
+    if name == "preference_loss":
+        from .train.losses.preference import preference_loss
+
+        return preference_loss
+    if name == "sequence_logps":
+        from .train.objectives.logps import sequence_logps
+
+        return sequence_logps
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 
@@ -46,5 +59,6 @@ __all__ = [
     "LoraLinear", "LorakitError", "ModelLoadError", "ModulesToSave", "ShapeMismatchError", "Target",
     "TargetError", "TrainableReport", "active_adapters", "combine", "delete_adapter", "disable_adapters", "fit",
     "inject", "list_adapters", "load_adapter", "merge", "merge_and_unload", "merged_adapters", "mixed_batch",
-    "plan_injection", "quantize", "read_adapter", "save_adapter", "set_active", "trainable_report", "unmerge",
+    "plan_injection", "preference_batch", "preference_loss", "quantize", "read_adapter", "save_adapter",
+    "sequence_logps", "set_active", "trainable_report", "unmerge",
 ]
