@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from .conv import LoraConv
 from .layer import Adapter, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .tokens import TrainableTokens
 
@@ -273,6 +274,10 @@ def combine(model: nn.Module, weights: dict[str, float], new_name: str, method: 
     _require(model, list(weights))
     if new_name in adapter_names(model):
         raise AdapterError(f"the model already has an adapter named {new_name!r}")
+    conv = sorted(p for p, layer in lora_layers(model) if isinstance(layer, LoraConv) and set(weights) & set(layer.adapters))
+    if conv:
+        raise AdapterError(f"combine works on Linear and Embedding factors; {conv[0]} is a Conv1d adapter. Combine "
+                           "adapters without Conv1d targets, or merge them one after the other")
     dora = sorted({n for _, layer in lora_layers(model) for n in weights if n in layer.adapters
                    and layer.adapters[n].use_dora})
     if dora:

@@ -113,3 +113,11 @@ def test_mixed_batches_refuse_conv_adapters(x):
     with pytest.raises(lk.AdapterError, match="does not run Conv1d adapters"):
         with lk.mixed_batch(model, ["default", None]):
             model(x)
+
+
+def test_combine_refuses_conv_adapters():
+    model = lk.inject(vocoder(), lk.LoraConfig(r=2, target_modules=["proj"]), "a")
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["proj"]), "b")
+    with pytest.raises(lk.AdapterError, match="proj is a Conv1d adapter"):
+        lk.combine(model, {"a": 1.0, "b": 1.0}, "ab")
+    assert lk.list_adapters(model) == ["a", "b"]
