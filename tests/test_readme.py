@@ -36,6 +36,9 @@ NOT_RUNNABLE = {
     "torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --master-addr HOST0 --master-port 29500 -m lorakit train "
     "recipe.yaml --lora-r 16 --fsdp": "several machines (torchrun on each node); tests/train/test_distributed.py "
                                       "runs 2 processes on one machine",
+    "lorakit train --model examples/fish_dual_ar.py:build_tiny --loss examples/fish_dual_ar.py:loss --data "
+    "codes.jsonl --target-modules wqkv wo w1 w2 w3 --modules-to-save codebook_embeddings --out runs/fish":
+        "pre-tokenized codec rows for a model of your own; tests/train/test_custom_train.py runs such a model",
 }
 SHELLS = {"", "bash", "sh", "shell", "console", "zsh"}
 EMBEDDED = {"smollm2-135m-instruct", "default", "huggingfacetb/smollm2-135m-instruct"}
