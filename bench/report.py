@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import read_results
+from .harness import read_results
 
 HOW = """\
 How to read this: every figure runs its competitors in one process, interleaved: round i calls each

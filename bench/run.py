@@ -20,17 +20,8 @@ from pathlib import Path
 
 import torch
 
-from . import (
-    adapter_io,
-    forward_latency,
-    lora_vs_full,
-    mixed_throughput,
-    qlora,
-    report,
-    step_memory,
-    train_step,
-)
-from .common import (
+from . import report
+from .harness import (
     DEFAULT_MODEL,
     RESULTS,
     SCHEMA,
@@ -41,6 +32,10 @@ from .common import (
     now_iso,
     write_json,
 )
+from .lora import adapter_io, forward_latency, mixed_throughput
+from .train import lora_vs_full, qlora
+from .train import memory as step_memory
+from .train import step as train_step
 
 FIGURES = [train_step, step_memory, lora_vs_full, forward_latency, adapter_io, mixed_throughput, qlora]
 NAMES = [f.NAME for f in FIGURES]
@@ -88,7 +83,7 @@ def parse(argv: list[str] | None = None) -> tuple[Context, list[str] | None]:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=NAMES, help="run only these figures")
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds: a smoke run, not a measurement "
-                        "(figure 6 keeps bench/mixed_batch.py's fixed size)")
+                        "(figure 6 keeps bench/lora/mixed_batch.py's fixed size)")
     parser.add_argument("--repeats", type=int, help="measured rounds per figure (default 5; quick 3)")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring (default 1)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores left idle by the "

@@ -22,7 +22,7 @@ from lorakit.data.tasks import task_path
 from lorakit.data.tokenize import tokenize_examples
 from lorakit.train.evaluate import loss_sum
 
-from .common import Context
+from .harness import Context
 
 # ---- model -------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """Tiny in-memory building blocks for tests and benchmarks (no downloads): a character-level
-tokenizer with a ChatML template, shared by lorakit's own tests and bench/serve_load.py."""
+tokenizer with a ChatML template, shared by lorakit's own tests and bench/serve/load.py."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def tiny_chat_model():
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     from bench import run as bench_run
-    from bench.common import Context
+    from bench.harness import Context
 
     out = tmp_path_factory.mktemp("bench")
     ctx = Context.quick_run(model=TINY, out=out, repeats=2, seq=128, threads=1, threads_why="test")
@@ -36,7 +36,7 @@ def suite(tmp_path_factory):
 
 
 def test_every_figure_writes_its_json(suite):
-    from bench.common import SCHEMA, read_results
+    from bench.harness import SCHEMA, read_results
     from bench.run import NAMES
 
     out, results = suite
@@ -106,7 +106,7 @@ def test_readme_table(suite):
 
 
 def test_mixed_figure_from_mixed_batch_results():
-    from bench.mixed_throughput import summarize
+    from bench.lora.mixed_throughput import summarize
 
     row = {"max_abs_logit_diff_vs_peft": 1e-6, "prefill_tokens_per_s": {"lorakit": 300.0, "peft": 100.0},
            "decode_tokens_per_s": {"lorakit": 20.0, "peft": 16.0}, "prefill_speedup": 3.0, "decode_speedup": 1.25}

@@ -9,7 +9,7 @@
 
 Reproduce (about 30 minutes on 2 shared CPU cores):
 
-    PYTHONPATH=. .venv/bin/python bench/experiment_lowrank.py --steps 80 --full-lr 1e-4
+    PYTHONPATH=. .venv/bin/python bench/analysis/lowrank.py --steps 80 --full-lr 1e-4
 
 Writes bench/results/lowrank.json, bench/results/lowrank.md and the plots in bench/results/lowrank/.
 Work directories (models, adapters, checkpoints) go under --work (default runs/lowrank, git-ignored).
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from lorakit.analysis.extract import extract  # noqa: E402
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
         "plots": [str(p.relative_to(ROOT)) for p in plots],
         "wall_s": time.perf_counter() - t0,
         "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg(), "cores": os.cpu_count()},
-        "command": "PYTHONPATH=. .venv/bin/python bench/experiment_lowrank.py " + " ".join(sys.argv[1:]),
+        "command": "PYTHONPATH=. .venv/bin/python bench/analysis/lowrank.py " + " ".join(sys.argv[1:]),
     }
 
 

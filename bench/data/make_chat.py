@@ -4,7 +4,7 @@ Single-turn conversations (a system message on some, a user request, the assista
 lengths are long-tailed like public instruction sets: log-normal, median ~200 SmolLM2 tokens,
 clipped to 20-1,500 tokens. The text is drawn from a small English vocabulary with repeated
 structure (numbered lists, requests that name their topic), so a model can learn something from
-it. Deterministic: ``python -m bench.make_chat_data`` rewrites the same files.
+it. Deterministic: ``python -m bench.data.make_chat`` rewrites the same files.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "data"
+OUT = Path(__file__).resolve().parent  # bench/data/, beside this file
 TOPICS = ["gardening", "bread baking", "river boats", "tax forms", "chess openings", "bicycle repair",
           "tide pools", "jazz piano", "cloud types", "bee keeping", "map reading", "kite design"]
 WORDS = ("the a one each every small large quick slow early late warm cold bright dark simple careful "

@@ -1,7 +1,7 @@
 """RAM of a 1M-example tokenized set: built (cold), loaded from the token cache, packed.
 
-    python -m bench.data_ram                    # 1,000,000 examples (bench/results/data_ram.json)
-    python -m bench.data_ram --examples 20000   # a smoke run
+    python -m bench.data.ram                    # 1,000,000 examples (bench/results/data_ram.json)
+    python -m bench.data.ram --examples 20000   # a smoke run
 
 A generated prompt/completion JSONL (long-tailed lengths, median ~50 SmolLM2 tokens) is read,
 validated and tokenized into the cache in one process, then read and loaded from the cache and
@@ -24,7 +24,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from .common import RESULTS, _cpu_model, now_iso, write_json
+from ..harness import RESULTS, _cpu_model, now_iso, write_json
 
 WORDS = ("the a one each small large quick slow warm cold water light soil seed root leaf stone wind rain "
          "road field market tool plan step check keep turn move hold mix wait test find note start finish "
@@ -109,7 +109,7 @@ def main() -> None:
         print(f"generated {args.examples:,} examples in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         runs = []
         for label in ("cold: read, tokenize, cache", "warm: read, load from cache"):
-            cmd = [sys.executable, "-m", "bench.data_ram", "--phase", str(data), str(cache),
+            cmd = [sys.executable, "-m", "bench.data.ram", "--phase", str(data), str(cache),
                    "--max-seq-len", str(args.max_seq_len)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs.append({"run": label, **json.loads(out.strip().splitlines()[-1])})

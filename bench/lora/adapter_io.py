@@ -19,9 +19,9 @@ from pathlib import Path
 import lorakit as lk
 from lorakit.lora.adapters import lora_layers
 
-from .common import Context, alternate, fmt_median, ratio, summary, target
+from ..harness import Context, alternate, fmt_median, ratio, summary, target
+from ..workload import base
 from .forward_latency import make_adapter
-from .workload import base
 
 NAME, FIGURE, TITLE = "adapter_io", 5, "Adapter load + activate, merge + unmerge"
 WHAT = ("Seconds to load a PEFT-format adapter from disk into a model and make it active, and to merge "

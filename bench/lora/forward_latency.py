@@ -16,8 +16,8 @@ import torch
 import lorakit as lk
 from lorakit.lora.adapters import lora_layers
 
-from .common import Context, alternate, fmt_median, fmt_s, ratio, summary, target
-from .workload import base, lora_fields, text_batch
+from ..harness import Context, alternate, fmt_median, fmt_s, ratio, summary, target
+from ..workload import base, lora_fields, text_batch
 
 NAME, FIGURE, TITLE = "forward_latency", 4, "Forward latency: unmerged and merged over base"
 WHAT = ("Seconds per inference forward (no_grad, full logits) with one LoRA adapter, divided by the plain "

@@ -12,7 +12,7 @@ The same run measures forward latency of one adapter unmerged and merged against
 (8 x 64 tokens). Before timing, lorakit's mixed logits are checked against PEFT's.
 
 Target (issue 6): mixed batches >= 1.5x PEFT's throughput with 8 adapters; merged = base within noise.
-Results: bench/results/mixed_batch.json and .md. Usage: ``PYTHONPATH=. python bench/mixed_batch.py``
+Results: bench/results/mixed_batch.json and .md. Usage: ``PYTHONPATH=. python bench/lora/mixed_batch.py``
 (about 3-6 minutes on two cores).
 """
 
@@ -35,7 +35,7 @@ from lorakit.models.load import load_model
 MODEL = "smollm2-135m-instruct"
 ROWS, SEQ = 8, 64
 RANK = 16
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _adapters(base: torch.nn.Module, folder: Path, n: int) -> list[Path]:
@@ -178,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     import peft
 
-    from bench.common import LoadMonitor, cpu_summary
+    from bench.harness import LoadMonitor, cpu_summary
 
     with LoadMonitor() as load:
         results = run(args.reps, args.threads)

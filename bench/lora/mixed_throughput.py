@@ -1,6 +1,6 @@
-"""Figure 6: mixed-adapter batch throughput vs PEFT, measured by bench/mixed_batch.py (issue 6).
+"""Figure 6: mixed-adapter batch throughput vs PEFT, measured by bench/lora/mixed_batch.py (issue 6).
 
-This figure calls ``bench.mixed_batch.run(reps, threads)`` as it is: a batch of 8 rows spread over
+This figure calls ``bench.lora.mixed_batch.run(reps, threads)`` as it is: a batch of 8 rows spread over
 1, 4 and 8 adapters (r = 16), prefill (8 × 64 tokens) and one decode step, lorakit's mixed_batch vs
 PEFT's ``adapter_names``, alternated A B A B after one warm-up, medians of ``reps`` (= --repeats).
 Its size and model are fixed there (SmolLM2-135M on CPU), so other models and CUDA skip it.
@@ -9,7 +9,7 @@ mixed_batch.py writes nothing when called this way; its own results/mixed_batch.
 
 from __future__ import annotations
 
-from .common import DEFAULT_MODEL, Context, target
+from ..harness import DEFAULT_MODEL, Context, target
 
 NAME, FIGURE, TITLE = "mixed_throughput", 6, "Mixed-adapter batch throughput"
 WHAT = ("Tokens per second of one batch whose rows use different adapters: lorakit's mixed_batch (stacked "
@@ -19,7 +19,7 @@ WHAT = ("Tokens per second of one batch whose rows use different adapters: lorak
 
 def skip_reason(ctx: Context) -> str | None:
     if ctx.device != "cpu" or ctx.model != DEFAULT_MODEL:
-        return f"bench/mixed_batch.py measures {DEFAULT_MODEL} on CPU only (this run: {ctx.model} on {ctx.device})"
+        return f"bench/lora/mixed_batch.py measures {DEFAULT_MODEL} on CPU only (this run: {ctx.model} on {ctx.device})"
     return None
 
 
@@ -29,13 +29,13 @@ def run(ctx: Context, done: dict, log) -> dict:
         return {"what": WHAT, "skipped": reason, "tables": [], "notes": [], "targets": [], "data": {}}
     from . import mixed_batch
 
-    log(f"  bench.mixed_batch.run(reps={ctx.repeats}, threads={ctx.threads}) (its own progress lines follow)")
+    log(f"  bench.lora.mixed_batch.run(reps={ctx.repeats}, threads={ctx.threads}) (its own progress lines follow)")
     res = mixed_batch.run(ctx.repeats, ctx.threads)
     return summarize(res)
 
 
 def summarize(res: dict) -> dict:
-    """Figure 6 from the dict bench.mixed_batch.run returns."""
+    """Figure 6 from the dict bench.lora.mixed_batch.run returns."""
     rows, targets = [], []
     for r in res["mixed"]:
         p, d = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
@@ -59,7 +59,7 @@ def summarize(res: dict) -> dict:
              "columns": ["adapters in batch", "prefill tok/s lorakit", "prefill tok/s PEFT", "speedup",
                          "decode tok/s lorakit", "decode tok/s PEFT", "speedup", "max |Δ logits| vs PEFT"],
              "rows": rows}
-    notes = ["Measured by bench/mixed_batch.py (another script of this folder), called unchanged."]
+    notes = ["Measured by bench/lora/mixed_batch.py (another script of this folder), called unchanged."]
     if lat:
         notes.append(f"Its own latency check ({res['rows']}×{res['seq']}, base {lat['base_ms']:.0f} ms): unmerged / "
                      f"base = {lat['unmerged_over_base']:.3f}, merged / base = {lat['merged_over_base']:.3f}.")

@@ -17,7 +17,7 @@ a fresh subprocess, so one case's allocations never colour another's:
 Each case is measured twice: with glibc's mmap threshold fixed at its default 128 KiB, so freed tensors go
 back to the OS and RSS follows live tensors (the plan's subject; ±25% required), and with glibc's default
 dynamic threshold (reported, to show the allocator's own overshoot). Results go to
-bench/results/plan_calibration.json and .md. Usage: ``PYTHONPATH=. python bench/plan_calibration.py``
+bench/results/plan_calibration.json and .md. Usage: ``PYTHONPATH=. python bench/plan/calibration.py``
 (12 runs, about 10 to 15 minutes on two cores; ``--modes qlora`` measures those cases alone and keeps
 the others' last results).
 """
@@ -44,7 +44,7 @@ TOLERANCE = 0.25
 # Left dynamic (glibc's default), the threshold climbs to the largest freed block (up to 32 MiB) and later
 # activations come from the heap, which keeps freed space: RSS then overshoots live memory; reported too.
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 BATCH_OF_RUN = [1]  # the case's batch size, for the warm-up batch (set by run_case in its subprocess)
 
 
@@ -224,7 +224,7 @@ def report(cases: list[dict], machine: dict | None = None) -> str:
               "in its first forward/backward, not step memory: torch.profiler's memory timeline of one step shows "
               "the same live tensors at the peak for LoRA and QLoRA (activations 166 MiB, temporaries 24, optimizer "
               "state 19 at batch 1), the packed 4-bit weights aside.", "",
-              "Reproduce: `PYTHONPATH=. python bench/plan_calibration.py` (writes this file and plan_calibration.json); "
+              "Reproduce: `PYTHONPATH=. python bench/plan/calibration.py` (writes this file and plan_calibration.json); "
               "`--render` rewrites this file from the JSON without measuring again."]
     return "\n".join(lines) + "\n"
 
@@ -260,7 +260,7 @@ def main() -> int:
         cases = doc["cases"]
         (RESULTS / "plan_calibration.md").write_text(report(cases, doc.get("machine")))
         return 0 if all(c["ok"] for c in cases) else 1
-    from bench.common import LoadMonitor, cpu_summary
+    from bench.harness import LoadMonitor, cpu_summary
     from lorakit.models.load import load_model
 
     _, tokenizer = load_model(MODEL)  # here in the parent only: converts the embedded GGUF once if needed

@@ -8,8 +8,8 @@ Two scales, each timed A B C rotated rounds with warm-up discarded (bench/common
 lorakit takes DoRA's row norm as ‖W‖² (cached: W is frozen) + 2s·rowsum(W·Aᵀ ⊙ B) + s²·rowsum(B·AAᵀ ⊙ B),
 never forming W + s·BA; PEFT forms B·A through an identity matrix and adds it to W every forward.
 
-    python -m bench.dora_step            # bench/results/dora_step.{json,md}
-    python -m bench.dora_step --quick    # a smoke run
+    python -m bench.train.dora            # bench/results/dora_step.{json,md}
+    python -m bench.train.dora --quick    # a smoke run
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import json
 import torch
 from torch import nn
 
-from .common import RESULTS, Context, LoadMonitor, alternate, auto_threads, machine_info, ratio, summary
-from .workload import base, lora_fields, text_batch, to_device, train_step
+from ..harness import RESULTS, Context, LoadMonitor, alternate, auto_threads, machine_info, ratio, summary
+from ..workload import base, lora_fields, text_batch, to_device, train_step
 
 
 def _layer_cases(ctx: Context, tokens: int) -> dict:

@@ -8,9 +8,9 @@ base (d: hidden size). The ratios come from figure 1's measurements when it ran 
 
 from __future__ import annotations
 
-from . import train_step
-from .common import Context, ratio, target
-from .workload import SHORT
+from ..harness import Context, ratio, target
+from ..workload import SHORT
+from . import step as train_step
 
 NAME, FIGURE, TITLE = "lora_vs_full", 3, "LoRA step / full fine-tuning step"
 WHAT = ("LoRA training step time divided by the full fine-tuning step time (same model, batch, loss and "

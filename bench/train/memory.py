@@ -12,7 +12,7 @@ then measures two training steps (the first creates the AdamW state):
   the loading's transient peak is not counted); increase = VmHWM after the steps − VmRSS before them.
 - CUDA: torch.cuda.max_memory_allocated after the steps − memory_allocated before them.
 
-Usage of the worker (internal): ``python -m bench.step_memory --worker < spec.json``.
+Usage of the worker (internal): ``python -m bench.train.memory --worker < spec.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import ROOT, Context, fmt_mb, target
+from ..harness import ROOT, Context, fmt_mb, target
 
 NAME, FIGURE, TITLE = "step_memory", 2, "Peak memory of a training step"
 WHAT = ("Peak memory during two training steps minus the memory of the loaded model (with its adapter), "
@@ -46,7 +46,7 @@ def _measure(ctx: Context, case) -> dict:
     """One case: load, build, reset the peak, run STEPS steps, report bytes."""
     import torch
 
-    from . import workload
+    from .. import workload
 
     torch.set_num_threads(ctx.threads)
     model, tok = workload.load(ctx.model)
@@ -113,7 +113,7 @@ def worker() -> None:
 
     import lorakit  # noqa: F401
 
-    from .workload import Case, preload
+    from ..workload import Case, preload
 
     spec = json.load(sys.stdin)
     cfg = spec["context"]
@@ -133,7 +133,7 @@ def worker() -> None:
 def _run_worker(ctx: Context, cases, log) -> dict[str, dict]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *[p for p in sys.path if p]]), **MALLOC_ENV}
     spec = {"context": ctx.config(), "cases": cases}
-    proc = subprocess.run([sys.executable, "-m", "bench.step_memory", "--worker"], input=json.dumps(spec),
+    proc = subprocess.run([sys.executable, "-m", "bench.train.memory", "--worker"], input=json.dumps(spec),
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
     found = {}
     for line in proc.stdout.splitlines():
@@ -147,7 +147,7 @@ def _run_worker(ctx: Context, cases, log) -> dict[str, dict]:
 
 
 def run(ctx: Context, done: dict, log) -> dict:
-    from .workload import SHORT, base_label, precision_tag, training_cases
+    from ..workload import SHORT, base_label, precision_tag, training_cases
 
     cases = training_cases(ctx, variants=True)
     rows_data = _run_worker(ctx, cases, log)
@@ -195,4 +195,4 @@ if __name__ == "__main__":
         sys.stdout.flush()
         os._exit(0)  # skip the interpreter's teardown of torch & co. (seconds), nothing is left to clean
     else:
-        sys.exit("internal worker of bench/step_memory.py; run the suite with: python -m bench.run --only step_memory")
+        sys.exit("internal worker of bench/train/memory.py; run the suite with: python -m bench.run --only step_memory")

@@ -10,8 +10,8 @@ machine spreads over the methods instead of landing on one. After training, each
 (PiSSA's converted to a plain LoRA, as ``lorakit train`` saves it) is loaded onto a fresh base and
 scored by greedy exact match on the first ``--score`` test examples.
 
-    python -m bench.methods                     # writes bench/results/methods.{json,md,png}
-    python -m bench.methods --steps 4 --seeds 0 --score 5 --out /tmp/m   # a smoke run
+    python -m bench.train.methods                     # writes bench/results/methods.{json,md,png}
+    python -m bench.train.methods --steps 4 --seeds 0 --score 5 --out /tmp/m   # a smoke run
 
 The setting is deliberately short (plain LoRA needs about 80 steps at r=8 to reach 100% on the chat
 form of the task), so that differences between methods can show instead of all of them saturating.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, ROOT, Context, LoadMonitor, machine_info
+from ..harness import RESULTS, ROOT, Context, LoadMonitor, machine_info
 
 METHODS = {
     "LoRA": [],

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import Context, alternate, fmt_mb, fmt_median, ratio, summary, target
-from .step_memory import _run_worker
-from .workload import Case, base, build, loss_of, text_batch, to_device, train_step
+from ..harness import Context, alternate, fmt_mb, fmt_median, ratio, summary, target
+from ..workload import Case, base, build, loss_of, text_batch, to_device, train_step
+from .memory import _run_worker
 
 NAME, FIGURE, TITLE = "qlora", 7, "QLoRA: resident model, step time and step memory vs PEFT"
 WHAT = ("Bytes the loaded model holds (every parameter, buffer and bitsandbytes quantization state), and a "

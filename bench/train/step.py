@@ -11,8 +11,8 @@ covers the answers alone, for full fine-tuning and both adapters at the larger d
 
 from __future__ import annotations
 
-from .common import Context, alternate, fmt_median, ratio, summary, target
-from .workload import (
+from ..harness import Context, alternate, fmt_median, ratio, summary, target
+from ..workload import (
     SHORT,
     base_label,
     build,

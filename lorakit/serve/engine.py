@@ -7,7 +7,7 @@ worker thread. Two schedulers (``Limits.scheduler``):
   and prefill their prompt once. A short request waits for a long one only when ``max_batch_size`` rows
   are in flight (nothing is preempted).
 - ``"window"``: the worker gathers requests for ``batch_window_ms`` and generates that batch to
-  completion (the core's ``window.run_batch``; kept for comparison: ``bench/serve_load.py``).
+  completion (the core's ``window.run_batch``; kept for comparison: ``bench/serve/load.py``).
 
 The worker thread's loops are in :mod:`lorakit.serve.scheduler`. Adapters are loaded at start, at
 runtime, or on a request's first use of them (:meth:`Engine.hold`); past ``max_adapters`` the least

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 import lorakit as lk
 import lorakit.serve.engine as engine_module
-from bench.serve_load import serve
+from bench.serve.load import serve
 from lorakit.generate import SamplingParams
 from lorakit.serve.app import create_app
 from lorakit.serve.engine import ConflictError, Limits, NotFoundError, engine_from_spec

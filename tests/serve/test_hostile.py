@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serve_load import build_files, serve
+from bench.serve.load import build_files, serve
 from lorakit.serve.engine import Limits, engine_from_spec
 
 LIMITS = dict(max_prompt_tokens=64, max_tokens=200, max_adapters=4, max_batch_size=4, max_request_bytes=64_000)

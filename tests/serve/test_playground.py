@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import lorakit as lk
-from bench.serve_load import serve
+from bench.serve.load import serve
 from lorakit.serve.engine import Limits, engine_from_spec
 
 CHROME = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)

@@ -1,11 +1,11 @@
-"""The server under load and attack (bench/serve_load.py): concurrent clients, adapter churn and hostile
+"""The server under load and attack (bench/serve/load.py): concurrent clients, adapter churn and hostile
 requests against uvicorn on 127.0.0.1. 8 clients x 4 requests here; LORAKIT_TORTURE=1 runs the full 32 x 20."""
 
 from __future__ import annotations
 
 import os
 
-from bench.serve_load import run
+from bench.serve.load import run
 
 TORTURE = os.environ.get("LORAKIT_TORTURE") == "1"
 CLIENTS, REQUESTS = (32, 20) if TORTURE else (8, 4)

@@ -1,0 +1,2 @@
+"""Adapter benchmarks: forward latency unmerged and merged, adapter load and merge times, mixed-adapter
+batches, each against PEFT."""

@@ -1,0 +1,1 @@
+"""Planning benchmarks: the memory planner's prediction against measured training runs."""
