@@ -1,0 +1,143 @@
+"""The grpo objective end to end on a tiny model: a run's metrics, samples and held-out pass rate; rewards
+fed TRL's inputs; an exact resume (also in the middle of a reused rollout batch); a bad reward function
+stopping the run with its name and the checkpoint intact; recipes checked before anything loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from lorakit.errors import ConfigError, DataError, TrainingError
+from lorakit.train.loop import train
+from lorakit.train.recipe import TrainConfig
+
+REWARDS = '''
+CALLS = []
+
+def has_answer(prompts, completions, completion_ids, answer, **kw):
+    CALLS.append((list(prompts), list(completions), [list(c) for c in completion_ids], list(answer)))
+    return [float(a in c) for c, a in zip(completions, answer)]
+
+def short(prompts, completions, **kw):
+    return [1.0 - len(c) / 8 for c in completions]
+
+def breaks_on_third_call(prompts, completions, **kw):
+    CALLS.append(1)
+    if len(CALLS) == 3:
+        raise ZeroDivisionError("division by zero")
+    return [0.0] * len(completions)
+'''
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    rows = [{"prompt": f"say {c}:", "answer": c} for c in "abcdefgh"]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3]))
+    return tmp_path
+
+
+def recipe(model_dir, data, out, **kw):
+    base = dict(model=str(model_dir), data=str(data / "train.jsonl"), out=str(out), objective="grpo",
+                reward=f"{data}/rewards.py:has_answer,{data}/rewards.py:short", reward_weights=[1.0, 0.5],
+                num_generations=4, batch_size=4, grad_accum=2, max_steps=4, max_completion_length=6, log_every=1,
+                lr=2e-2, warmup_steps=0, data_cache="off", save_every=0, eval_every=0, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_run_logs_trl_metrics_samples_and_the_pass_rate(tiny_model_dir, data, tmp_path):
+    cfg = recipe(tiny_model_dir, data, tmp_path / "run", test_data=str(data / "test.jsonl"), beta=0.1,
+                 pass_reward=0.0)
+    summary = train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = lines[0]
+    for name in ("loss", "reward", "reward_std", "rewards/has_answer/mean", "rewards/short/mean", "kl",
+                 "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean",
+                 "frac_reward_zero_std", "rollout/tokens_per_s", "time/generation_s"):
+        assert name in first, name
+    assert "time/training_s" in lines[1]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0 at the start: the policy is the base
+    assert lines[-1]["kl"] > 0
+    assert 1 <= first["completions/mean_length"] <= 6
+    # the logged reward is the weighted sum's mean over the step's 8 completions
+    assert first["reward"] == pytest.approx(first["rewards/has_answer/mean"] + 0.5 * first["rewards/short/mean"])
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples[0]["step"] == 1 and set(samples[0]["rewards"]) == {"has_answer", "short"}
+    assert samples[0]["reward"] == pytest.approx(samples[0]["rewards"]["has_answer"] +
+                                                 0.5 * samples[0]["rewards"]["short"])
+    for block in ("before", "after"):
+        assert summary[block]["n"] == 3 and 0 <= summary[block]["pass_rate"] <= 1
+        reward = sum(e["reward"] for e in summary[block]["examples"]) / 3
+        assert summary[block]["reward"] == pytest.approx(reward)
+        # pass_reward 0: a completion passes when its reward is >= 0
+        assert summary[block]["pass_rate"] == sum(e["reward"] >= 0 for e in summary[block]["examples"]) / 3
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_reward_functions_get_trl_inputs(tiny_model_dir, data, tmp_path):
+    import sys
+
+    cfg = recipe(tiny_model_dir, data, tmp_path / "run", max_steps=1)
+    train(cfg, progress=False)
+    module = next(m for name, m in sys.modules.items() if name.startswith("lorakit_custom_rewards_")
+                  and getattr(m, "__file__", "") == str((data / "rewards.py").resolve()))
+    prompts, completions, ids, answers = module.CALLS[-1]
+    assert len(prompts) == len(completions) == len(ids) == len(answers) == 8  # batch_size × grad_accum
+    assert prompts[0] == prompts[3] != prompts[4]  # a prompt's 4 completions are consecutive
+    assert answers[0] == prompts[0][4]  # the row's column, repeated per completion
+    assert all(isinstance(c, str) and 1 <= len(i) <= 6 for c, i in zip(completions, ids, strict=True))
+
+
+@pytest.mark.parametrize("iterations, pause", [(1, 2), (2, 3)])
+def test_a_resumed_run_trains_as_the_straight_run(tiny_model_dir, data, tmp_path, iterations, pause):
+    straight = recipe(tiny_model_dir, data, tmp_path / "straight", num_iterations=iterations, beta=0.05)
+    train(straight, progress=False)
+    paused = recipe(tiny_model_dir, data, tmp_path / "paused", num_iterations=iterations, beta=0.05,
+                    stop_after=pause)
+    train(paused, progress=False)
+    train(TrainConfig(**{**paused.to_dict(), "resume": True, "stop_after": 0}), progress=False)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "paused" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    la = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "paused" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], abs=1e-6)
+
+
+def test_a_reward_function_that_raises_stops_the_run_naming_it(tiny_model_dir, data, tmp_path):
+    cfg = recipe(tiny_model_dir, data, tmp_path / "run", reward=f"{data}/rewards.py:breaks_on_third_call",
+                 reward_weights=[], save_every=2)
+    with pytest.raises(TrainingError, match=r"reward function .*rewards.py:breaks_on_third_call raised "
+                                            r"ZeroDivisionError: division by zero"):
+        train(cfg, progress=False)
+    from lorakit.train.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert len(ckpts) == 1 and ckpts[0].name.endswith("2"), ckpts  # step 2's, intact: the run resumes from it
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 3}, "not a multiple of num_generations=4"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"grpo_loss_type": "ppo"}, "grpo_loss_type must be one of"),
+    ({"scale_rewards": "std"}, "scale_rewards must be one of"),
+    ({"reward": None}, "needs --reward"),
+    ({"num_generations": 1, "batch_size": 4}, "num_generations must be an integer >= 2"),
+])
+def test_bad_recipes_fail_before_anything_loads(tmp_path, data, change, message):
+    cfg = recipe(tmp_path / "no-model", data, tmp_path / "run", **change)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg, progress=False)
+
+
+def test_rows_without_a_prompt_are_named(tmp_path, data):
+    (data / "bad.jsonl").write_text('{"prompt": "ok", "answer": "a"}\n{"question": "x", "answer": "b"}\n')
+    cfg = TrainConfig(**{**recipe(tmp_path / "no-model", data, tmp_path / "run").to_dict(),
+                         "data": str(data / "bad.jsonl")})
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected a prompt row"):
+        train(cfg, progress=False)
