@@ -117,6 +117,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Prompt], 
         one list of ``n`` completions per prompt, in the order of ``prompts``.
     """
     sampling = sampling or SamplingParams()
+    if getattr(model, "config", None) is None:
+        raise ConfigError(f"generate: {type(model).__name__} has no transformers config; generate() runs transformers "
+                          "causal LMs (their forward takes past_key_values, attention_mask and position_ids)")
     if kinds := unspliceable_layers(model.config):
         raise ConfigError(f"generate: the model's KV cache has {kinds} layers (sliding-window or linear attention); "
                           "generate() batches rows over full-attention caches only (transformers' "

@@ -175,3 +175,5 @@ def test_a_sliding_window_cache_is_refused_with_what_to_use(tok):
                         num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
     with pytest.raises(lk.ConfigError, match="DynamicSlidingWindowLayer.*model.generate"):
         generate(MistralForCausalLM(cfg), tok, ["hello"])
+    with pytest.raises(lk.ConfigError, match="Linear has no transformers config"):
+        generate(torch.nn.Linear(2, 2), tok, ["hello"])
