@@ -46,11 +46,21 @@ class BadPair(DataError):
 
 @dataclass
 class PreferenceStats:
-    """What tokenization kept, cut and skipped (``skipped`` by reason, under ``skip_bad``)."""
+    """What tokenization kept, cut and skipped (the names the run report shares with ``DataStats``).
 
-    n_pairs: int = 0
-    n_truncated: int = 0  # pairs with a completion cut at max_length
-    n_tokens: int = 0  # tokens of prompt+chosen and prompt+rejected, after truncation
+    Args:
+        n_examples: pairs kept.
+        n_truncated: kept pairs with a completion cut at max_length.
+        n_dropped: rows skipped under ``skip_bad`` (by reason in ``skipped``).
+        n_tokens: tokens of prompt+chosen and prompt+rejected, after truncation.
+        n_trainable_tokens: completion tokens (chosen and rejected), whose log-probs the losses read.
+    """
+
+    n_examples: int = 0
+    n_truncated: int = 0
+    n_dropped: int = 0
+    n_tokens: int = 0
+    n_trainable_tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
 
@@ -61,6 +71,7 @@ class PreferenceSet:
     pairs: list[tuple[list[int], list[int], list[int]]]
     stats: PreferenceStats
     digest: str = ""  # the data file's digest (keys the reference log-prob cache)
+    sources: list[int] = field(default_factory=list)  # the row (from 0) each pair came from
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -123,14 +134,23 @@ def _tolerant(obj: Any, where: str) -> str:
         return "malformed"
 
 
-def read_pairs(path: str | os.PathLike, skip_bad: bool = False) -> Records:
+class PairRecords(Records):
+    """Records of a preference file; ``formats`` counts standard, conversational (and malformed) rows."""
+
+    def describe(self) -> str:
+        kinds = ", ".join(f"{n:,} {f}" for f, n in self.formats.most_common())
+        return f"preference pairs ({kinds})"
+
+
+def read_pairs(path: str | os.PathLike, skip_bad: bool = False) -> PairRecords:
     """Read and validate a preference file (JSONL; JSON, CSV, Parquet, datasets directories with the extra).
 
     Args:
         path: the file.
         skip_bad: count malformed rows (``records.formats["malformed"]``) instead of raising on the first.
     """
-    records = read_records(path, validate=_tolerant if skip_bad else validate_pair)
+    r = read_records(path, validate=_tolerant if skip_bad else validate_pair)
+    records = PairRecords(r.path, r.rows, r.formats, r.digest, r.lines, r.columns)
     if set(records.formats) == {"malformed"}:
         raise DataError(f"{path}: no row is a preference pair (all {len(records)} malformed)")
     return records
@@ -221,8 +241,8 @@ def tokenize_pairs(records: Records | Sequence[dict[str, Any]], tokenizer: Any, 
         rows = ((records.where(start + j), r) for start, chunk in records.raw_chunks(1000) for j, r in enumerate(chunk))
     else:
         rows = ((f"<rows> record {i + 1}", r) for i, r in enumerate(records))
-    stats, skipped, pairs = PreferenceStats(), Counter(), []
-    for where, row in rows:
+    stats, skipped, pairs, sources = PreferenceStats(), Counter(), [], []
+    for index, (where, row) in enumerate(rows):
         try:
             validate_pair(row, where)
             prompt, chosen, rejected = _encode_checked(tokenizer, row, where, max_length)
@@ -235,13 +255,15 @@ def tokenize_pairs(records: Records | Sequence[dict[str, Any]], tokenizer: Any, 
         chosen, rejected = chosen[:max_length - len(prompt)], rejected[:max_length - len(prompt)]
         stats.n_truncated += cut
         stats.n_tokens += 2 * len(prompt) + len(chosen) + len(rejected)
+        stats.n_trainable_tokens += len(chosen) + len(rejected)
         pairs.append((prompt, chosen, rejected))
-    stats.n_pairs, stats.skipped = len(pairs), dict(skipped)
+        sources.append(index)
+    stats.n_examples, stats.n_dropped, stats.skipped = len(pairs), sum(skipped.values()), dict(skipped)
     if not pairs:
         name = records.path if isinstance(records, Records) else "<rows>"
         raise DataError(f"{name}: no preference pair left to train on (skipped: {dict(skipped)}; "
                         f"max_length={max_length})")
-    return PreferenceSet(pairs, stats, records.digest if isinstance(records, Records) else "")
+    return PreferenceSet(pairs, stats, records.digest if isinstance(records, Records) else "", sources)
 
 
 def _encode_checked(tokenizer: Any, row: dict, where: str, max_length: int):
@@ -270,6 +292,11 @@ def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], pad_i
         attn[i, :len(s)] = 1
         comp[i, :len(m)] = torch.tensor(m)
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+
+
+def pair_batch(pairs: PreferenceSet, rows: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """``collate_pairs`` of the pairs ``rows`` of a set, with their indices (``pair_index``, (B,))."""
+    return {**collate_pairs([pairs.pairs[i] for i in rows], pad_id), "pair_index": torch.tensor(list(rows))}
 
 
 def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:

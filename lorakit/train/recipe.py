@@ -39,9 +39,9 @@ class TrainConfig:
     out: str = "runs/demo"
     """Output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml, summary.json."""
     objective: str = "sft"
-    """What training minimises: sft (causal-LM cross-entropy on the completions; the default) or grpo (online RL
-    on prompts with --reward functions). Checked when the run starts, before any data or model is loaded
-    (train/objectives/)."""
+    """What training minimises: sft (causal-LM cross-entropy on the completions; the default), grpo (online RL
+    on prompts with --reward functions), or dpo, orpo, simpo (preference pairs: prompt, chosen, rejected; see
+    docs/preference.md). Checked when the run starts, before any data or model is loaded (train/objectives/)."""
     loss: str | None = None
     """Your own loss (with objective sft): MODULE:FUNCTION or path/to/file.py:FUNCTION, called as fn(model, batch)
     with the batch's columns by name; returns the mean over the micro-batch's rows, or a dict holding it under
@@ -62,7 +62,8 @@ class TrainConfig:
     top_p: float = 1.0
     """GRPO: nucleus sampling of the rollouts (1: off)."""
     beta: float = 0.0
-    """GRPO: KL coefficient towards the base model (adapters off; TRL's default 0: no reference forward at all)."""
+    """GRPO: KL coefficient towards the base model (adapters off; TRL's default 0: no reference forward at all).
+    DPO, ORPO, SimPO: the preference loss's beta; 0 means the objective's default (0.1, 0.1, 2.0)."""
     epsilon: float = 0.2
     """GRPO: clipping range of the probability ratio, lower side (ratio >= 1 - epsilon)."""
     epsilon_high: float = 0.0
@@ -80,6 +81,20 @@ class TrainConfig:
     """GRPO: completions generated at once (the generation KV cache holds this many rows)."""
     pass_reward: float = 1.0
     """GRPO: a held-out completion passes when its reward reaches this (the before/after pass_rate)."""
+    loss_type: str = "sigmoid"
+    """DPO: the pair loss, sigmoid (the paper's), ipo (squared, per-token log-ratios) or hinge (SLiC)
+    (docs/preference.md). beta sets its strength: 0 (the default) means the objective's own, 0.1 for dpo and
+    orpo (ORPO's lambda), 2.0 for simpo."""
+    label_smoothing: float = 0.0
+    """DPO sigmoid and SimPO: the share of pairs assumed mislabelled, in [0, 0.5) (conservative DPO)."""
+    simpo_gamma: float = 1.0
+    """SimPO: the target reward margin gamma (gamma / beta = 0.5 at beta 2, the paper's setting)."""
+    precompute_ref: bool = False
+    """DPO: compute the reference (base model) log-probs of every pair once before training, cached beside the
+    token cache, so each step runs one model pass per pair instead of two."""
+    skip_bad_pairs: bool = False
+    """Preference data: skip (and count) malformed rows, prompts that fill max_seq_len, empty or identical
+    completions, instead of stopping at the first with its file:line."""
     weights: str | None = None
     """With --model MODULE:FUNCTION: the pretrained state dict to load before LoRA is injected (safetensors, or a
     torch checkpoint read weights-only); every key must match."""

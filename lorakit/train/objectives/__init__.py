@@ -6,6 +6,8 @@ log-probs in ``train/losses/``.
             your own (--model MODULE:FUNCTION), ``custom.OwnLoss``: your loss function, or the same
             cross-entropy over the columns your model takes
     "grpo"  online RL on prompt-only rows: rollouts by the generation core, --reward functions, TRL's GRPO loss
+    "dpo"   preference pairs against the base model (adapters off as the reference); "orpo", "simpo":
+            reference-free preference losses (``preference.py``)
 
 ``make_objective(cfg)`` builds the objective a recipe names.
 """
@@ -18,9 +20,10 @@ from ...errors import ConfigError
 from .base import Objective, StepLoss
 from .custom import OwnLoss
 from .grpo import GRPO
+from .preference import DPO, ORPO, SimPO
 from .sft import CausalLM
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLM, "grpo": GRPO}
+OBJECTIVES: dict[str, type[Objective]] = {"sft": CausalLM, "grpo": GRPO, "dpo": DPO, "orpo": ORPO, "simpo": SimPO}
 
 
 def make_objective(cfg) -> Objective:
@@ -37,4 +40,5 @@ def make_objective(cfg) -> Objective:
     return kind(cfg)
 
 
-__all__ = ["GRPO", "OBJECTIVES", "CausalLM", "Objective", "OwnLoss", "StepLoss", "make_objective"]
+__all__ = ["DPO", "GRPO", "OBJECTIVES", "ORPO", "CausalLM", "Objective", "OwnLoss", "SimPO", "StepLoss",
+           "make_objective"]
