@@ -1,10 +1,17 @@
-"""What every figure shares: the run context, A B A B timing, medians, machine info, targets, result files.
+"""What every bench shares: the run context, A B A B timing in one process or in fresh processes,
+medians and ratios, the machine and its load, targets, result files.
 
-Timing rule (DESIGN.md rule 9): competitors run in one process, interleaved. Round i calls every
+Timing rule (DESIGN.md rule 9): competitors run side by side, interleaved. Round i runs every
 competitor once, starting at a rotated position (A B C, B C A, C A B, ...), so none is always first
 or always after the heaviest one; warm-up rounds are discarded; a figure reports the median of the
 rounds and ratios of medians. The spread of a ratio is half the interquartile range of its per-round
 ratios, relative to the ratio: a target closer than that is inside the run's noise.
+
+In one process: ``alternate(cases, ctx)`` times callables. In fresh processes (peak RSS, an
+allocator, a whole training run): ``alternate_processes(arms, rounds)`` calls one function per arm
+per round, each of which starts a worker with ``run_worker(argv)``; the worker answers with
+``emit(result)``. Every result file records ``recorded(load)``: when, CPU model, vector flags,
+versions and the 1-minute load average during the run (``load_line`` says it in words).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -136,6 +144,57 @@ def ratio(a: list[float], b: list[float]) -> dict:
     per_round = [x / y for x, y in zip(a, b, strict=True)]
     q1, q3 = _quartiles(per_round)
     return {"value": value, "noise": (q3 - q1) / 2 / value, "per_round": [round(x, 4) for x in per_round]}
+
+
+# ---- fresh processes ----------------------------------------------------------------------------
+
+RESULT_PREFIX = "RESULT "  # the line a worker answers with; everything else it prints is ignored
+
+
+def emit(result: dict) -> None:
+    """A worker's answer to ``run_worker``: one line on stdout."""
+    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+
+
+def run_worker(argv: list[str], env: dict[str, str] | None = None, timeout: float = 3600,
+               input: str | None = None) -> dict:
+    """Run ``python ARGV`` (e.g. ``["-m", "bench.train.allocator", "--worker", ...]``) in a fresh
+    interpreter from the repository root and return the dict its ``emit`` printed.
+
+    Args:
+        argv: the interpreter's arguments.
+        env: the whole environment (default: this one's); the repository root is put on PYTHONPATH.
+        timeout: seconds before the worker is killed.
+        input: text on the worker's stdin.
+    """
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout, input=input)
+    answers = [ln[len(RESULT_PREFIX):] for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode or not answers:
+        raise RuntimeError(f"worker {' '.join(argv)} failed (exit {proc.returncode}, "
+                           f"{'no' if not answers else len(answers)} answer):\n{proc.stderr[-4000:]}")
+    return json.loads(answers[-1])
+
+
+def alternate_processes(arms: dict[str, Callable[[int], dict]], rounds: int,
+                        log: Callable[[str], None] | None = None,
+                        after_round: Callable[[dict[str, list[dict]]], None] | None = None) -> dict[str, list[dict]]:
+    """A B A B in fresh processes: round i calls every arm once (``arms[name](i)``, which runs its
+    worker with ``run_worker``), starting at a rotated position; returns each arm's results in
+    round order. ``after_round`` sees the results so far (write them: a cut-short run keeps its figures)."""
+    names = list(arms)
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for i in range(rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name].append(arms[name](i))
+            if log:
+                log(f"round {i + 1}/{rounds} {name}: {results[name][-1]}")
+        if after_round:
+            after_round(results)
+    return results
 
 
 # ---- targets ------------------------------------------------------------------------------------
@@ -266,6 +325,19 @@ class LoadMonitor:
     def report(self) -> dict:
         s = self.samples
         return {"cores": os.cpu_count(), "min": min(s), "median": statistics.median(s), "max": max(s), "n": len(s)}
+
+
+def recorded(load: LoadMonitor | dict) -> dict:
+    """What every result is recorded with: when, the CPU line (``cpu_summary``) and the load during the run."""
+    return {"when": now_iso(), **cpu_summary(),
+            "load": load.report() if isinstance(load, LoadMonitor) else load}
+
+
+def load_line(load: dict) -> str:
+    """The load during a run, in words, for a results page."""
+    busy = " (busier than its cores: read the ratios, not the times)" if load["median"] > load["cores"] else ""
+    return (f"1-min load average during the run {load['min']:.1f}–{load['max']:.1f} (median {load['median']:.1f}) "
+            f"on {load['cores']} cores{busy}")
 
 
 # ---- results ------------------------------------------------------------------------------------

@@ -128,3 +128,47 @@ def test_command_line():
     assert names is None and ctx.repeats == 5 and ctx.batch == 4 and ctx.seq == 128 and ctx.out.name == "results"
     with pytest.raises(SystemExit):
         parse(["--only", "nonsense"])
+
+
+def test_fresh_process_arms_rotate_and_answer(capsys):
+    """alternate_processes runs A B, B A, A B ...; each arm's worker is a fresh interpreter whose
+    emit() line is its answer (other output ignored); a failing or silent worker is an error."""
+    import os
+
+    from bench.harness import RESULT_PREFIX, alternate_processes, emit, run_worker
+
+    emit({"x": 1})
+    assert capsys.readouterr().out == RESULT_PREFIX + '{"x": 1}\n'
+    code = ("import json, os, sys; print('noise'); "
+            f"print({RESULT_PREFIX!r} + json.dumps({{'arm': sys.argv[1], 'pid': os.getpid()}}))")
+    order, seen = [], []
+
+    def arm(name):
+        def one(i):
+            order.append(name)
+            return run_worker(["-c", code, name])
+        return one
+
+    res = alternate_processes({"a": arm("a"), "b": arm("b")}, rounds=3, after_round=lambda r: seen.append(
+        {k: len(v) for k, v in r.items()}))
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert [r["arm"] for r in res["a"]] == ["a"] * 3 and [r["arm"] for r in res["b"]] == ["b"] * 3
+    assert seen == [{"a": n, "b": n} for n in (1, 2, 3)]
+    pids = {r["pid"] for rows in res.values() for r in rows}
+    assert len(pids) == 6 and os.getpid() not in pids
+    with pytest.raises(RuntimeError, match="exit 3"):
+        run_worker(["-c", "import sys; sys.exit(3)"])
+    with pytest.raises(RuntimeError, match="no answer"):
+        run_worker(["-c", "print('hi')"])
+
+
+def test_load_is_recorded_in_words():
+    from bench.harness import LoadMonitor, load_line, recorded
+
+    quiet = {"cores": 2, "min": 0.5, "median": 0.7, "max": 1.0, "n": 3}
+    assert load_line(quiet) == "1-min load average during the run 0.5–1.0 (median 0.7) on 2 cores"
+    assert "busier than its cores" in load_line({**quiet, "median": 3.0})
+    with LoadMonitor(every_s=60) as load:
+        rec = recorded(load)
+    assert {"when", "cpu", "flags", "logical_cpus", "torch", "transformers", "load"} <= set(rec)
+    assert rec["load"]["min"] <= rec["load"]["max"]

@@ -9,7 +9,7 @@
 
 Reproduce (about 30 minutes on 2 shared CPU cores):
 
-    PYTHONPATH=. .venv/bin/python bench/analysis/lowrank.py --steps 80 --full-lr 1e-4
+    python -m bench.analysis.lowrank --steps 80 --full-lr 1e-4
 
 Writes bench/results/lowrank.json, bench/results/lowrank.md and the plots in bench/results/lowrank/.
 Work directories (models, adapters, checkpoints) go under --work (default runs/lowrank, git-ignored).
@@ -26,17 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from lorakit.analysis.extract import extract
+from lorakit.analysis.report import save_plots
+from lorakit.analysis.svd import analyze_models
+from lorakit.models.modeldir import checkpoint_dir
 
-from lorakit.analysis.extract import extract  # noqa: E402
-from lorakit.analysis.report import save_plots  # noqa: E402
-from lorakit.analysis.svd import analyze_models  # noqa: E402
-from lorakit.models.modeldir import checkpoint_dir  # noqa: E402
+from ..harness import RESULTS, ROOT
 
 MODEL = "smollm2-135m-instruct"
 RECIPE = ROOT / "configs" / "demo.yaml"
-RESULTS = ROOT / "bench" / "results"
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -111,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         "plots": [str(p.relative_to(ROOT)) for p in plots],
         "wall_s": time.perf_counter() - t0,
         "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg(), "cores": os.cpu_count()},
-        "command": "PYTHONPATH=. .venv/bin/python bench/analysis/lowrank.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.analysis.lowrank " + " ".join(sys.argv[1:]),
     }
 
 

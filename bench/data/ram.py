@@ -17,14 +17,13 @@ import json
 import math
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-from ..harness import RESULTS, _cpu_model, now_iso, write_json
+from ..harness import RESULTS, LoadMonitor, emit, recorded, run_worker, write_json
 
 WORDS = ("the a one each small large quick slow warm cold water light soil seed root leaf stone wind rain "
          "road field market tool plan step check keep turn move hold mix wait test find note start finish "
@@ -100,22 +99,20 @@ def main() -> None:
     parser.add_argument("--phase", nargs=2, metavar=("DATA", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
-        print(json.dumps(phase(*args.phase, args.max_seq_len)))
+        emit(phase(*args.phase, args.max_seq_len))
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, LoadMonitor() as load:
         data, cache = Path(tmp) / "data.jsonl", Path(tmp) / "cache"
         t0 = time.perf_counter()
         generate(data, args.examples)
         print(f"generated {args.examples:,} examples in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         runs = []
         for label in ("cold: read, tokenize, cache", "warm: read, load from cache"):
-            cmd = [sys.executable, "-m", "bench.data.ram", "--phase", str(data), str(cache),
-                   "--max-seq-len", str(args.max_seq_len)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            runs.append({"run": label, **json.loads(out.strip().splitlines()[-1])})
+            cmd = ["-m", "bench.data.ram", "--phase", str(data), str(cache), "--max-seq-len", str(args.max_seq_len)]
+            runs.append({"run": label, **run_worker(cmd)})
             print(runs[-1], file=sys.stderr)
         per_token = python_lists_bytes_per_token(str(data), 20_000)
-        result = {"name": "data_ram", "when": now_iso(), "cpu": _cpu_model(), "examples": args.examples,
+        result = {"name": "data_ram", **recorded(load), "examples": args.examples,
                   "max_seq_len": args.max_seq_len, "data_file_mb": data.stat().st_size / 2**20, "runs": runs,
                   "python_lists_bytes_per_token": per_token,
                   "python_lists_mb_estimate": per_token * runs[0]["tokens"] / 2**20,

@@ -12,7 +12,7 @@ The same run measures forward latency of one adapter unmerged and merged against
 (8 x 64 tokens). Before timing, lorakit's mixed logits are checked against PEFT's.
 
 Target (issue 6): mixed batches >= 1.5x PEFT's throughput with 8 adapters; merged = base within noise.
-Results: bench/results/mixed_batch.json and .md. Usage: ``PYTHONPATH=. python bench/lora/mixed_batch.py``
+Results: bench/results/mixed_batch.json and .md. Usage: ``python -m bench.lora.mixed_batch``
 (about 3-6 minutes on two cores).
 """
 
@@ -23,7 +23,6 @@ import copy
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,10 +31,11 @@ import lorakit as lk
 from lorakit.lora.adapters import lora_layers
 from lorakit.models.load import load_model
 
+from ..harness import RESULTS, Context, LoadMonitor, alternate, cpu_summary, load_line, write_json
+
 MODEL = "smollm2-135m-instruct"
 ROWS, SEQ = 8, 64
 RANK = 16
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _adapters(base: torch.nn.Module, folder: Path, n: int) -> list[Path]:
@@ -54,24 +54,10 @@ def _adapters(base: torch.nn.Module, folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def _timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def _alternate(fns: dict[str, callable], reps: int) -> dict[str, float]:
-    """Median seconds of each fn, calls interleaved A B A B ... after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k] += _timed(fn, 1)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of each fn: one warm-up round, then ``reps`` rotated rounds (the harness's A B A B)."""
+    samples = alternate(fns, Context(warmup=1, repeats=reps))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _decode_step(model, ids, past, **kw):
@@ -147,8 +133,7 @@ def _latency(base, ours, ids, reps: int) -> dict:
 
 
 def write(results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mixed_batch.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS / "mixed_batch.json", results)
     lines = [f"# Mixed-adapter batches vs PEFT ({results['model']}, CPU fp32, {results['threads']} threads)", "",
              f"Batch of {results['rows']} rows, r={results['rank']} on all linear layers; medians of "
              f"{results['reps']} interleaved calls.", "",
@@ -160,14 +145,10 @@ def write(results: dict) -> None:
                      f"{d['lorakit']:.1f} | {d['peft']:.1f} | {r['decode_speedup']:.2f}x | "
                      f"{r['max_abs_logit_diff_vs_peft']:.1e} |")
     lat, mach = results["latency"], results["machine"]
-    load = mach["load"]
     lines += ["", f"Forward latency ({results['rows']}x{results['seq']} tokens, base {lat['base_ms']:.0f} ms): "
               f"unmerged/base = {lat['unmerged_over_base']:.3f}, merged/base = {lat['merged_over_base']:.3f}", "",
               f"CPU: {mach['cpu']} ({mach['logical_cpus']} logical CPUs; {', '.join(mach['flags'])}); torch "
-              f"{mach['torch']}, peft {results['peft']}. 1-min load average during the run {load['min']:.1f}.."
-              f"{load['max']:.1f} on {load['cores']} cores"
-              + (" (other jobs shared the machine: absolute rates carry that load, the interleaved ratios less so)"
-                 if load["median"] > load["cores"] else "") + ".", ""]
+              f"{mach['torch']}, peft {results['peft']}. " + load_line(mach["load"]) + ".", ""]
     (RESULTS / "mixed_batch.md").write_text("\n".join(lines))
 
 
@@ -177,8 +158,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import peft
-
-    from bench.harness import LoadMonitor, cpu_summary
 
     with LoadMonitor() as load:
         results = run(args.reps, args.threads)

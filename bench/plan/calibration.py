@@ -17,7 +17,7 @@ a fresh subprocess, so one case's allocations never colour another's:
 Each case is measured twice: with glibc's mmap threshold fixed at its default 128 KiB, so freed tensors go
 back to the OS and RSS follows live tensors (the plan's subject; ±25% required), and with glibc's default
 dynamic threshold (reported, to show the allocator's own overshoot). Results go to
-bench/results/plan_calibration.json and .md. Usage: ``PYTHONPATH=. python bench/plan/calibration.py``
+bench/results/plan_calibration.json and .md. Usage: ``python -m bench.plan.calibration``
 (12 runs, about 10 to 15 minutes on two cores; ``--modes qlora`` measures those cases alone and keeps
 the others' last results).
 """
@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ..harness import RESULTS, LoadMonitor, cpu_summary, emit, run_worker
 
 MODEL = "smollm2-135m-instruct"
 SEQ_LEN = 128
@@ -44,7 +45,6 @@ TOLERANCE = 0.25
 # Left dynamic (glibc's default), the threshold climbs to the largest freed block (up to 32 MiB) and later
 # activations come from the heap, which keeps freed space: RSS then overshoots live memory; reported too.
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 BATCH_OF_RUN = [1]  # the case's batch size, for the warm-up batch (set by run_case in its subprocess)
 
 
@@ -156,11 +156,8 @@ def planned(mode: str, batch: int) -> dict:
 
 def measure(mode: str, batch: int, data: Path, env: dict[str, str]) -> dict:
     """Run one case in a fresh interpreter (with ``env`` added) and return its measurement."""
-    proc = subprocess.run([sys.executable, __file__, "--case", f"{mode}:{batch}", "--data", str(data)],
-                          capture_output=True, text=True, check=False, env={**os.environ, **env})
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {mode}:{batch} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(["-m", "bench.plan.calibration", "--case", f"{mode}:{batch}", "--data", str(data)],
+                      env={**os.environ, **env})
 
 
 def calibrate(mode: str, batch: int, data: Path) -> dict:
@@ -224,7 +221,7 @@ def report(cases: list[dict], machine: dict | None = None) -> str:
               "in its first forward/backward, not step memory: torch.profiler's memory timeline of one step shows "
               "the same live tensors at the peak for LoRA and QLoRA (activations 166 MiB, temporaries 24, optimizer "
               "state 19 at batch 1), the packed 4-bit weights aside.", "",
-              "Reproduce: `PYTHONPATH=. python bench/plan/calibration.py` (writes this file and plan_calibration.json); "
+              "Reproduce: `python -m bench.plan.calibration` (writes this file and plan_calibration.json); "
               "`--render` rewrites this file from the JSON without measuring again."]
     return "\n".join(lines) + "\n"
 
@@ -253,14 +250,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.case:
         mode, batch = args.case.split(":")
-        print(json.dumps(run_case(mode, int(batch), args.data)))
+        emit(run_case(mode, int(batch), args.data))
         return 0
     if args.render:
         doc = json.loads((RESULTS / "plan_calibration.json").read_text())
         cases = doc["cases"]
         (RESULTS / "plan_calibration.md").write_text(report(cases, doc.get("machine")))
         return 0 if all(c["ok"] for c in cases) else 1
-    from bench.harness import LoadMonitor, cpu_summary
     from lorakit.models.load import load_model
 
     _, tokenizer = load_model(MODEL)  # here in the parent only: converts the embedded GGUF once if needed

@@ -33,7 +33,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..harness import (
+    RESULTS,
+    Context,
+    LoadMonitor,
+    alternate_processes,
+    emit,
+    load_line,
+    machine_info,
+    now_iso,
+    run_worker,
+    write_json,
+)
+
 VARIANTS = {"glibc default": {"fix": False},
             "lorakit (fixed mmap threshold)": {"fix": True},
             "jemalloc (LD_PRELOAD)": {"fix": False, "preload": "libjemalloc.so.2"},
@@ -82,7 +94,7 @@ def data_stats(path: Path, model_dir: Path, batch: int, max_len: int) -> dict:
 
 
 def worker(variant: str, spec_path: str) -> None:
-    """One training run in this process; prints one JSON line (peak RSS, step time, loss)."""
+    """One training run in this process; emits peak RSS, step time and loss."""
     spec = json.loads(Path(spec_path).read_text())
     from lorakit.train import loop
     from lorakit.train.recipe import TrainConfig
@@ -90,9 +102,9 @@ def worker(variant: str, spec_path: str) -> None:
     summary = loop.train(TrainConfig(**spec["config"], low_cpu_memory=VARIANTS[variant]["fix"]), progress=False)
     status = Path("/proc/self/status").read_text()
     kb = {k: int(re.search(rf"^{k}:\s+(\d+) kB", status, re.M).group(1)) for k in ("VmHWM", "VmRSS")}
-    print(json.dumps({"variant": variant, "peak_rss_mb": kb["VmHWM"] / 1024, "final_rss_mb": kb["VmRSS"] / 1024,
-                      "step_s": summary["train_wall_s"] / summary["steps"], "steps": summary["steps"],
-                      "final_loss": summary["final_train_loss"]}), flush=True)
+    emit({"variant": variant, "peak_rss_mb": kb["VmHWM"] / 1024, "final_rss_mb": kb["VmRSS"] / 1024,
+          "step_s": summary["train_wall_s"] / summary["steps"], "steps": summary["steps"],
+          "final_loss": summary["final_train_loss"]})
 
 
 def _library(name: str) -> str | None:
@@ -112,43 +124,35 @@ def available_variants() -> list[str]:
 
 
 def _run_one(variant: str, spec_path: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the variants set the threshold themselves, or not at all
-    env.pop("LD_PRELOAD", None)
-    if "preload" in VARIANTS[variant]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD")}
+    if "preload" in VARIANTS[variant]:  # the variants set the threshold themselves, or not at all
         env["LD_PRELOAD"] = _library(VARIANTS[variant]["preload"])
-    proc = subprocess.run([sys.executable, "-m", "bench.train.allocator", "--worker", variant, str(spec_path)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"{variant}: worker failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    return run_worker(["-m", "bench.train.allocator", "--worker", variant, str(spec_path)], env=env)
 
 
 def run(rounds: int, steps: int, layers: int, batch: int, max_len: int, threads: int, n_rows: int) -> dict:
-    from bench.harness import LoadMonitor, now_iso
-
     work = Path(tempfile.mkdtemp(prefix="lorakit-alloc-"))
     model = write_model(work / "model", layers)
     data = work / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(n_rows)))
     stats = data_stats(data, work / "model", batch, max_len)
     names = available_variants()
-    samples = {v: [] for v in names}
+
+    def arm(name: str):
+        def one(i: int) -> dict:
+            cfg = {"model": str(work / "model"), "data": str(data), "out": str(work / f"run-{i}-{names.index(name)}"),
+                   "max_steps": steps, "batch_size": batch, "max_seq_len": max_len, "dtype": "float32",
+                   "threads": threads, "eval_every": 0, "save_every": 0, "log_every": 1, "warmup_steps": 2,
+                   "lr": 2e-3, "r": 8, "alpha": 16, "seed": 0}
+            spec = work / "spec.json"
+            spec.write_text(json.dumps({"config": cfg}))
+            return _run_one(name, spec)
+        return one
+
     started, t0 = now_iso(), time.perf_counter()
     with LoadMonitor(every_s=10) as load:
-        for i in range(rounds):
-            for name in names[i % len(names):] + names[:i % len(names)]:
-                cfg = {"model": str(work / "model"), "data": str(data), "out": str(work / f"run-{i}-{names.index(name)}"),
-                       "max_steps": steps, "batch_size": batch, "max_seq_len": max_len, "dtype": "float32",
-                       "threads": threads, "eval_every": 0, "save_every": 0, "log_every": 1, "warmup_steps": 2,
-                       "lr": 2e-3, "r": 8, "alpha": 16, "seed": 0}
-                spec = work / "spec.json"
-                spec.write_text(json.dumps({"config": cfg}))
-                row = _run_one(name, spec)
-                samples[name].append(row)
-                print(f"round {i + 1}/{rounds} {name}: peak {row['peak_rss_mb']:.0f} MiB, "
-                      f"step {row['step_s']:.2f} s, loss {row['final_loss']:.4f}", file=sys.stderr, flush=True)
+        samples = alternate_processes({name: arm(name) for name in names}, rounds,
+                                      log=lambda m: print(m, file=sys.stderr, flush=True))
     return {"model": model, "data": stats, "samples": samples, "started": started,
             "seconds": time.perf_counter() - t0, "load": load.report(),
             "config": {"rounds": rounds, "steps": steps, "layers": layers, "batch": batch, "max_seq_len": max_len,
@@ -170,8 +174,6 @@ def summarize(res: dict) -> dict:
 
 
 def write(res: dict, out: Path) -> None:
-    from bench.harness import Context, machine_info, write_json
-
     machine = machine_info(Context(threads=res["config"]["threads"], threads_why="--threads"))
     res = {"name": "allocator", **res, "summary": summarize(res), "machine": machine}
     write_json(out / "allocator.json", res)
@@ -187,10 +189,7 @@ def write(res: dict, out: Path) -> None:
         "Generated by `python -m bench.train.allocator`; do not edit by hand. Each cell: one whole `lorakit train` run in "
         "a fresh process; variants interleaved over rounds (A B, B A, ...); medians over rounds.", "",
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['memory_gb']} GiB; torch "
-        f"{machine['torch']}, {c['threads']} thread(s); lorakit at {machine['git_commit']}. 1-min load average during "
-        f"the run {ld['min']:.1f}–{ld['max']:.1f} (median {ld['median']:.1f}) on {ld['cores']} cores"
-        + (" (**the machine was shared**: step times are noisy; peak RSS is not)." if ld["median"] > ld["cores"]
-           else "."), "",
+        f"{machine['torch']}, {c['threads']} thread(s); lorakit at {machine['git_commit']}. " + load_line(ld) + ".", "",
         f"Run: SmolLM2-135M-Instruct cut to its first {c['layers']} decoder layers ({res['model']['params'] / 1e6:.0f}M "
         f"params, SmolLM2's tensor shapes), {c['dtype']}, LoRA {c['lora']}, {c['steps']} steps of batch {c['batch']} "
         f"right-padded to each batch's longest example (max_seq_len {c['max_seq_len']}); data: {d['examples']} generated "
@@ -217,7 +216,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=96)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     res = run(a.rounds, a.steps, a.layers, a.batch, a.max_seq_len, a.threads, a.rows)
     write(res, a.out)
