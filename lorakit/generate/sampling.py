@@ -80,6 +80,10 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[Any], logprobs: bool = Fa
     """Next token of each row from fp32 logits (B, V): argmax for temperature 0, else a seeded draw
     after top-k and top-p.
 
+    A draw inverts the row's cumulative distribution at one uniform number from the row's own
+    generator: one random number per row and one batched softmax and cumsum per step, where a
+    ``torch.multinomial`` per row would draw over the whole vocabulary for each.
+
     Args:
         logits: the last position's logits, one row per entry of ``rows``.
         rows: objects with ``params`` (SamplingParams), ``generator`` and ``done``.
@@ -90,14 +94,20 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[Any], logprobs: bool = Fa
         tokens (B,) and, when asked, their log-probabilities (B,).
     """
     tokens = logits.argmax(dim=-1)  # (B,)
-    for i, row in enumerate(rows):  # a loop over rows, not adapters: each row has its own generator
-        p = row.params
-        if p.temperature > 0 and not row.done:
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-            probs = _top_p_filter(_top_k_filter(probs, p.top_k), p.top_p)
-            tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)  # (B,)
+    drawn = [i for i, r in enumerate(rows) if r.params.temperature > 0 and not r.done]
+    if drawn:
+        index = torch.tensor(drawn, device=logits.device)
+        probs = torch.softmax(logits[index] / temps[index, None], dim=-1)  # (S, V)
+        for k, i in enumerate(drawn):  # filters only for the rows that ask for them
+            p = rows[i].params
+            if p.top_k or p.top_p < 1.0:
+                probs[k] = _top_p_filter(_top_k_filter(probs[k], p.top_k), p.top_p)
+        cdf = probs.cumsum(dim=-1)  # (S, V)
+        u = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in drawn])  # (S,)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # first token past u
+        tokens[index] = picks.clamp(max=logits.shape[-1] - 1)
     if not logprobs:
         return tokens, None
-    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)  # (B,)
     scores = torch.log_softmax(logits / temps[:, None], dim=-1)  # (B, V)
     return tokens, scores.gather(1, tokens[:, None])[:, 0]
