@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import DataError
@@ -77,9 +78,9 @@ class PreferenceSet:
         return len(self.pairs)
 
     @property
-    def lengths(self) -> list[int]:
-        """Tokens of each pair's longer sequence (what a padded batch holds per row)."""
-        return [len(p) + max(len(c), len(r)) for p, c, r in self.pairs]
+    def lengths(self) -> np.ndarray:
+        """Tokens of each pair's longer sequence (what a padded batch holds per row), (n,) int64."""
+        return np.array([len(p) + max(len(c), len(r)) for p, c, r in self.pairs], dtype=np.int64)
 
 
 def _is_messages(value: Any) -> bool:
