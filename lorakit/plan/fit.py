@@ -55,11 +55,24 @@ def check_fit(cfg, dtype: str, device: str, seq_len: int, label_fraction: float,
                         grad_checkpointing=cfg.gradient_checkpointing is True,
                         label_fraction=min(1.0, max(label_fraction, 1e-6)), padded=not cfg.packing,
                         device="cuda" if device.startswith("cuda") else "cpu", nproc=nproc, fsdp=cfg.fsdp)
-    plan = plan_memory(read_arch(model), count_model(model, lcfg), inputs, cfg.dropout)
+    arch = read_arch(model)
+    plan = plan_memory(arch, count_model(model, lcfg), inputs, cfg.dropout)
     mode = "full" if cfg.full else ("qlora" if getattr(cfg, "quantize", None) else "lora")
     peak, free = plan.total(mode), free_bytes(device)
+    rollouts = ""
+    if getattr(cfg, "objective", "sft") == "grpo":  # generation and training take turns: the larger peak counts
+        held = sum(plan.rows[r][mode].bytes for r in ("weights", "gradients", "optimizer"))
+        cache = rollout_bytes(arch, cfg.rollout_rows, seq_len, inputs.e)
+        peak = max(peak, held + cache)
+        rollouts = f"; rollouts: {cfg.rollout_rows} rows of KV cache and logits {cache / 2**30:.2f} GiB"
     fits = peak <= free
     message = (f"planned peak {peak / 2**30:.2f} GiB for the longest batch ({-(-cfg.batch_size // nproc)} x "
-               f"{seq_len} tokens) vs {free / 2**30:.2f} GiB free on {device}: "
+               f"{seq_len} tokens{rollouts}) vs {free / 2**30:.2f} GiB free on {device}: "
                + ("fits" if fits else "may not fit"))
     return Fit(peak, free, fits, message)
+
+
+def rollout_bytes(arch, rows: int, seq_len: int, e: int) -> float:
+    """Generation's transient memory for ``rows`` rows of ``seq_len`` tokens: the KV cache (keys and values of
+    every layer, in the model dtype) and one decoding step's fp32 logits and sampling probabilities."""
+    return rows * seq_len * arch.layers * 2 * arch.kv_heads * arch.head_dim * e + rows * arch.vocab * 4 * 2

@@ -141,3 +141,31 @@ def test_rows_without_a_prompt_are_named(tmp_path, data):
                          "data": str(data / "bad.jsonl")})
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected a prompt row"):
         train(cfg, progress=False)
+
+
+def test_the_planner_counts_the_rollout_kv_cache(tiny_model_dir, data, tmp_path):
+    """GRPO's peak is the larger of the training step's and the rollouts' (weights, gradients and optimizer
+    state held, plus rollout_rows rows of KV cache and one step's logits), in closed form for the tiny Llama."""
+    import lorakit.plan.fit as fit
+    from lorakit.testing import char_tokenizer
+
+    sft = fit.check_fit(TrainConfig(model=str(tiny_model_dir), batch_size=8, r=8), "float32", "cpu", 40, 0.5)
+    small = fit.check_fit(recipe(tiny_model_dir, data, tmp_path, rollout_rows=1, batch_size=8, r=8), "float32",
+                          "cpu", 40, 0.5)
+    assert small.peak == sft.peak  # one row of cache is less than a training step
+    rows = 4096
+    big = fit.check_fit(recipe(tiny_model_dir, data, tmp_path, rollout_rows=rows, batch_size=8, r=8), "float32",
+                        "cpu", 40, 0.5)
+    vocab, layers, kv_heads, head_dim = len(char_tokenizer()), 2, 2, 8  # write_tiny_model's Llama
+    cache = rows * 40 * layers * 2 * kv_heads * head_dim * 4 + rows * vocab * 4 * 2
+    assert big.peak > sft.peak and f"{rows} rows of KV cache" in big.message
+    from lorakit.lora.config import LoraConfig
+    from lorakit.plan.arch import read_arch
+    from lorakit.plan.count import count_model, meta_model
+    from lorakit.plan.memory import PlanInputs, plan_memory
+
+    model = meta_model(str(tiny_model_dir))
+    plan = plan_memory(read_arch(model), count_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")),
+                       PlanInputs(batch_size=8, seq_len=40, dtype="float32", label_fraction=0.5, device="cpu"))
+    held = sum(plan.rows[r]["lora"].bytes for r in ("weights", "gradients", "optimizer"))
+    assert big.peak == held + cache

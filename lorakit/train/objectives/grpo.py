@@ -215,15 +215,15 @@ class GRPO(Objective):
         return StepLoss(total, units, int(batch["attention_mask"].sum()), metrics)
 
     # -- figures ----------------------------------------------------------------------------------------------
-    def greedy_rewards(self, model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, limit: int = 0
-                       ) -> tuple[torch.Tensor, list[Completion], list[Any]]:
+    def greedy_rewards(self, model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, limit: int = 0,
+                       progress: bool = False) -> tuple[torch.Tensor, list[Completion], list[Any]]:
         """(rewards, completions, prompts) of greedy completions of the first ``limit`` prompts (0: all)."""
         n = min(limit or len(prompts), len(prompts))
         rows = list(range(n))
         texts, columns = prompts.rows.take(rows)
         groups = generate(model, tokenizer, [prompts.ids[i] for i in rows], n=1,
                           sampling=SamplingParams(max_tokens=self.cfg.max_completion_length, temperature=0.0),
-                          max_rows=self.cfg.rollout_rows)
+                          max_rows=self.cfg.rollout_rows, progress=progress)
         flat = [g[0] for g in groups]
         return self.rewards_of(texts, columns, flat)[1], flat, texts
 
@@ -242,7 +242,7 @@ class GRPO(Objective):
         if test_path is None:
             return None
         prompts = tokenize_prompts(read_prompts(test_path, cfg.columns), tokenizer, cfg.max_completion_length)
-        rewards, flat, texts = self.greedy_rewards(model, tokenizer, prompts, cfg.score_limit)
+        rewards, flat, texts = self.greedy_rewards(model, tokenizer, prompts, cfg.score_limit, progress)
         passed = [bool(r >= cfg.pass_reward) for r in rewards.tolist()]  # NaN (unscorable) does not pass
         shown = [{"prompt": p, "completion": c.text, "reward": _num(r)}
                  for p, c, r in list(zip(texts, flat, rewards.tolist(), strict=True))[:5]]
