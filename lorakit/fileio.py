@@ -1,4 +1,5 @@
-"""Files written so that nothing is half-written, and weights read only from safetensors."""
+"""Files written so that nothing is half-written, weights read only from safetensors, and the one place
+lorakit keeps its caches."""
 
 from __future__ import annotations
 
@@ -18,6 +19,20 @@ from .errors import AdapterFormatError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def cache_root() -> Path:
+    """The root of every lorakit cache (the converted embedded model under ``models/``, tokenized sets
+    under ``tokenized/``), first set of: ``$LORAKIT_CACHE``, ``$LORAKIT_HOME`` (its older name),
+    ``$XDG_CACHE_HOME/lorakit``, ``~/.cache/lorakit``. An empty variable counts as unset, and so does a
+    relative ``XDG_CACHE_HOME`` (the XDG base directory spec says to ignore it)."""
+    for name in ("LORAKIT_CACHE", "LORAKIT_HOME"):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "lorakit"
+    return Path.home() / ".cache" / "lorakit"
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

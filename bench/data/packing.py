@@ -101,9 +101,9 @@ def run_lorakit(name: str, args, tmp: Path) -> dict:
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    from lorakit.models.load import lorakit_home
+    from lorakit.fileio import cache_root
 
-    return AutoTokenizer.from_pretrained(lorakit_home() / "models" / MODEL)
+    return AutoTokenizer.from_pretrained(cache_root() / "models" / MODEL)
 
 
 def _lora_config():

@@ -43,9 +43,9 @@ def generate(path: Path, n: int) -> None:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from lorakit.models.load import lorakit_home
+    from lorakit.fileio import cache_root
 
-    return AutoTokenizer.from_pretrained(lorakit_home() / "models" / "smollm2-135m-instruct")
+    return AutoTokenizer.from_pretrained(cache_root() / "models" / "smollm2-135m-instruct")
 
 
 def phase(data: str, cache: str, max_seq_len: int) -> dict:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import replace_dir
+from ..fileio import cache_root, replace_dir
 from .readers import Records
 from .tokenize import DataStats, TokenizedDataset, tokenize_examples
 
@@ -28,8 +28,8 @@ ARRAYS = ("ids", "mask", "offsets")
 
 
 def default_cache_dir() -> Path:
-    """``tokenized/`` under the root of lorakit's caches: ``$LORAKIT_HOME``, else ``~/.cache/lorakit``."""
-    return Path(os.environ.get("LORAKIT_HOME") or Path.home() / ".cache" / "lorakit").expanduser() / "tokenized"
+    """``tokenized/`` under the root of lorakit's caches (``lorakit.fileio.cache_root``)."""
+    return cache_root() / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

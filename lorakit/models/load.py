@@ -1,7 +1,8 @@
 """Load a causal LM and its tokenizer from a model spec: the embedded default, a directory, a GGUF, a hub id.
 
 GGUF files (the embedded SmolLM2-135M-Instruct among them) are dequantized by transformers once and
-cached as a plain safetensors checkpoint under ``$LORAKIT_HOME/models/`` (default ``~/.cache/lorakit``),
+cached as a plain safetensors checkpoint under ``models/`` of lorakit's cache root (``fileio.cache_root``:
+``$LORAKIT_CACHE``, ``$LORAKIT_HOME``, ``$XDG_CACHE_HOME/lorakit``, ``~/.cache/lorakit``),
 so later loads take about a second. A cache directory is built beside its final place and renamed in
 only when complete, so a half-written cache is never picked up.
 """
@@ -25,10 +26,12 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig
 
 from ..errors import ConfigError, ModelLoadError
-from ..fileio import PICKLE_SUFFIXES
+from ..fileio import PICKLE_SUFFIXES, cache_root
 from ..lora.inject import contiguous_head_input
 from .dtype import torch_dtype
 from .hub import from_hub
+
+lorakit_home = cache_root  # the name bench scripts import for the converted model's folder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL)
@@ -60,11 +63,6 @@ class _Source:
 
     kind: str
     where: str
-
-
-def lorakit_home() -> Path:
-    """The root of lorakit's caches: ``$LORAKIT_HOME`` or ``~/.cache/lorakit``."""
-    return Path(os.environ.get("LORAKIT_HOME") or Path.home() / ".cache" / "lorakit").expanduser()
 
 
 def resolve_embedded_gguf() -> Path:
@@ -236,7 +234,7 @@ def _require_safetensors(folder: Path) -> None:
 
 def _cache_dir(source: _Source) -> Path:
     """The cache directory of a GGUF source: fixed for the embedded model, keyed by path+size+mtime else."""
-    models = lorakit_home() / "models"
+    models = cache_root() / "models"
     if source.kind == "embedded":
         return models / DEFAULT_MODEL
     path = Path(source.where)
@@ -259,8 +257,8 @@ def _convert_gguf(gguf: Path, cache: Path) -> Path:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent))
     except OSError as exc:
-        raise ModelLoadError(f"{cache.parent}: cannot write the model cache ({exc}); set LORAKIT_HOME to a "
-                             "writable folder") from exc
+        raise ModelLoadError(f"{cache.parent}: cannot write the model cache ({exc}); set LORAKIT_CACHE (or "
+                             "LORAKIT_HOME) to a writable folder") from exc
     tqdm.write(f"lorakit: converting {gguf.name} to a safetensors checkpoint in {cache} (one time only)",
                file=sys.stderr)
     start = time.perf_counter()

@@ -134,7 +134,8 @@ class TrainConfig:
     num_proc: int = 1
     """Processes that tokenize the data (a set found in the token cache is not tokenized again)."""
     data_cache: str = ""
-    """Tokenized-set cache directory ('': $LORAKIT_HOME/tokenized, default ~/.cache/lorakit/tokenized; 'off': none)."""
+    """Tokenized-set cache directory ('': tokenized/ in lorakit's cache folder, $LORAKIT_CACHE or
+    ~/.cache/lorakit by default; 'off': none)."""
     packing: bool = False
     """Pack whole examples into rows of max_seq_len tokens (best-fit decreasing; attention never crosses an
     example): batch_size then counts rows. Off by default: see the README."""

@@ -13,10 +13,10 @@ from lorakit.testing import write_tiny_bpe_model
 
 @pytest.fixture(scope="session")
 def gguf_home(tmp_path_factory):
-    """LORAKIT_HOME for the session's GGUF loads (lorakit caches each converted GGUF there)."""
+    """LORAKIT_CACHE for the session's GGUF loads (lorakit caches each converted GGUF there)."""
     home = tmp_path_factory.mktemp("lorakit-home")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAKIT_HOME", str(home))
+        mp.setenv("LORAKIT_CACHE", str(home))
         yield home
 
 

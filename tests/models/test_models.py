@@ -50,7 +50,7 @@ def tiny_dir(tmp_path):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "home"))
     return tmp_path / "home"
 
 
@@ -254,11 +254,11 @@ def test_failed_conversion_leaves_nothing_behind(home, fake_gguf, monkeypatch):
     assert list((home / "models").iterdir()) == []
 
 
-def test_unwritable_cache_names_lorakit_home(tmp_path, fake_gguf, monkeypatch):
+def test_unwritable_cache_names_lorakit_cache(tmp_path, fake_gguf, monkeypatch):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("LORAKIT_HOME", str(blocker))
-    with pytest.raises(ModelLoadError, match="LORAKIT_HOME"):
+    monkeypatch.setenv("LORAKIT_CACHE", str(blocker))
+    with pytest.raises(ModelLoadError, match="LORAKIT_CACHE"):
         models.load_model(str(fake_gguf[0]))
 
 
@@ -274,10 +274,10 @@ def test_unreadable_gguf_is_a_model_load_error(home, tmp_path):
 
 @pytest.fixture(scope="module")
 def embedded_home(tmp_path_factory):
-    """A fresh LORAKIT_HOME shared by the real-model tests, so the conversion runs once."""
+    """A fresh LORAKIT_CACHE shared by the real-model tests, so the conversion runs once."""
     with pytest.MonkeyPatch.context() as mp:
         home = tmp_path_factory.mktemp("lorakit-home")
-        mp.setenv("LORAKIT_HOME", str(home))
+        mp.setenv("LORAKIT_CACHE", str(home))
         yield home
 
 
@@ -313,7 +313,7 @@ def test_embedded_chat_generation_from_cache(embedded_home):
 @pytest.mark.real_model
 def test_embedded_config(embedded_home, tmp_path, monkeypatch):
     cached = models.load_config("default")
-    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))  # no cache: read from the GGUF metadata
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))  # no cache: read from the GGUF metadata
     from_gguf = models.load_config("default")
     for config in (cached, from_gguf):
         assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (576, 30, 49152)
