@@ -5,8 +5,9 @@ The model is ``examples/cosyvoice_lm.py`` (an inner Qwen2 causal LM through ``in
 embedding and decoder head) at a bench size; LoRA r=24 on the seven projections, the speech embedding and
 the head trained whole (lorakit's ``modules_to_save``, PEFT's the same). Both arms call the example's own
 ``loss(model, batch)``; the time between consecutive calls is one optimizer step (collation, forward,
-backward, clipping, AdamW, schedule and, for lorakit, its logging). Each round runs one arm in a fresh
-process (A B A B ..., the first arm alternating), discards warm-up steps and reports the median step.
+backward, clipping, AdamW, schedule and, for lorakit, its logging). Rounds alternate which arm goes first,
+in fresh processes: each arm in its own (separate), and both arms back to back in one (paired); warm-up
+steps are discarded and each run reports its median step.
 
     python -m bench.train.custom_step            # bench/results/custom_step.{json,md}
     python -m bench.train.custom_step --quick    # a smoke run
@@ -102,54 +103,78 @@ def run_peft(model, rows, loss, args, stamps) -> None:
 
 
 def worker(args) -> dict:
+    """One fresh process: the arm ``args.worker`` names, or with "paired" both arms one after the other (in
+    ``args.order``) on copies of the same model; the median step of each."""
+    import copy
+
     torch.set_num_threads(args.threads)
     cv = _example()
     config = QUICK_CONFIG if args.quick else BENCH_CONFIG
     rows = make_rows(args.rows, config, (8, 32), (32, 160) if not args.quick else (8, 32))
     model = cv.build(config).train()  # seeded the same in both arms: build() draws after manual_seed(0)
-    stamps: list[float] = []
-    (run_lorakit if args.worker == "lorakit" else run_peft)(model, rows, cv.loss, args, stamps)
-    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][args.warmup:]
-    return {"arm": args.worker, "median_step_s": statistics.median(steps), "steps": [round(s, 5) for s in steps]}
+    out = {}
+    for arm in (args.order.split(",") if args.worker == "paired" else [args.worker]):
+        stamps: list[float] = []
+        (run_lorakit if arm == "lorakit" else run_peft)(copy.deepcopy(model), rows, cv.loss, args, stamps)
+        steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][args.warmup:]
+        out[arm] = statistics.median(steps)
+    return out
+
+
+def _run_worker(args, worker: str, order: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "bench.train.custom_step", "--worker", worker, "--order", ",".join(order),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--rows",
+           str(args.rows), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"{worker} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure(args) -> dict:
-    samples: dict[str, list[float]] = {"lorakit": [], "peft": []}
-    for i in range(args.rounds):
-        order = ["lorakit", "peft"] if i % 2 == 0 else ["peft", "lorakit"]
-        for arm in order:
-            cmd = [sys.executable, "-m", "bench.train.custom_step", "--worker", arm, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--rows", str(args.rows),
-                   "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                raise RuntimeError(f"{arm} worker failed:\n{proc.stderr[-3000:]}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            samples[arm].append(result["median_step_s"])
-            print(f"[custom_step] round {i + 1} {arm}: {result['median_step_s']:.4f} s/step", flush=True)
-    return {"samples": samples, "ratio": ratio(samples["lorakit"], samples["peft"])}
+    """Two designs, rounds alternating which arm goes first. separate: each arm in its own fresh process
+    (nothing shared). paired: one fresh process per round runs both arms back to back (the same moment's
+    load on both; on a shared machine the steadier ratio)."""
+    out = {}
+    for design in ("separate", "paired"):
+        samples: dict[str, list[float]] = {"lorakit": [], "peft": []}
+        for i in range(args.rounds):
+            order = ["lorakit", "peft"] if i % 2 == 0 else ["peft", "lorakit"]
+            if design == "paired":
+                result = _run_worker(args, "paired", order)
+            else:
+                result = {arm: _run_worker(args, arm, [arm])[arm] for arm in order}
+            for arm in order:
+                samples[arm].append(result[arm])
+            print(f"[custom_step] {design} round {i + 1}: " + ", ".join(f"{a} {result[a]:.4f} s/step" for a in order),
+                  flush=True)
+        out[design] = {"samples": samples, "ratio": ratio(samples["lorakit"], samples["peft"])}
+    return out
 
 
 def render(doc: dict) -> str:
     c, m, r, load = doc["config"], doc["machine"], doc["results"], doc["load"]
-    s = r["samples"]
     lines = ["# A training step on a CosyVoice-3-style LM: lorakit vs PEFT + a plain loop", "",
-             f"Median seconds per optimizer step (after {c['warmup']} warm-up steps) of {c['steps']}-step runs, one "
-             f"fresh process per arm and round, {c['rounds']} rounds alternating which arm goes first. fp32, "
+             f"Median seconds per optimizer step (after {c['warmup']} warm-up steps) of {c['steps']}-step runs, "
+             f"{c['rounds']} rounds alternating which arm goes first; *separate*: each arm in its own fresh process, "
+             "*paired*: one fresh process per round runs both arms back to back on copies of the same model. fp32, "
              f"{c['threads']} thread(s), batch {c['batch']} rows of 8-32 text + 32-160 speech tokens; inner Qwen2 "
              f"{c['model']['llm']['hidden_size']} wide × {c['model']['llm']['num_hidden_layers']} layers, speech "
              f"vocabulary {c['model']['speech_vocab_size']} (+{c['model']['extra_tokens']}); LoRA r=24 on the seven "
-             "projections, speech embedding and decoder head trained whole. Ratio < 1: lorakit is faster; ± is half "
-             "the IQR of the per-round ratios.", "",
-             "| | lorakit (lk.fit) | PEFT + plain loop | lorakit / PEFT |", "|---|---:|---:|---:|",
-             f"| s / step | {statistics.median(s['lorakit']):.4f} | {statistics.median(s['peft']):.4f} | "
-             f"{r['ratio']['value']:.3f} ± {r['ratio']['noise']:.1%} |", "",
-             f"Per-round ratios: {', '.join(f'{x:.3f}' for x in r['ratio']['per_round'])}.", "",
-             f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags {' '.join(m['flags']) or 'none'}); torch "
-             f"{m['torch']}, transformers {m['transformers']}, peft {m['peft']}. 1-min load average during the run "
-             f"{load['min']:.1f}-{load['max']:.1f} (median {load['median']:.1f}) on {load['cores']} cores"
-             + (": other jobs shared the machine; the alternated ratios carry that less than the times."
-                if load["median"] > load["cores"] / 2 else "."), ""]
+             "projections, speech embedding and decoder head trained whole; both arms call the example's own "
+             "loss on the same batches. Ratio < 1: lorakit is faster; ± is half the IQR of the per-round ratios.", "",
+             "| design | lorakit (lk.fit) s/step | PEFT + plain loop s/step | lorakit / PEFT | per-round ratios |",
+             "|---|---:|---:|---:|---|"]
+    for design, res in r.items():
+        s = res["samples"]
+        lines.append(f"| {design} | {statistics.median(s['lorakit']):.4f} | {statistics.median(s['peft']):.4f} | "
+                     f"{res['ratio']['value']:.3f} ± {res['ratio']['noise']:.1%} | "
+                     f"{', '.join(f'{x:.2f}' for x in res['ratio']['per_round'])} |")
+    lines += ["", f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags {' '.join(m['flags']) or 'none'}); torch "
+              f"{m['torch']}, transformers {m['transformers']}, peft {m['peft']}. 1-min load average during the run "
+              f"{load['min']:.1f}-{load['max']:.1f} (median {load['median']:.1f}) on {load['cores']} cores"
+              + (": other jobs shared the machine; the alternated ratios carry that less than the times."
+                 if load["median"] > load["cores"] / 2 else "."), ""]
     return "\n".join(lines)
 
 
@@ -163,6 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--order", default="lorakit,peft", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
