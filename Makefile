@@ -30,6 +30,11 @@ test: $(STAMP) browser tcmalloc
 	$(VENV)/bin/ruff check lorakit tests scripts bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# the quick set while editing: everything but the tests marked real_model (the embedded SmolLM2) or slow
+# (subprocess runs, torchrun, whole benchmark passes); `make test` runs them all
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not real_model and not slow"
+
 # the playground's browser test drives chromium through chromedriver; installed where apt can, and never a
 # reason to fail (without a browser that test is skipped)
 browser:
