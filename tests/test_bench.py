@@ -22,6 +22,7 @@ def tiny_chat_model():
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
+    """Every figure once in --quick mode (about a minute on 2 cores: the tests that use it are slow)."""
     from bench import run as bench_run
     from bench.harness import Context
 
@@ -35,6 +36,7 @@ def suite(tmp_path_factory):
     return out, {r["name"]: r for r in results}
 
 
+@pytest.mark.slow
 def test_every_figure_writes_its_json(suite):
     from bench.harness import SCHEMA, read_results
     from bench.run import NAMES
@@ -54,6 +56,7 @@ def test_every_figure_writes_its_json(suite):
             assert t["status"] in ("MET", "MISSED") and t["reason"] and t["value"] > 0
 
 
+@pytest.mark.slow
 def test_figures_hold_what_the_issue_asks(suite):
     _, r = suite
     steps = r["train_step"]["data"]["steps"]
@@ -81,6 +84,7 @@ def test_figures_hold_what_the_issue_asks(suite):
     assert [t["limit"] for t in r["qlora"]["targets"]] == [1.0, 0.9, 0.85, 0.35]
 
 
+@pytest.mark.slow
 def test_competitors_compute_the_same_thing(suite):
     """Sanity, not speed: at B = 0 every competitor starts from the base model's loss, and lorakit
     and PEFT hold the same adapter in the latency figure."""
@@ -95,6 +99,7 @@ def test_competitors_compute_the_same_thing(suite):
         assert diff > 1e-3 if key.startswith("adapter effect") else diff < 1e-4, key
 
 
+@pytest.mark.slow
 def test_readme_table(suite):
     out, results = suite
     text = (out / "README.md").read_text()
