@@ -10,8 +10,9 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
+from lorakit import disable_adapters  # noqa: E402
 from lorakit.generate import Completion  # noqa: E402
-from lorakit.train.objectives.grpo import GRPO, adapters_off  # noqa: E402
+from lorakit.train.objectives.grpo import GRPO  # noqa: E402
 from lorakit.train.recipe import TrainConfig  # noqa: E402
 
 TEMPERATURE = 0.7
@@ -97,7 +98,7 @@ def test_first_step_loss_equals_trl_grpo_trainer(pair, tmp_path, loss_type, off_
     advantages = torch.tensor([0.9, -0.9, 0.4, -0.4])
     batch = objective.collate(comps, advantages, torch.tensor([c.finish_reason == "length" for c in comps]))
     with torch.no_grad():
-        with adapters_off(ours):
+        with disable_adapters(ours):
             batch["ref_logps"] = objective.logps(ours, batch)
         old = None
         if off_policy:  # the policy moved since sampling: ratios away from 1, some of them clipped
@@ -131,7 +132,7 @@ def test_the_reference_with_adapters_off_is_the_plain_base(pair, tiny_model_dir,
     batch = objective.collate(comps, torch.zeros(4), torch.zeros(4, dtype=torch.bool))
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
-        with adapters_off(ours):
+        with disable_adapters(ours):
             ref = objective.logps(ours, batch)
         policy = objective.logps(ours, batch)
         base = objective.logps(plain, batch)

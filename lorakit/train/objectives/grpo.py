@@ -6,7 +6,7 @@ Each optimizer step (``num_iterations`` steps per rollout batch):
         seeded per step (a resumed run samples the same rollouts) ──► reward functions (TRL's signature)
         ──► group-relative advantages ──► micro-batches of batch_size completions
     each micro-batch ──► log-probs recomputed by the training forward (as TRL: sampling numerics never bias
-        the gradient) ──► clipped objective (+ β·KL with the adapters switched off, skipped at β = 0)
+        the gradient) ──► clipped objective (+ β·KL with the adapters switched off, lk.disable_adapters; skipped at β = 0)
         ──► loss summed over its units (losses/grpo.py)
 
 ``batch_size`` counts completions per micro-batch (TRL's per_device_train_batch_size), so a step trains on
@@ -15,7 +15,6 @@ batch_size × grad_accum completions of batch_size × grad_accum / num_generatio
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from ...errors import ConfigError
 from ...generate import Completion, SamplingParams, generate
-from ...lora.adapters import active_adapters, set_active
+from ...lora.adapters import disable_adapters
 from ..losses.grpo import (
     LOSS_TYPES,
     SCALE_REWARDS,
@@ -67,17 +66,6 @@ def check_config(cfg) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
     if cfg.packing:
         raise ConfigError("--packing packs supervised examples; GRPO trains on its own rollouts")
-
-
-@contextlib.contextmanager
-def adapters_off(model: torch.nn.Module):
-    """Run the block on the base model alone (LoRA layers compute W0·x), the active adapters restored after."""
-    active = active_adapters(model)
-    set_active(model, [])
-    try:
-        yield
-    finally:
-        set_active(model, active)
 
 
 class GRPO(Objective):
@@ -154,7 +142,7 @@ class GRPO(Objective):
         with torch.no_grad():
             for b in batches:
                 if cfg.beta != 0.0:
-                    with adapters_off(unwrap(model)):
+                    with disable_adapters(model):
                         b["ref_logps"] = self.logps(model, b)
                 if cfg.num_iterations > 1:
                     b["old_logps"] = self.logps(model, b)
