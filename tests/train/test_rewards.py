@@ -95,3 +95,17 @@ def test_specs_and_weights_are_checked_before_a_run(rewards_file):
 def test_a_module_spec_loads_too():
     fn = load_rewards("math:fsum")[0]
     assert isinstance(fn, Reward) and fn.name == "math:fsum" and fn.fn is math.fsum
+
+
+def test_the_demo_reward_scores_the_first_line_date():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "rewards.py"
+    fn = load_rewards(f"{path}:iso_date")[0]
+    chat = [[{"role": "assistant", "content": c}] for c in
+            ["1974-10-17\nThis is a date", "1974-10-18", "2022-10-17 and more", "October 17, 1974", ""]]
+    per_fn = score_completions([fn], [[{"role": "user", "content": "q"}]] * 5, chat, [[1]] * 5,
+                               {"answer": ["1974-10-17"] * 5})
+    assert per_fn[:, 0].tolist() == pytest.approx([1.0, 2 / 3, 0.0, 0.0, 0.0])
+    text = score_completions([fn], ["q"], [" 1999-01-02 "], [[1]], {"answer": ["1999-03-02"]})
+    assert text[:, 0].tolist() == pytest.approx([2 / 3])
