@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: demo demo-speech test browser tcmalloc torture lint bench clean
+.PHONY: demo demo-speech demo-grpo demo-dpo test browser tcmalloc torture lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ demo: $(STAMP) tcmalloc
 demo-speech: $(STAMP) tcmalloc
 	$(VENV)/bin/lorakit train configs/demo-speech.yaml --out runs/demo-speech
 	$(PY) examples/speech/evaluate.py runs/demo-speech
+
+# GRPO: SmolLM2 learns ISO dates from a reward function alone (examples/rewards.py), rollouts on lorakit's own
+# generation core; prints the held-out pass rate before/after (docs/grpo.md)
+demo-grpo: $(STAMP) tcmalloc
+	$(VENV)/bin/lorakit train configs/demo-grpo.yaml --out runs/demo-grpo
+
+# DPO, the second stage: SmolLM2 learns to prefer ISO dates to its own answers from pairs (examples/dpo/, made by
+# scripts/make_dpo_pairs.py); prints held-out preference accuracy and greedy exact match before/after
+demo-dpo: $(STAMP) tcmalloc
+	$(VENV)/bin/lorakit train configs/demo-dpo.yaml --out runs/demo-dpo
 
 test: $(STAMP) browser tcmalloc
 	$(VENV)/bin/ruff check lorakit tests scripts bench
