@@ -136,3 +136,11 @@ def test_bad_settings_and_bad_pairs_fail_before_the_model_loads(tmp_path):
     bad = write(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "x", "chosen": "y"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: .*missing \['rejected'\]"):
         train(cfg(missing, tmp_path, data=str(bad)), progress=False)
+
+
+def test_dpo_on_a_4bit_base_uses_the_quantized_base_as_its_reference(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    train(cfg(tiny_model_dir, tmp_path, quantize="nf4", max_steps=3), progress=False)
+    steps = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    assert steps[0]["rewards/margins"] == 0.0  # step 1: the adapter is zero, the policy is the (4-bit) reference
+    assert steps[-1]["rewards/margins"] != 0.0
