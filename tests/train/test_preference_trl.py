@@ -80,7 +80,6 @@ def test_the_first_step_equals_trls(tiny_model_dir, tmp_path, pairs):
         assert mine[0][name] == pytest.approx(theirs[0][name], abs=1e-4), name
 
 
-@pytest.mark.slow
 def test_fifty_full_batch_steps_follow_trls_loss_curve(tiny_model_dir, tmp_path):
     mine, theirs = both_sides(tiny_model_dir, tmp_path, 50)
     ours, trls = [r["loss"] for r in mine], [r["loss"] for r in theirs]
