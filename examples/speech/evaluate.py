@@ -78,10 +78,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=HERE / "test.jsonl", help="held-out rows")
     ap.add_argument("--limit", type=int, default=0, help="score only the first N words (0: all)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: as many as the run trained with)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    run = json.loads((args.run / "summary.json").read_text()) if (args.run / "summary.json").is_file() else {}
+    threads = args.threads or run.get("threads") or 0
+    if threads:
+        torch.set_num_threads(threads)
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = rows[:args.limit or None]
     mod = _model_module()
@@ -95,7 +97,6 @@ def main() -> None:
     for key, label in (("phoneme_error_rate", "phoneme error rate"), ("exact_word_rate", "exact-word rate")):
         print(f"{label:24}{before[key]:>10.1%}{after[key]:>10.1%}")
     print(f"{'decoding time (s)':24}{before['seconds']:>10.1f}{after['seconds']:>10.1f}")
-    run = json.loads((args.run / "summary.json").read_text()) if (args.run / "summary.json").is_file() else {}
     if run:
         print(f"{'training':24}{run['steps']:>10} steps, {run['train_wall_s']:.0f} s, {run['threads']} thread(s)")
     print("\nexamples (word: reference | after training):")
