@@ -125,6 +125,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+@pytest.mark.slow  # 1000 cycles: 5-17 s on 2 shared cores
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_memory_flat_over_1000_load_unload_cycles(tmp_path):
     torch.manual_seed(5)

@@ -41,6 +41,7 @@ def _held(mode: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh interpreters allocating and freeing (about 10 s on 2 shared cores)
 @glibc
 def test_a_fixed_threshold_returns_freed_blocks_that_the_default_keeps():
     freed = 63 * 4 * 2**20
