@@ -2,8 +2,9 @@
 
 Tests write only inside temporary directories. Before anything else is imported (huggingface_hub,
 datasets and matplotlib read their folders at import), every cache and config folder the suite's
-libraries derive from the home directory is pointed into one temporary directory: lorakit's cache
-(LORAKIT_CACHE; LORAKIT_HOME is dropped), XDG_CACHE_HOME / XDG_CONFIG_HOME / XDG_DATA_HOME /
+libraries derive from the home directory is pointed into one temporary directory: HOME itself (for
+the tools that know no other variable: selenium's driver cache, chromium's ~/.pki, mlflow), lorakit's
+cache (LORAKIT_CACHE; LORAKIT_HOME is dropped), XDG_CACHE_HOME / XDG_CONFIG_HOME / XDG_DATA_HOME /
 XDG_STATE_HOME, HF_HOME, MPLCONFIGDIR and wandb's folders. Subprocesses inherit them. The embedded
 model converted once per machine is linked in read-only from the real cache (never converted there);
 at the end of the session any file that appeared under the real home's cache, config and data
@@ -20,8 +21,9 @@ from pathlib import Path
 from lorakit.fileio import cache_root
 
 REAL_CACHE = cache_root()  # where lorakit keeps its caches for the user, read before the suite moves it
+HOME = Path.home()  # the real home, watched below
 SANDBOX = Path(tempfile.mkdtemp(prefix="lorakit-tests-"))
-SANDBOX_ENV = {"LORAKIT_CACHE": SANDBOX / "lorakit", "XDG_CACHE_HOME": SANDBOX / "xdg-cache",
+SANDBOX_ENV = {"HOME": SANDBOX / "home", "LORAKIT_CACHE": SANDBOX / "lorakit", "XDG_CACHE_HOME": SANDBOX / "xdg-cache",
                "XDG_CONFIG_HOME": SANDBOX / "xdg-config", "XDG_DATA_HOME": SANDBOX / "xdg-data",
                "XDG_STATE_HOME": SANDBOX / "xdg-state", "HF_HOME": SANDBOX / "huggingface",
                "MPLCONFIGDIR": SANDBOX / "matplotlib", "WANDB_DIR": SANDBOX / "wandb",
@@ -31,7 +33,6 @@ for _name, _path in SANDBOX_ENV.items():
     os.environ[_name] = str(_path)
 os.environ.pop("LORAKIT_HOME", None)  # LORAKIT_CACHE wins anyway; a test that sets its own root sets LORAKIT_CACHE
 
-HOME = Path.home()
 WATCHED = [HOME / ".cache", HOME / ".config", HOME / ".local"]  # walked whole; HOME itself: its entries
 IGNORED = [HOME / ".cache" / "pip", HOME / ".config" / "pip", REAL_CACHE / "models"]
 

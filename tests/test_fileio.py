@@ -55,25 +55,26 @@ def test_the_suite_caches_in_its_sandbox():
     """tests/conftest.py moved lorakit's cache and the libraries' home-derived folders into one
     temporary directory (read here from the environment: ``import conftest`` may find another conftest)."""
     sandbox = cache_root().parent
-    assert sandbox.is_relative_to(Path(tempfile.gettempdir())) and not sandbox.is_relative_to(Path.home())
-    assert "LORAKIT_HOME" not in os.environ
-    for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HF_HOME", "MPLCONFIGDIR", "WANDB_DIR"):
+    assert sandbox.is_relative_to(Path(tempfile.gettempdir())) and "LORAKIT_HOME" not in os.environ
+    for name in ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HF_HOME", "MPLCONFIGDIR", "WANDB_DIR"):
         assert Path(os.environ[name]).parent == sandbox, name
 
 
 @pytest.mark.slow  # a whole pytest run in a fresh interpreter (~10 s)
 def test_a_file_written_to_home_fails_the_run(tmp_path):
-    """The suite's conftest run on a one-test suite that writes to ~/.cache: the test passes, the run fails
-    and names the file. HOME is tmp_path/home, so nothing reaches the real one."""
+    """The suite's conftest run on a one-test suite that writes to ~/.cache by a fixed path (as a library
+    that reads the home folder from elsewhere than HOME would): the test passes, the run fails and names
+    the file. The run's home is tmp_path/home, so nothing reaches the real one."""
     suite, home = tmp_path / "suite", tmp_path / "home"
     (home / ".cache").mkdir(parents=True)
     suite.mkdir()
     (suite / "conftest.py").write_text((TESTS / "conftest.py").read_text())
-    (suite / "test_leak.py").write_text("from pathlib import Path\n\n\ndef test_leak():\n"
-                                        "    (Path.home() / '.cache' / 'leak.txt').write_text('x')\n")
+    # the run's own HOME is a sandbox: the test writes by a fixed path, as a library bypassing HOME would
+    leak = home / ".cache" / "leak.txt"
+    (suite / "test_leak.py").write_text(f"def test_leak():\n    open({str(leak)!r}, 'w').write('x')\n")
     env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
     env.update(HOME=str(home), PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)], cwd=suite,
                           env=env, capture_output=True, text=True, timeout=300)
     assert "1 passed" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode == pytest.ExitCode.TESTS_FAILED and str(home / ".cache" / "leak.txt") in proc.stdout
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED and str(leak) in proc.stdout
