@@ -21,11 +21,10 @@ import gc
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-from ..harness import ROOT, Context, fmt_mb, target
+from ..harness import Context, emit, fmt_mb, run_worker, target
 
 NAME, FIGURE, TITLE = "step_memory", 2, "Peak memory of a training step"
 WHAT = ("Peak memory during two training steps minus the memory of the loaded model (with its adapter), "
@@ -90,7 +89,7 @@ def _case(ctx: Context, case) -> dict:
         return {"label": case.label, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _in_child(ctx: Context, case) -> str:
+def _in_child(ctx: Context, case) -> dict:
     """Run one case in a forked child; its JSON comes back through a pipe."""
     read, write = os.pipe()
     pid = os.fork()
@@ -102,11 +101,11 @@ def _in_child(ctx: Context, case) -> str:
     with os.fdopen(read) as f:
         text = f.read()
     _, status = os.waitpid(pid, 0)
-    return text or json.dumps({"label": case.label, "error": f"child died (wait status {status})"})
+    return json.loads(text) if text else {"label": case.label, "error": f"child died (wait status {status})"}
 
 
 def worker() -> None:
-    """Read the spec from stdin, run each case (CPU: in a forked child), print one JSON line per case."""
+    """Read the spec from stdin, run each case (CPU: in a forked child), emit every case's row."""
     import peft  # noqa: F401  (imported once here, before the forks)
     import torch
     import transformers  # noqa: F401
@@ -119,30 +118,29 @@ def worker() -> None:
     cfg = spec["context"]
     preload(cfg["model"])
     ctx = Context(**{**cfg, **{k: tuple(cfg[k]) for k in ("dropouts", "infer_batches", "precisions")}})
+    rows = []
     for row in spec["cases"]:
         case = Case(*row)
         if ctx.device.startswith("cuda"):
-            print(json.dumps(_case(ctx, case)), flush=True)
+            rows.append(_case(ctx, case))
             ctx._cache.clear()  # the next case starts from an empty GPU
             gc.collect()
             torch.cuda.empty_cache()
         else:
-            print(_in_child(ctx, case), flush=True)
+            rows.append(_in_child(ctx, case))
+    emit({"rows": rows})
 
 
 def _run_worker(ctx: Context, cases, log) -> dict[str, dict]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *[p for p in sys.path if p]]), **MALLOC_ENV}
+    # the worker imports the figure's model spec ("module:function") from this process's path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **MALLOC_ENV}
     spec = {"context": ctx.config(), "cases": cases}
-    proc = subprocess.run([sys.executable, "-m", "bench.train.memory", "--worker"], input=json.dumps(spec),
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
-    found = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            found[row["label"]] = row
-            log("  " + (f"{row['label']}: +{fmt_mb(row['increase'])}" if "error" not in row else line))
-    if proc.returncode or len(found) != len(cases) or any("error" in r for r in found.values()):
-        raise RuntimeError(f"memory worker failed (exit {proc.returncode}): {proc.stderr[-2000:]}\n{found}")
+    rows = run_worker(["-m", "bench.train.memory", "--worker"], env=env, input=json.dumps(spec), timeout=1800)["rows"]
+    found = {row["label"]: row for row in rows}
+    for row in rows:
+        log("  " + (f"{row['label']}: +{fmt_mb(row['increase'])}" if "error" not in row else json.dumps(row)))
+    if len(found) != len(cases) or any("error" in r for r in found.values()):
+        raise RuntimeError(f"memory worker failed: {found}")
     return found
 
 
