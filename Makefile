@@ -31,10 +31,14 @@ demo-speech: $(STAMP) tcmalloc
 demo-grpo: $(STAMP) tcmalloc
 	$(VENV)/bin/lorakit train configs/demo-grpo.yaml --out runs/demo-grpo
 
-# DPO, the second stage: SmolLM2 learns to prefer ISO dates to its own answers from pairs (examples/dpo/, made by
-# scripts/make_dpo_pairs.py); prints held-out preference accuracy and greedy exact match before/after
-demo-dpo: $(STAMP) tcmalloc
+# DPO, the second stage: SmolLM2 learns to prefer ISO dates to its own answers from pairs (examples/dpo/, made once
+# by scripts/make_dpo_pairs.py); prints held-out preference accuracy and greedy exact match before/after
+demo-dpo: $(STAMP) tcmalloc examples/dpo/dates-train.jsonl
 	$(VENV)/bin/lorakit train configs/demo-dpo.yaml --out runs/demo-dpo
+
+# the rejected answers are the base model's own, generated once (a few minutes) and kept
+examples/dpo/dates-train.jsonl: scripts/make_dpo_pairs.py | $(STAMP)
+	$(PY) scripts/make_dpo_pairs.py
 
 test: $(STAMP) browser tcmalloc
 	$(VENV)/bin/ruff check lorakit tests scripts bench
