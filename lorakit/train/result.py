@@ -133,13 +133,13 @@ def card_sections(summary: dict[str, Any], cfg: TrainConfig, paths: DataPaths) -
 
 def held_out_figures(s: dict) -> list[str]:
     """The names of the numbers in a summary's before/after blocks (the objective's held-out score:
-    exact_match for sft), in their order; counts and examples left out."""
+    exact_match for sft), in their order; counts and examples left out; none when nothing was scored."""
     names: list[str] = []
     for block in (s.get("before"), s.get("after")):
         for k, v in (block or {}).items():
             if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool) and k not in names:
                 names.append(k)
-    return names or ["exact_match"]
+    return names
 
 
 def _last_value(path: Path, key: str) -> float | None:
