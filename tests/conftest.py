@@ -18,19 +18,26 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lorakit.fileio import cache_root
-
-REAL_CACHE = cache_root()  # where lorakit keeps its caches for the user, read before the suite moves it
-HOME = Path.home()  # the real home, watched below
 SANDBOX = Path(tempfile.mkdtemp(prefix="lorakit-tests-"))
-SANDBOX_ENV = {"HOME": SANDBOX / "home", "LORAKIT_CACHE": SANDBOX / "lorakit", "XDG_CACHE_HOME": SANDBOX / "xdg-cache",
-               "XDG_CONFIG_HOME": SANDBOX / "xdg-config", "XDG_DATA_HOME": SANDBOX / "xdg-data",
+LIBRARY_ENV = {"XDG_CONFIG_HOME": SANDBOX / "xdg-config", "XDG_DATA_HOME": SANDBOX / "xdg-data",
                "XDG_STATE_HOME": SANDBOX / "xdg-state", "HF_HOME": SANDBOX / "huggingface",
                "MPLCONFIGDIR": SANDBOX / "matplotlib", "WANDB_DIR": SANDBOX / "wandb",
                "WANDB_CACHE_DIR": SANDBOX / "wandb-cache", "WANDB_CONFIG_DIR": SANDBOX / "wandb-config"}
-for _name, _path in SANDBOX_ENV.items():
-    _path.mkdir(parents=True, exist_ok=True)
-    os.environ[_name] = str(_path)
+HOME_ENV = {"HOME": SANDBOX / "home", "XDG_CACHE_HOME": SANDBOX / "xdg-cache", "LORAKIT_CACHE": SANDBOX / "lorakit"}
+
+
+def _point_into_sandbox(env: dict[str, Path]) -> None:
+    for name, path in env.items():
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(path)
+
+
+_point_into_sandbox(LIBRARY_ENV)  # first: importing lorakit below must find the libraries' folders moved already
+from lorakit.fileio import cache_root  # noqa: E402
+
+REAL_CACHE = cache_root()  # where lorakit keeps its caches for the user, read before HOME_ENV moves it
+HOME = Path.home()  # the real home, watched below
+_point_into_sandbox(HOME_ENV)
 os.environ.pop("LORAKIT_HOME", None)  # LORAKIT_CACHE wins anyway; a test that sets its own root sets LORAKIT_CACHE
 
 WATCHED = [HOME / ".cache", HOME / ".config", HOME / ".local"]  # walked whole; HOME itself: its entries
