@@ -371,8 +371,11 @@ class Engine:
                 "rows": self._running.kv.rows, "max_rows": self.limits.max_batch_size}
 
     def waiting(self) -> int:
-        """Rows queued and not yet running (approximate: the queue may change meanwhile)."""
-        return self._queue.qsize() + len(self._waiting)
+        """Rows queued and not yet running (approximate: the queue may change meanwhile); a request's n
+        choices are one item of the queue and n rows."""
+        with self._queue.mutex:
+            queued = sum(len(i) if isinstance(i, list) else i is not None for i in self._queue.queue)
+        return queued + len(self._waiting)
 
 
 def engine_from_spec(spec: str, adapters: dict[str, str] | None = None, *, name: str | None = None,

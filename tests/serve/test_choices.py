@@ -92,3 +92,13 @@ def test_n_choices_for_completions_and_chat_with_the_openai_client(server):
     assert pieces == [c.message.content for c in answer.choices]
     with pytest.raises(openai.BadRequestError, match="n"):
         client.completions.create(model="alpha", prompt=PROMPT, n=9, max_tokens=2)
+
+
+def test_queued_choices_count_as_rows(tiny_model_dir):
+    """Before the worker runs, a request's n choices wait as one queue item but count as n rows."""
+    engine = engine_from_spec(str(tiny_model_dir), name="tiny", limits=Limits(max_prompt_tokens=64, max_tokens=8))
+    rows = engine.submit_choices(engine.encode(PROMPT), "tiny", [SamplingParams(max_tokens=2)] * 3, lambda e: None)
+    engine.submit(engine.encode("x"), "tiny", SamplingParams(max_tokens=2), lambda e: None)
+    assert [r.index for r in rows] == [0, 1, 2] and engine.waiting() == 4 and engine.stats.requests == 4
+    engine.close()  # queued rows end with the shutdown error
+    assert all(r.finish_reason == "error" for r in rows) and engine.waiting() == 0
