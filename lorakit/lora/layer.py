@@ -330,6 +330,20 @@ class ModulesToSave(nn.Module):
     def adapters(self) -> list[str]:
         return list(self.modules_to_save)
 
+    def __getattr__(self, name: str):
+        """What the wrapper itself lacks is the wrapped module's (``head.weight``, ``emb.num_embeddings``): the
+        active adapter's copy, else the original, as PEFT's wrapper answers, so code written against the
+        plain module keeps working after injection."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "original_module" not in modules:  # still being built
+                raise
+        active = self.__dict__.get("active", [])
+        copies = modules["modules_to_save"]
+        return getattr(copies[active[0]] if len(active) == 1 else modules["original_module"], name)
+
     def forward(self, *args, **kwargs):
         if len(self.active) > 1:
             raise AdapterError(f"adapters {self.active} each replace this module in full; activate only one of them")

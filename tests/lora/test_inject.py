@@ -137,3 +137,22 @@ def test_inject_makes_the_frozen_head_see_a_contiguous_input():
     model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
     model(input_ids=torch.randint(0, 90, (2, 7)), logits_to_keep=1)
     assert seen == [True]
+
+
+def test_a_module_to_save_answers_for_the_module_it_wraps():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3))
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"]))
+    head = model[1]
+    assert head.out_features == 3  # a plain Linear's attribute, read through the wrapper
+    assert head.weight is head.modules_to_save["default"].weight and head.weight.requires_grad
+    with lk.disable_adapters(model):
+        assert head.weight is head.original_module.weight  # no adapter active: the original's
+    # PEFT's wrapper answers the same way
+    theirs = get_peft_model(nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3)),
+                            LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"]))
+    assert theirs.base_model.model[1].weight is theirs.base_model.model[1].modules_to_save["default"].weight
+    with pytest.raises(AttributeError):
+        getattr(head, "no_such_attribute")  # noqa: B009
