@@ -49,7 +49,8 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, extra: tuple[str, 
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)" if not extra else "loss")
-    ax.set_yscale("log")
+    if all(v > 0 for _, v in train + evals):  # a cross-entropy; GRPO's and DPO's losses may reach 0 or below
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("lorakit training")

@@ -66,8 +66,10 @@ def print_summary(s: dict) -> None:
 
     rows = [(f"held-out {name.replace('_', ' ')}", _figure(s["before"], name), _figure(s["after"], name))
             for name in held_out_figures(s)]
-    rows += [("eval loss (final / best)", "", f"{s['final_eval_loss'] or float('nan'):.4f} / "
-                                              f"{s['best_eval_loss'] or float('nan'):.4f}"),
+    def loss(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    rows += [("eval loss (final / best)", "", f"{loss(s['final_eval_loss'])} / {loss(s['best_eval_loss'])}"),
             ("trainable params", "", f"{s['trainable_params']:,} ({s['trainable_percent']:.3f}%)"),
             ("train wall time", "", f"{s['train_wall_s']:.1f} s over {s['steps']} steps"),
             ("throughput", "", f"{s['tokens_per_s'] or 0:.0f} tokens/s"),
