@@ -173,6 +173,23 @@ def target_modules_from_flags(names: list[str]) -> list[str] | str:
     return list(names)
 
 
+def token_indices_from_flags(values: list[str | int]) -> list[int] | dict[str, list[int]] | None:
+    """``--trainable-token-indices`` values → LoraConfig.trainable_token_indices: token ids (``3 5 7``: rows of
+    the input embedding) or ``EMBEDDING=ID,ID,...`` per embedding; an empty list is None."""
+    if not values:
+        return None
+    try:
+        if all(isinstance(v, int) or "=" not in str(v) for v in values):
+            return [int(v) for v in values]
+        pairs = [str(v).split("=", 1) for v in values]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return {name: [int(i) for i in ids.split(",")] for name, ids in pairs}
+    except ValueError:
+        raise ConfigError(f"trainable_token_indices: expected token ids (3 5 7) or EMBEDDING=ID,ID,... per "
+                          f"embedding (embed_tokens=3,5), got {' '.join(map(str, values))!r}") from None
+
+
 def check_init(init) -> None:
     """Raise ConfigError unless ``init`` is an init_lora_weights value lorakit implements."""
     if isinstance(init, bool) or init in ("gaussian", "pissa", "olora"):

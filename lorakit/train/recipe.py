@@ -102,6 +102,9 @@ class TrainConfig:
     """With --weights: keys the model has and the file lacks keep the values the builder gave them."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained whole and saved with the adapter (PEFT's modules_to_save), e.g. a new head or embedding."""
+    trainable_token_indices: list[str] = field(default_factory=list)
+    """Rows of an embedding trained in full and saved with the adapter, e.g. new tokens (PEFT's
+    trainable_token_indices): token ids of the input embedding (3 5 7), or EMBEDDING=ID,ID,... per embedding."""
     pad_value: list[str] = field(default_factory=list)
     """Pre-tokenized rows: the value padding writes into a column, COLUMN=V ... (default: input_ids the pad id
     (0 without a tokenizer), labels -100, attention_mask 0, any other column 0)."""
@@ -254,7 +257,7 @@ class TrainConfig:
             from .rewards import parse_weights
 
             self.reward_weights = parse_weights(self.reward_weights)
-        for name in ("columns", "modules_to_save", "pad_value"):
+        for name in ("columns", "modules_to_save", "pad_value", "trainable_token_indices"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, getattr(self, name).split())
         if self.loss and self.objective != "sft":
@@ -268,7 +271,9 @@ class TrainConfig:
         self.report_to = parse_report_to(self.report_to)
 
     def _check_variants(self) -> None:
-        from ..lora.config import BIAS_CHOICES, check_init
+        from ..lora.config import BIAS_CHOICES, check_init, token_indices_from_flags
+
+        token_indices_from_flags(self.trainable_token_indices)  # a malformed value fails with the recipe
 
         if isinstance(self.init_lora_weights, bool):  # YAML's true / false
             self.init_lora_weights = str(self.init_lora_weights).lower()
@@ -285,7 +290,8 @@ class TrainConfig:
         if not self.neftune_alpha >= 0:
             raise ConfigError(f"neftune_alpha must be >= 0, got {self.neftune_alpha!r}")
         lora_only = {"dora": self.dora, "init_lora_weights": self.lora_init() is not True, "bias": self.bias != "none",
-                     "loraplus_lr_ratio": bool(self.loraplus_lr_ratio)}
+                     "loraplus_lr_ratio": bool(self.loraplus_lr_ratio),
+                     "trainable_token_indices": bool(self.trainable_token_indices)}
         if self.full and any(lora_only.values()):
             raise ConfigError(f"{', '.join(k for k, v in lora_only.items() if v)} apply to LoRA adapters; drop them "
                               "or --full (full fine-tuning trains every weight)")
@@ -353,7 +359,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=None)
         elif f.type in ("bool", bool):
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
-        elif f.name in ("target_modules", "columns", "modules_to_save", "pad_value"):
+        elif f.name in ("target_modules", "columns", "modules_to_save", "pad_value", "trainable_token_indices"):
             p.add_argument(*flags, nargs="+", default=None, help=docs.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)

@@ -141,12 +141,13 @@ def adapt(model: torch.nn.Module, cfg: TrainConfig, base: str | None, task_type:
         base: what the adapter records as its base model (``base_model_name_or_path``).
         task_type: PEFT's task type ("CAUSAL_LM" for transformers LMs; None for a model of your own).
     """
-    from ..lora.config import LoraConfig, target_modules_from_flags
+    from ..lora.config import LoraConfig, target_modules_from_flags, token_indices_from_flags
     from ..lora.inject import inject
 
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=target_modules_from_flags(cfg.target_modules),
                       modules_to_save=list(cfg.modules_to_save) or None,
+                      trainable_token_indices=token_indices_from_flags(cfg.trainable_token_indices),
                       use_rslora=cfg.rslora, use_dora=cfg.dora, init_lora_weights=cfg.lora_init(), bias=cfg.bias,
                       base_model_name_or_path=base, task_type=task_type)
     return inject(model, lcfg)

@@ -277,3 +277,41 @@ def test_variants_resume_exactly_and_save_a_plain_lora(tiny_model_dir, tmp_path,
     ids = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         assert (ours(ids).logits - theirs(ids).logits).abs().max() < 1e-5
+
+
+def test_trainable_token_indices_from_the_recipe_train_only_those_rows_in_peft_format(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.train.loop import train
+
+    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=4, target_modules=["q_proj"], trainable_token_indices=["3", "5"])
+    train(cfg, progress=False)
+    adapter = tmp_path / "run" / "adapter"
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        deltas = [k for k in f.keys() if "trainable_tokens_delta" in k]
+        assert len(deltas) == 1 and tuple(f.get_slice(deltas[0]).get_shape())[0] == 2  # two rows of one table
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lk.load_adapter(ours, adapter)
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
+    ids = torch.tensor([[1, 3, 4, 5, 9]])
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max() < 1e-5
+        emb = ours.get_input_embeddings()(torch.arange(10))
+        plain = base.get_input_embeddings()(torch.arange(10))
+    changed = (emb - plain).abs().amax(1) > 0
+    moved = changed.nonzero().flatten().tolist()
+    assert moved and set(moved) <= {3, 5}  # only chosen rows moved (a row the data never shows gets no gradient)
+
+
+def test_trainable_token_indices_flags_parse_ids_or_one_table_each():
+    from lorakit.lora.config import token_indices_from_flags
+
+    assert token_indices_from_flags(["3", "5"]) == [3, 5]
+    assert token_indices_from_flags(["embed_tokens=3,5", "speech_embedding=1"]) == {"embed_tokens": [3, 5],
+                                                                                    "speech_embedding": [1]}
+    assert token_indices_from_flags([]) is None
+    with pytest.raises(lk.ConfigError, match="EMBEDDING=ID"):
+        token_indices_from_flags(["embed_tokens=3,x"])
