@@ -41,7 +41,7 @@ examples/dpo/dates-train.jsonl: scripts/make_dpo_pairs.py | $(STAMP)
 	$(PY) scripts/make_dpo_pairs.py
 
 test: $(STAMP) browser tcmalloc
-	$(VENV)/bin/ruff check lorakit tests scripts bench
+	$(VENV)/bin/ruff check lorakit tests scripts bench examples
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # the quick set while editing: everything but the tests marked real_model (the embedded SmolLM2) or slow
