@@ -11,14 +11,12 @@ grouped convolutions is undefined there.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..errors import AdapterError, TargetError
 from .config import moves_base
-from .layer import Adapter, LoraLayer, LoraLinear
+from .layer import Adapter, LoraLayer, LoraLinear, init_factors
 
 
 def check_conv(name: str, module: nn.Conv1d) -> None:
@@ -65,14 +63,7 @@ class LoraConv(LoraLinear):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if a.is_meta:
             return
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / self.adapters[name].r)
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if init is False:
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(b)
+        init_factors(a, b, init, self.adapters[name].r)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling · B·A as a (out, in, kernel) fp32 convolution weight."""

@@ -186,14 +186,7 @@ class LoraLinear(LoraLayer):
         if moves_base(init):
             self._init_from_base(name, init)
         else:
-            if init == "gaussian":
-                nn.init.normal_(a, std=1 / self.adapters[name].r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if init is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(b)
+            init_factors(a, b, init, self.adapters[name].r)
         if name in self.lora_magnitude_vector:
             self.lora_magnitude_vector[name].copy_(dora.magnitude_init(self, name))
 
@@ -300,6 +293,19 @@ class LoraEmbedding(LoraLayer):
             else:
                 result = result + lora.to(result.dtype)
         return result
+
+
+def init_factors(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
+    """PEFT's initialisation of one adapter's factors, in place: A kaiming-uniform (N(0, (1/r)²) for
+    "gaussian"), B zeros so the adapter starts as the identity; init=False: both random."""
+    if init == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if init is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(b)
 
 
 class ModulesToSave(nn.Module):
