@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from .formats import FORMAT_NAMES, rename_columns, to_canonical, validate_record
 
 TABLE_SUFFIXES = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
 DATASETS_INSTALL = "pip install 'lorakit[data]'"
+# a \\uXXXX escape of a UTF-16 surrogate: paired it is one character, alone it is no text a tokenizer takes
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class Records:
@@ -173,10 +176,23 @@ def _parse_jsonl(path: Path, raw: bytes) -> tuple[list[Any], list[int]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); expected one JSON "
                             "object per line") from None
+        if SURROGATE_ESCAPE.search(text):
+            _no_lone_surrogate(rows[-1], where)
         lines.append(lineno)
     if not rows:
         raise DataError(f"{path} contains no examples (expected one JSON object per line)")
     return rows, lines
+
+
+def _no_lone_surrogate(row: Any, where: str) -> None:
+    """JSON lets a string escape half of a surrogate pair (``"\\ud800"``); Python reads it as a string no
+    UTF-8 encoder (and no tokenizer) accepts, so it is refused here, by line, like a byte that is not UTF-8."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        half = ord(exc.object[exc.start])
+        raise DataError(f"{where}: not valid Unicode (an unpaired surrogate \\u{half:04x}); escape a character "
+                        "outside the BMP as a pair (\\ud83d\\ude00) or write it as UTF-8") from None
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -209,6 +209,14 @@ def test_non_utf8_line_is_reported(tmp_path):
         load_jsonl(path)
 
 
+def test_an_unpaired_surrogate_escape_is_reported_and_a_pair_is_text(tmp_path, tok):
+    path = write(tmp_path, '{"text": "ok \\ud83d\\ude00"}\n{"prompt": "a", "completion": "b\\uDC00"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid Unicode \(an unpaired surrogate \\udc00\)"):
+        load_jsonl(path)
+    path = write(tmp_path, '{"text": "ok \\ud83d\\ude00"}\n{"text": "a \\\\ud800 is six characters"}\n')
+    assert load_jsonl(path)[0]["text"] == "ok \U0001f600" and load(path, tok, 64).stats.n_examples == 2
+
+
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_file_without_examples(tmp_path, content):
     path = write(tmp_path, content)
