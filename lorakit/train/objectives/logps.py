@@ -29,23 +29,27 @@ class SequenceLogps:
 
 
 class _HeadLogps(torch.autograd.Function):
-    """log softmax(h·Wᵀ)[y] per row, chunk by chunk; d/dh (onehot − softmax)·W is made in the same pass, so
-    backward only scales each row by its incoming gradient. The head weight gets no gradient (frozen)."""
+    """log softmax(h·Wᵀ / T)[y] per row, chunk by chunk; d/dh (onehot − softmax)·W / T is made in the same pass,
+    so backward only scales each row by its incoming gradient. The head weight gets no gradient (frozen)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                grads: bool) -> torch.Tensor:
+                grads: bool, temperature: float = 1.0) -> torch.Tensor:
         need_h = grads and ctx.needs_input_grad[0]
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], targets[start:start + chunk]
             logits = F.linear(hc, weight).float()  # (c, V)
+            if temperature != 1.0:
+                logits.div_(temperature)  # the sampled distribution, as log_softmax(logits / T)
             lse = torch.logsumexp(logits, dim=-1)
             out[start:start + chunk] = logits.gather(1, yc[:, None]).squeeze(1) - lse
             if need_h:
                 g = logits.sub_(lse[:, None]).exp_().neg_()  # −softmax, in place of the logits
                 g[torch.arange(len(yc), device=g.device), yc] += 1
+                if temperature != 1.0:
+                    g.div_(temperature)  # d(z / T)/dz
                 grad_h[start:start + chunk] = g.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)
         return out
@@ -54,21 +58,23 @@ class _HeadLogps(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
         gh = grad_h * grad_out[:, None].to(grad_h.dtype) if grad_h is not None else None
-        return gh, None, None, None, None
+        return gh, None, None, None, None, None
 
 
 def head_logps(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-               chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """``log_softmax(F.linear(h, weight).float())[i, targets[i]]`` for each row i, (N,) fp32, in chunks.
+               chunk_bytes: int = CHUNK_BYTES, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(F.linear(h, weight).float() / temperature)[i, targets[i]]`` for each row i, (N,) fp32, in
+    chunks.
 
     Args:
         h: (N, hidden) final hidden states of the scored positions.
         weight: (vocab, hidden) a frozen output head (no bias).
         targets: (N,) the next tokens.
         chunk_bytes: fp32 logits per chunk.
+        temperature: the logits are divided by it (GRPO scores under the sampling temperature).
     """
     chunk = max(16, chunk_bytes // (4 * weight.shape[0]))
-    return _HeadLogps.apply(h, weight, targets, chunk, torch.is_grad_enabled())
+    return _HeadLogps.apply(h, weight, targets, chunk, torch.is_grad_enabled(), float(temperature))
 
 
 def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
