@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ...errors import ConfigError
 from ...generate import Completion, SamplingParams, generate
@@ -39,6 +38,7 @@ from ..losses.grpo import (
 from ..rewards import combine, load_rewards, score_completions
 from .base import Objective, StepLoss
 from .grpo_data import PromptBatches, PromptSet, read_prompts, tokenize_prompts
+from .grpo_logps import completion_logps
 
 SAMPLES_SHOWN = 4  # completions written to samples.jsonl per logged step
 
@@ -178,14 +178,9 @@ class GRPO(Objective):
                 "completion_mask": mask, "advantages": advantages.float()}
 
     def logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(b, C) log π(token) of each completion token under log_softmax(logits / temperature), as TRL scores."""
-        c = batch["completion_mask"].shape[1]
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], logits_to_keep=c + 1, use_cache=False)
-        logits = out.logits[:, :-1].float() / self.cfg.temperature  # (b, C, V): position t predicts token t + 1
-        targets = batch["input_ids"][:, -c:]
-        return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                reduction="none").view_as(targets)
+        """(b, C) log π(token) of each completion token under log_softmax(logits / temperature), as TRL scores;
+        each prompt computed once for the completions packed after it (``grpo_logps``)."""
+        return completion_logps(model, batch, self.cfg.temperature)
 
     # -- the loss ---------------------------------------------------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepLoss:
