@@ -68,7 +68,7 @@ def run_lorakit(args) -> dict:
         wall = time.perf_counter() - t0
         logs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     gen = [x["time/generation_s"] for x in logs]
-    trn = [x["time/training_s"] for x in logs[1:]]  # logged the step after (the previous step's training)
+    trn = [x["time/training_s"] for x in logs]
     return {"gen_s": gen, "train_s": trn, "rewards": [x["reward"] for x in logs], "wall_s": wall}
 
 

@@ -268,6 +268,7 @@ def _loop(run: Run, cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        metrics.update(run.objective.step_done())  # this process's figures of the finished step (timings)
         step += 1
         st["tokens"] += int(n_seen)
         st["elapsed"] += time.perf_counter() - t0

@@ -56,9 +56,10 @@ def test_a_run_logs_trl_metrics_samples_and_the_pass_rate(tiny_model_dir, data, 
     first = lines[0]
     for name in ("loss", "reward", "reward_std", "rewards/has_answer/mean", "rewards/short/mean", "kl",
                  "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean",
-                 "frac_reward_zero_std", "rollout/tokens_per_s", "time/generation_s"):
+                 "frac_reward_zero_std", "rollout/tokens_per_s", "time/generation_s", "time/training_s"):
         assert name in first, name
-    assert "time/training_s" in lines[1]
+    for line in lines:  # each step's own split of time
+        assert line["time/generation_s"] > 0 and line["time/training_s"] > 0
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0 at the start: the policy is the base
     assert lines[-1]["kl"] > 0
     assert 1 <= first["completions/mean_length"] <= 6
@@ -107,6 +108,8 @@ def test_a_resumed_run_trains_as_the_straight_run(tiny_model_dir, data, tmp_path
     la = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "paused" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], abs=1e-6)
+    rollout_steps = [i for i, x in enumerate(la) if "rollout/tokens_per_s" in x]
+    assert rollout_steps == list(range(0, len(la), iterations))  # a reused batch samples nothing
 
 
 def test_a_reward_function_that_raises_stops_the_run_naming_it(tiny_model_dir, data, tmp_path):

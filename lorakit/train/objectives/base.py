@@ -83,6 +83,11 @@ class Objective:
         loss, n = loss_sum(model, batch)
         return StepLoss(loss, n, int(batch["attention_mask"].sum()))
 
+    def step_done(self) -> dict[str, float]:
+        """Called after every optimizer step: figures of the step just finished, logged with it as they are
+        (this process's own, not summed over processes: e.g. how its time split)."""
+        return {}
+
     # -- evaluation, before/after score, resume -------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, eval_ds, cfg, pad_id: int, info) -> dict[str, float]:
         """Validation figures; ``eval_loss`` (lower is better) drives best-checkpoint and patience."""

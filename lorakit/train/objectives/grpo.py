@@ -82,7 +82,7 @@ class GRPO(Objective):
         self.main = True
         self.buffer: list[dict[str, torch.Tensor]] | None = None  # the rollout batch, reused num_iterations steps
         self.pending: dict[str, tuple[float, float]] = {}  # rollout figures, reported with the step's first loss
-        self.train_start: float | None = None  # when the previous step's training began (its time is logged)
+        self.clock: dict[str, float] = {}  # this step's timings, logged by step_done
 
     # -- data -------------------------------------------------------------------------------------------------
     def read(self, cfg, paths) -> dict[str, Any]:
@@ -105,13 +105,25 @@ class GRPO(Objective):
     # -- rollouts ---------------------------------------------------------------------------------------------
     def next_step(self, source: PromptBatches, model: torch.nn.Module, step: int) -> list[dict[str, torch.Tensor]]:
         """A new rollout batch every ``num_iterations`` steps (else the buffered one), as micro-batches."""
-        now = time.perf_counter()
-        if self.train_start is not None:
-            self.pending["time/training_s"] = (now - self.train_start, 1.0)  # the previous step's
+        t0 = time.perf_counter()
+        self.clock = {}
         if self.buffer is None or step % self.cfg.num_iterations == 0:
             self.buffer = self.rollout(source, model, step)
-        self.train_start = time.perf_counter()
+        self.clock["train_start"] = time.perf_counter()
+        self.clock["time/generation_s"] = self.clock["train_start"] - t0
         return self.buffer
+
+    def step_done(self) -> dict[str, float]:
+        """This step's split of time: ``time/generation_s`` (sampling, rewards, advantages, reference and old
+        log-probs: TRL's _generate_and_score_completions; 0 on a step that reuses its rollout batch),
+        ``time/training_s`` (log-probs, loss, backward, optimizer step) and ``rollout/tokens_per_s``
+        (completion tokens per second of sampling alone, on rollout steps)."""
+        if "train_start" not in self.clock:
+            return {}
+        out = {k: v for k, v in self.clock.items() if k != "train_start"}
+        out["time/training_s"] = time.perf_counter() - self.clock["train_start"]
+        self.clock = {}
+        return out
 
     def rollout(self, source: PromptBatches, model: torch.nn.Module, step: int) -> list[dict[str, torch.Tensor]]:
         from ..distributed import unwrap
@@ -124,13 +136,14 @@ class GRPO(Objective):
                                   seed=(cfg.seed + 1) * 2**40 + step * 2**20)  # a stream per (seed, step)
         groups = generate(unwrap(model), self.tokenizer, [source.prompts.ids[i] for i in rows], n=g,
                           sampling=sampling, prefix_sharing=True, max_rows=cfg.rollout_rows)
-        gen_s = time.perf_counter() - t0
+        sampling_s = time.perf_counter() - t0
         flat = [c for group in groups for c in group]
         per_fn, total = self.rewards_of(prompts, columns, flat)
         advantages, zero_std = group_advantages(total, g, cfg.scale_rewards)
         lengths = [len(c.token_ids) for c in flat]
+        self.clock["rollout/tokens_per_s"] = sum(lengths) / max(sampling_s, 1e-9)
         truncated = torch.tensor([c.finish_reason == "length" for c in flat])
-        self.pending.update(rollout_metrics(per_fn, total, zero_std, lengths, truncated, gen_s,
+        self.pending.update(rollout_metrics(per_fn, total, zero_std, lengths, truncated,
                                             [fn_name(r) for r in self.rewards]))
         if self.main and (step == 0 or (step + 1) % cfg.log_every == 0):
             self.write_samples(step + 1, prompts, flat, per_fn, total, advantages)
@@ -263,7 +276,7 @@ class GRPO(Objective):
 
 
 def rollout_metrics(per_fn: torch.Tensor, total: torch.Tensor, zero_std: torch.Tensor, lengths: list[int],
-                    truncated: torch.Tensor, gen_s: float, names: list[str]) -> dict[str, tuple[float, float]]:
+                    truncated: torch.Tensor, names: list[str]) -> dict[str, tuple[float, float]]:
     """A rollout's figures under TRL's names, as (sum, count)."""
     scored = ~torch.isnan(total)
     n = float(len(lengths))
@@ -271,9 +284,7 @@ def rollout_metrics(per_fn: torch.Tensor, total: torch.Tensor, zero_std: torch.T
            "reward_std": (float(nanstd(total)) if int(scored.sum()) > 1 else 0.0, 1.0),
            "frac_reward_zero_std": (float(zero_std.sum()), n),
            "completions/mean_length": (float(sum(lengths)), n),
-           "completions/clipped_ratio": (float(truncated.sum()), n),
-           "time/generation_s": (gen_s, 1.0),
-           "rollout/tokens_per_s": (sum(lengths) / max(gen_s, 1e-9), 1.0)}
+           "completions/clipped_ratio": (float(truncated.sum()), n)}
     for i, name in enumerate(names):
         col = per_fn[:, i]
         ok = ~torch.isnan(col)
