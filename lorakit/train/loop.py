@@ -273,6 +273,7 @@ def _loop(run: Run, cfg: TrainConfig, progress: bool, info) -> dict[str, Any]:
         st["tokens"] += int(n_seen)
         st["elapsed"] += time.perf_counter() - t0
         bar.update(1)
+        run.reporters.log_samples(step, run.objective.samples())  # rank 0 holds the reporters, others none
         if info.main and (step % cfg.log_every == 0 or step == total):
             now = time.perf_counter()
             tps = (st["tokens"] - tok_last) / max(now - t_last, 1e-9)

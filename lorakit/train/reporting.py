@@ -1,5 +1,6 @@
 """Where a run's metrics go. The loop hands every record to one ``Reporters`` fan-out; each
-``Reporter`` writes it its own way (metrics.jsonl here; trackers plug in beside it)."""
+``Reporter`` writes it its own way (metrics.jsonl here; trackers plug in beside it). Sample rows an objective
+shows (GRPO's completions with their rewards) go the same way: samples.jsonl here, a table in each tracker."""
 
 from __future__ import annotations
 
@@ -20,28 +21,39 @@ class Reporter:
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """A few examples of step ``step`` (JSON-able rows, e.g. prompt, completion, reward)."""
+
     def close(self, status: str = "finished") -> None:
         """End the destination; ``status`` is "finished", "failed" (an exception ended the run) or
         "killed" (Ctrl-C)."""
 
 
 class JsonlReporter(Reporter):
-    """``metrics.jsonl``: one JSON object per record, ``{"step": N, ...metrics}``.
+    """``metrics.jsonl``: one JSON object per record, ``{"step": N, ...metrics}`` (and ``samples.jsonl``: one per
+    sample row, ``{"step": N, ...row}``).
 
-    A fresh run starts the file anew; a resumed one first drops the records written after the
+    A fresh run starts the files anew; a resumed one first drops the records written after the
     checkpoint it resumes from (and a line cut by a kill), so every step appears once.
     """
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        if resume_step is None:
-            path.unlink(missing_ok=True)
-        else:
-            _truncate_metrics(path, resume_step)
+    def __init__(self, path: Path, resume_step: int | None, samples: Path | None = None) -> None:
+        self.path, self.samples = path, samples
+        for p in (path, samples):
+            if p is not None and resume_step is None:
+                p.unlink(missing_ok=True)
+            elif p is not None:
+                _truncate_metrics(p, resume_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """``samples.jsonl``: one line per sample, ``{"step": N, ...row}`` (kept in step with metrics.jsonl)."""
+        if self.samples is not None and samples:
+            with open(self.samples, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in samples))
 
 
 class Reporters(Reporter):
@@ -58,6 +70,11 @@ class Reporters(Reporter):
         for r in self.reporters:
             r.log_params(params)
 
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        if samples:
+            for r in self.reporters:
+                r.log_samples(step, samples)
+
     def close(self, status: str = "finished") -> None:
         for r in self.reporters:
             r.close(status)
@@ -70,7 +87,7 @@ def make_reporters(cfg, out: Path, main: bool, resume_step: int | None) -> Repor
         return Reporters([])
     from .trackers import make_trackers  # lazy: a tracker's package is imported only when asked for
 
-    reporters = Reporters([JsonlReporter(out / "metrics.jsonl", resume_step),
+    reporters = Reporters([JsonlReporter(out / "metrics.jsonl", resume_step, out / "samples.jsonl"),
                            *make_trackers(cfg.report_to, out, resuming=resume_step is not None)])
     reporters.log_params(cfg.to_dict())
     return reporters

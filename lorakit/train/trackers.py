@@ -11,6 +11,9 @@ not subclass it because ``reporting`` imports this module to build them (imports
 
 A resumed run continues the same wandb / MLflow run (their ids are kept in ``out/trackers.json``)
 and TensorBoard drops the events a killed run wrote after its last checkpoint (``purge_step``).
+
+Sample rows (``log_samples``: GRPO's completions with their rewards) go under ``train/samples``: a markdown
+table in TensorBoard's Text tab, a ``wandb.Table``, an MLflow artifact ``samples/step_NNNNNN.jsonl``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,34 @@ def hf_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of one record, renamed for trackers (``step`` is passed on its own)."""
     return {hf_name(k): float(v) for k, v in metrics.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def sample_table(samples: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows) of sample rows: nested dicts flattened (``rewards/accuracy``), numbers and strings kept,
+    anything else (a chat prompt's messages) as JSON text; columns in first-seen order."""
+    flat = []
+    for row in samples:
+        out: dict[str, Any] = {}
+        for key, value in row.items():
+            items = [(f"{key}/{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
+            for k, v in items:
+                out[k] = v if v is None or isinstance(v, (str, int, float, bool)) else json.dumps(v, ensure_ascii=False)
+        flat.append(out)
+    columns = list(dict.fromkeys(k for row in flat for k in row))
+    return columns, [[row.get(c) for c in columns] for row in flat]
+
+
+def markdown_table(samples: list[dict[str, Any]]) -> str:
+    """Sample rows as a markdown table (TensorBoard's Text tab renders it): pipes escaped, newlines as <br>."""
+    columns, rows = sample_table(samples)
+
+    def cell(v: Any) -> str:
+        text = "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+        return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def flat_params(params: dict[str, Any]) -> dict[str, str | int | float | bool]:
@@ -136,6 +167,11 @@ class TensorBoardReporter:
         if self._writer is not None:
             self._write_params(self._params)
 
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        writer = self._open(step)
+        writer.add_text("train/samples", markdown_table(samples), step)
+        writer.flush()
+
     def close(self, status: str = "finished") -> None:
         if self._writer is not None:
             self._writer.close()
@@ -165,6 +201,12 @@ class WandbReporter:
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.run.config.update(params, allow_val_change=True)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        import wandb
+
+        columns, rows = sample_table(samples)
+        self.run.log({"train/samples": wandb.Table(columns=columns, data=rows), "train/global_step": step})
 
     def close(self, status: str = "finished") -> None:
         # wandb shows a run that ended with a non-zero exit code as "failed" (the code of a Ctrl-C: 255)
@@ -210,6 +252,10 @@ class MlflowReporter:
         for i in range(0, len(new), 100):  # MLflow's limit of params per batch
             self.client.log_batch(self.run_id, params=new[i:i + 100])
         self._logged.update(p.key for p in new)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in samples)
+        self.client.log_text(self.run_id, text, f"samples/step_{step:06d}.jsonl")
 
     def close(self, status: str = "finished") -> None:
         self.client.set_terminated(self.run_id, status=status.upper())  # FINISHED / FAILED / KILLED

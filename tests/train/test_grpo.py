@@ -78,6 +78,23 @@ def test_a_run_logs_trl_metrics_samples_and_the_pass_rate(tiny_model_dir, data, 
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_samples_go_to_the_trackers(tiny_model_dir, data, tmp_path):
+    """The completions of samples.jsonl also reach TensorBoard's Text tab, step by step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = recipe(tiny_model_dir, data, tmp_path / "run", max_steps=3, log_every=2, report_to="tensorboard")
+    train(cfg, progress=False)
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [1, 2]  # the first step, then every log_every-th
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("train/samples/text_summary")}
+    assert sorted(texts) == [1, 2]
+    for s in samples:
+        assert f"| {s['prompt']} | {s['completion']} |".replace("\n", "<br>") in texts[s["step"]]
+
+
 def test_reward_functions_get_trl_inputs(tiny_model_dir, data, tmp_path):
     import sys
 
@@ -110,6 +127,8 @@ def test_a_resumed_run_trains_as_the_straight_run(tiny_model_dir, data, tmp_path
     assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], abs=1e-6)
     rollout_steps = [i for i, x in enumerate(la) if "rollout/tokens_per_s" in x]
     assert rollout_steps == list(range(0, len(la), iterations))  # a reused batch samples nothing
+    # samples.jsonl keeps step with the checkpoint: the resumed run's equals the straight run's
+    assert (tmp_path / "paused" / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
 
 
 def test_a_reward_function_that_raises_stops_the_run_naming_it(tiny_model_dir, data, tmp_path):

@@ -367,3 +367,62 @@ def test_an_interrupted_run_ends_its_tracker_runs_as_killed(tiny_model_dir, tmp_
     cfg2 = _cfg(tiny_model_dir, tmp_path / "b", report_to="wandb", max_steps=2, log_every=1)
     loop.train(cfg2, progress=False)
     assert wandb_exit_code(Path(cfg2.out)) == 0
+
+
+# ---- sample rows (GRPO's completions) -----------------------------------------------------------
+
+def read_tensorboard_text(logdir: Path, tag: str) -> dict[int, str]:
+    """{step: text} of a text summary, via EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{tag}/text_summary")}
+
+
+SAMPLES = [{"prompt": [{"role": "user", "content": "date | of\nthe day"}], "completion": "2024-01-0|2\nok",
+            "reward": 0.5, "advantage": -1.25, "rewards": {"iso_date": 0.5, "short": None}, "finish_reason": "stop"},
+           {"prompt": "plain", "completion": "x", "reward": 1.0, "advantage": 0.75,
+            "rewards": {"iso_date": 1.0, "short": 1.0}, "finish_reason": "length"}]
+
+
+def test_sample_rows_reach_samples_jsonl_and_every_tracker(tmp_path, offline):
+    from lorakit.train.reporting import make_reporters
+
+    cfg = TrainConfig(out=str(tmp_path), report_to="tensorboard,wandb,mlflow")
+    reporters = make_reporters(cfg, tmp_path, main=True, resume_step=None)
+    for step in (1, 3):
+        reporters.log(step, {"loss": 1.0 / step})
+        reporters.log_samples(step, SAMPLES)
+    reporters.log_samples(4, [])  # nothing to show: nothing written
+    reporters.close()
+
+    lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert lines == [{"step": s, **row} for s in (1, 3) for row in SAMPLES]
+
+    texts = read_tensorboard_text(tmp_path / "tensorboard", "train/samples")
+    assert sorted(texts) == [1, 3]
+    table = texts[3].splitlines()
+    assert table[0] == ("| prompt | completion | reward | advantage | rewards/iso_date | rewards/short | "
+                        "finish_reason |")
+    assert len(table) == 2 + len(SAMPLES)
+    assert "2024-01-0\\|2<br>ok" in table[2] and '"content": "date \\| of' in table[2] and "-1.25" in table[2]
+
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    rows, _ = read_wandb(tmp_path)
+    logged = [r for r in rows if "train/samples/path" in r]  # the table's reference, nested keys flattened
+    assert [r["train/global_step"] for r in logged] == [1, 3]
+    assert logged[-1]["train/samples/_type"] == "table-file" and logged[-1]["train/samples/nrows"] == 2
+    path = run_dir / "files" / logged[-1]["train/samples/path"]
+    table = json.loads(path.read_text())
+    assert table["columns"][:2] == ["prompt", "completion"] and table["data"][1][:2] == ["plain", "x"]
+    assert table["data"][0][4:6] == [0.5, None]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(offline)
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_000001.jsonl",
+                                                                          "samples/step_000003.jsonl"]
+    got = Path(client.download_artifacts(run_id, "samples/step_000003.jsonl", str(tmp_path / "dl")))
+    assert [json.loads(x) for x in got.read_text().splitlines()] == [{"step": 3, **row} for row in SAMPLES]

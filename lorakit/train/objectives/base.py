@@ -88,6 +88,11 @@ class Objective:
         (this process's own, not summed over processes: e.g. how its time split)."""
         return {}
 
+    def samples(self) -> list[dict[str, Any]]:
+        """A few examples of the step just finished for samples.jsonl and the trackers (GRPO's completions with
+        their rewards), each handed over once; [] for none."""
+        return []
+
     # -- evaluation, before/after score, resume -------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, eval_ds, cfg, pad_id: int, info) -> dict[str, float]:
         """Validation figures; ``eval_loss`` (lower is better) drives best-checkpoint and patience."""

@@ -15,7 +15,6 @@ batch_size × grad_accum completions of batch_size × grad_accum / num_generatio
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from .base import Objective, StepLoss
 from .grpo_data import PromptBatches, PromptSet, read_prompts, tokenize_prompts
 from .grpo_logps import completion_logps
 
-SAMPLES_SHOWN = 4  # completions written to samples.jsonl per logged step
+SAMPLES_SHOWN = 4  # completions shown (samples.jsonl, the trackers) per logged step
 
 
 def check_config(cfg) -> None:
@@ -83,6 +82,7 @@ class GRPO(Objective):
         self.buffer: list[dict[str, torch.Tensor]] | None = None  # the rollout batch, reused num_iterations steps
         self.pending: dict[str, tuple[float, float]] = {}  # rollout figures, reported with the step's first loss
         self.clock: dict[str, float] = {}  # this step's timings, logged by step_done
+        self.shown: list[dict[str, Any]] = []  # this step's sample rows, handed to the reporters by samples()
 
     # -- data -------------------------------------------------------------------------------------------------
     def read(self, cfg, paths) -> dict[str, Any]:
@@ -146,7 +146,7 @@ class GRPO(Objective):
         self.pending.update(rollout_metrics(per_fn, total, zero_std, lengths, truncated,
                                             [fn_name(r) for r in self.rewards]))
         if self.main and (step == 0 or (step + 1) % cfg.log_every == 0):
-            self.write_samples(step + 1, prompts, flat, per_fn, total, advantages)
+            self.shown = self.sample_rows(prompts, flat, per_fn, total, advantages)
         bs = cfg.batch_size
         batches = [self.collate(flat[s:s + bs], advantages[s:s + bs], truncated[s:s + bs])
                    for s in range(0, len(flat), bs)]
@@ -245,20 +245,19 @@ class GRPO(Objective):
         return {"pass_rate": sum(passed) / len(passed), "reward": float(torch.nanmean(rewards)), "n": len(passed),
                 "examples": shown}
 
-    def write_samples(self, step: int, prompts: list[Any], flat: list[Completion], per_fn: torch.Tensor,
-                      total: torch.Tensor, advantages: torch.Tensor) -> None:
-        """A few completions of this rollout with their rewards, appended to out/samples.jsonl."""
+    def sample_rows(self, prompts: list[Any], flat: list[Completion], per_fn: torch.Tensor, total: torch.Tensor,
+                    advantages: torch.Tensor) -> list[dict[str, Any]]:
+        """A few completions of this rollout with their rewards and advantages (samples.jsonl, the trackers)."""
         g = len(flat) // len(prompts)
         names = [fn_name(r) for r in self.rewards]
-        lines = []
-        for i in range(min(SAMPLES_SHOWN, len(flat))):
-            lines.append(json.dumps({"step": step, "prompt": prompts[i // g], "completion": flat[i].text,
-                                     "reward": _num(float(total[i])), "advantage": float(advantages[i]),
-                                     "rewards": {n: _num(float(v)) for n, v in zip(names, per_fn[i], strict=True)},
-                                     "finish_reason": flat[i].finish_reason}, ensure_ascii=False))
-        out = Path(self.cfg.out) / "samples.jsonl"
-        with open(out, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+        return [{"prompt": prompts[i // g], "completion": flat[i].text, "reward": _num(float(total[i])),
+                 "advantage": float(advantages[i]),
+                 "rewards": {n: _num(float(v)) for n, v in zip(names, per_fn[i], strict=True)},
+                 "finish_reason": flat[i].finish_reason} for i in range(min(SAMPLES_SHOWN, len(flat)))]
+
+    def samples(self) -> list[dict[str, Any]]:
+        shown, self.shown = self.shown, []
+        return shown
 
     # -- resume -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
