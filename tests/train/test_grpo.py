@@ -165,6 +165,30 @@ def test_rows_without_a_prompt_are_named(tmp_path, data):
         train(cfg, progress=False)
 
 
+def test_prompt_files_read_alike_in_every_format_with_columns_mapped(tmp_path):
+    """JSONL, CSV and Parquet prompt files through the data package's reader: the same rows, ``--columns``
+    mapping the prompt, a row missing a column the others have named by file and line/row."""
+    from lorakit.train.objectives.grpo_data import read_prompts
+
+    rows = [{"question": f"say {c}:", "answer": c} for c in "abc"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_prompts(tmp_path / "p.jsonl", ["prompt=question"])
+    assert got.prompts == ["say a:", "say b:", "say c:"] and got.columns == {"answer": ["a", "b", "c"]}
+    pytest.importorskip("datasets")
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "p.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "p.parquet")
+    for name in ("p.csv", "p.parquet"):
+        other = read_prompts(tmp_path / name, ["prompt=question"])
+        assert (other.prompts, other.columns) == (got.prompts, got.columns), name
+    (tmp_path / "gap.jsonl").write_text('{"prompt": "a", "answer": "x"}\n\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"gap.jsonl:3: lacks the column\(s\) \['answer'\]"):
+        read_prompts(tmp_path / "gap.jsonl")
+    with pytest.raises(DataError, match=r"p.csv:row 1: column 'query'"):
+        read_prompts(tmp_path / "p.csv", ["prompt=query"])
+
+
 def test_the_planner_counts_the_rollout_kv_cache(tiny_model_dir, data, tmp_path):
     """GRPO's peak is the larger of the training step's and the rollouts' (weights, gradients and optimizer
     state held, plus rollout_rows rows of KV cache and one step's logits), in closed form for the tiny Llama."""

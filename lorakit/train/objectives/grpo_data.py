@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from ...data.batching import BatchSampler
-from ...data.formats import ROLES, parse_columns, rename_columns
-from ...data.readers import TABLE_SUFFIXES, _parse_jsonl, _read_bytes, _read_table
+from ...data.formats import ROLES, parse_columns
+from ...data.readers import read_records
 from ...data.tokenize import DataStats
 from ...errors import ConfigError, DataError
 
@@ -43,33 +43,26 @@ class PromptRows:
 
 
 def read_prompts(path: Path, columns: list[str] | None = None) -> PromptRows:
-    """Read and check a prompt file (JSONL, or JSON/CSV/Parquet/save_to_disk through ``datasets``).
+    """Read and check a prompt file (JSONL, or JSON/CSV/Parquet/save_to_disk through ``datasets``), through the
+    data package's reader (``read_records``: file:line errors, ``--columns`` mapping) with the prompt row's check.
 
     Args:
         path: the file.
         columns: ``--columns`` (``prompt=question``).
     """
-    mapping = parse_columns(columns)
-    if not path.is_dir() and path.suffix.lower() not in TABLE_SUFFIXES:
-        raw, lines = _parse_jsonl(path, _read_bytes(path))
-        wheres = [f"{path}:{n}" for n in lines]
-    else:
-        table = _read_table(path)
-        raw = [dict(table[i]) for i in range(len(table))]
-        wheres = [f"{path}:row {i + 1}" for i in range(len(raw))]
-    if not raw:
-        raise DataError(f"{path} contains no prompts")
-    rows = [_check_row(rename_columns(r, mapping, w), w) for r, w in zip(raw, wheres, strict=True)]
+    records = read_records(path, parse_columns(columns), validate=_check_row)
+    rows = [r for _, chunk in records.raw_chunks(1000) for r in chunk]
     keys = sorted({k for r in rows for k in r if k != "prompt"})
-    for r, w in zip(rows, wheres, strict=True):
+    for i, r in enumerate(rows):
         missing = [k for k in keys if k not in r]
         if missing:
-            raise DataError(f"{w}: lacks the column(s) {missing} other rows have; every row passes the same columns "
-                            "to the reward functions")
-    return PromptRows(path, [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in keys})
+            raise DataError(f"{records.where(i)}: lacks the column(s) {missing} other rows have; every row passes the "
+                            "same columns to the reward functions")
+    return PromptRows(Path(path), [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in keys})
 
 
-def _check_row(row: Any, where: str) -> dict[str, Any]:
+def _check_row(row: Any, where: str) -> str:
+    """``read_records``' check of a prompt row; its format name is "prompt"."""
     if not isinstance(row, dict) or "prompt" not in row:
         found = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise DataError(f"{where}: expected a prompt row {{\"prompt\": text or chat messages, other columns...}}; "
@@ -78,13 +71,13 @@ def _check_row(row: Any, where: str) -> dict[str, Any]:
     if isinstance(prompt, str):
         if not prompt:
             raise DataError(f"{where}: 'prompt' is empty")
-        return row
+        return "prompt"
     ok = isinstance(prompt, list) and prompt and all(
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in prompt)
     if not ok:
         raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of messages "
                         f"{{\"role\": one of {', '.join(ROLES)}, \"content\": string}}")
-    return row
+    return "prompt"
 
 
 @dataclass
