@@ -81,3 +81,25 @@ def write_tiny_bpe_model(folder, *, tie_word_embeddings: bool = False, seed: int
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
+
+
+def peak_allocated(fn) -> tuple[int, object]:
+    """(the most bytes of CPU tensor memory live at once while ``fn()`` runs, counted from its start; fn's
+    result): torch.profiler's allocation events replayed in time order, so transients inside an op count and
+    memory allocated before the call does not. What the planner's rows are checked against on CPU."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))  # negative: a free
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak, out
