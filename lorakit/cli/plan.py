@@ -31,10 +31,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..plan.memory import PlanInputs
     from ..plan.report import build_plan, format_plan
 
-    inputs = PlanInputs(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
+    seq_len = args.seq_len
+    if args.objective == "grpo" and args.prompt_len is not None:
+        seq_len = args.prompt_len + args.max_completion_length
+    inputs = PlanInputs(batch_size=args.batch_size, seq_len=seq_len, dtype=args.dtype, optimizer=args.optimizer,
                         grad_checkpointing=args.grad_checkpointing, label_fraction=args.label_fraction,
                         padded=not args.no_padding, nproc=args.nproc, fsdp=args.fsdp,
-                        quantize=args.quantize or "nf4", double_quant=args.double_quant)
+                        quantize=args.quantize or "nf4", double_quant=args.double_quant, objective=args.objective,
+                        precompute_ref=args.precompute_ref, beta=args.beta, pair_layout=args.pair_layout,
+                        prompt_len=args.prompt_len or 0 if args.objective != "grpo" else 0,
+                        completion_len=args.max_completion_length, num_generations=args.num_generations,
+                        rollout_rows=args.rollout_rows, grad_accum=args.grad_accum,
+                        num_iterations=args.num_iterations)
     model, cfg = meta_model(args.model), lora_config_from_args(args)
     doc = build_plan(model, count_model(model, cfg), inputs, select_gpus(args.gpus, args.price),
                      parse_count(args.tokens), args.mfu, cfg.lora_dropout, grid=args.quantize is not None)
@@ -77,6 +85,29 @@ def add_planner_verbs(sub) -> None:
                    "each GPU at sequence lengths 512-4096")
     g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="4-bit: double-quantized block scales (default on, as in training)")
+    o = p.add_argument_group("objective (the flags of lorakit train --objective)")
+    o.add_argument("--objective", choices=["sft", "dpo", "orpo", "simpo", "grpo"], default="sft",
+                   help="sft (default); dpo, orpo, simpo: --batch-size counts pairs (2 rows each), --seq-len is "
+                   "prompt + the longer completion, --label-fraction the completion share; grpo: --batch-size "
+                   "counts completions per micro-batch, --seq-len is the longest prompt + --max-completion-length")
+    o.add_argument("--pair-layout", choices=["padded", "packed", "shared"], default="padded",
+                   help="dpo, orpo, simpo: padded (2 x batch rows, default), packed (one row, no padding) or shared "
+                   "(one row, each prompt once: give --prompt-len)")
+    o.add_argument("--precompute-ref", action="store_true", help="dpo: reference log-probs computed once before "
+                   "training (no reference forward in a step)")
+    o.add_argument("--beta", type=float, default=0.0, help="grpo: KL coefficient (> 0: a reference forward per "
+                   "micro-batch during rollouts)")
+    o.add_argument("--num-generations", type=int, default=8, help="grpo: completions per prompt (default 8)")
+    o.add_argument("--max-completion-length", type=int, default=256, help="grpo: most tokens of a completion "
+                   "(default 256)")
+    o.add_argument("--prompt-len", type=int, default=None, help="grpo: the longest prompt in tokens; sets "
+                   "--seq-len to it + --max-completion-length. Pairs, --pair-layout shared: a pair's prompt tokens")
+    o.add_argument("--rollout-rows", type=int, default=64, help="grpo: completions generated at once, the rows "
+                   "of the generation KV cache (default 64)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (grpo: a step's "
+                   "rollouts generate batch-size x grad-accum completions)")
+    o.add_argument("--num-iterations", type=int, default=1, help="grpo: optimizer steps per rollout batch (> 1: "
+                   "an old-log-prob forward per micro-batch)")
     g.add_argument("--gpus", "--gpu", nargs="+", default=None, help="GPU presets (default: all)")
     g.add_argument("--price", nargs="+", default=None, metavar="[GPU=]USD", help="price per GPU-hour")
     p.add_argument("--json", action="store_true")

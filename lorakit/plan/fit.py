@@ -10,7 +10,8 @@ import torch
 
 from .arch import read_arch
 from .count import count_model, meta_model
-from .memory import PlanInputs, plan_memory
+from .memory import OBJECTIVES, PAIR_OBJECTIVES, PlanInputs, plan_memory
+from .objectives import rollout_rows_in_flight
 
 
 @dataclass(frozen=True)
@@ -54,25 +55,41 @@ def check_fit(cfg, dtype: str, device: str, seq_len: int, label_fraction: float,
     inputs = PlanInputs(batch_size=cfg.batch_size, seq_len=seq_len, dtype=dtype, optimizer="adamw",
                         grad_checkpointing=cfg.gradient_checkpointing is True,
                         label_fraction=min(1.0, max(label_fraction, 1e-6)), padded=not cfg.packing,
-                        device="cuda" if device.startswith("cuda") else "cpu", nproc=nproc, fsdp=cfg.fsdp)
+                        device="cuda" if device.startswith("cuda") else "cpu", nproc=nproc, fsdp=cfg.fsdp,
+                        **objective_inputs(cfg))
     arch = read_arch(model)
     plan = plan_memory(arch, count_model(model, lcfg), inputs, cfg.dropout)
     mode = "full" if cfg.full else ("qlora" if getattr(cfg, "quantize", None) else "lora")
     peak, free = plan.total(mode), free_bytes(device)
-    rollouts = ""
-    if getattr(cfg, "objective", "sft") == "grpo":  # generation and training take turns: the larger peak counts
-        held = sum(plan.rows[r][mode].bytes for r in ("weights", "gradients", "optimizer"))
-        cache = rollout_bytes(arch, cfg.rollout_rows, seq_len, inputs.e)
-        peak = max(peak, held + cache)
-        rollouts = f"; rollouts: {cfg.rollout_rows} rows of KV cache and logits {cache / 2**30:.2f} GiB"
+    what = f"{-(-cfg.batch_size // nproc)} x {seq_len} tokens"
+    if inputs.objective in PAIR_OBJECTIVES:
+        what = f"{inputs.rows} rows (chosen + rejected) x {seq_len} tokens"
+    elif inputs.objective == "grpo":  # generation and training take turns: the larger peak counts
+        what += (f"; rollouts {plan.rows['rollout phase'][mode].bytes / 2**30:.2f} GiB with "
+                 f"{rollout_rows_in_flight(inputs)} rows of KV cache, training "
+                 f"{plan.rows['training phase'][mode].bytes / 2**30:.2f} GiB")
     fits = peak <= free
-    message = (f"planned peak {peak / 2**30:.2f} GiB for the longest batch ({-(-cfg.batch_size // nproc)} x "
-               f"{seq_len} tokens{rollouts}) vs {free / 2**30:.2f} GiB free on {device}: "
-               + ("fits" if fits else "may not fit"))
+    message = (f"planned peak {peak / 2**30:.2f} GiB for the longest batch ({what}) vs {free / 2**30:.2f} GiB "
+               f"free on {device}: " + ("fits" if fits else "may not fit"))
     return Fit(peak, free, fits, message)
 
 
-def rollout_bytes(arch, rows: int, seq_len: int, e: int) -> float:
-    """Generation's transient memory for ``rows`` rows of ``seq_len`` tokens: the KV cache (keys and values of
-    every layer, in the model dtype) and one decoding step's fp32 logits and sampling probabilities."""
-    return rows * seq_len * arch.layers * 2 * arch.kv_heads * arch.head_dim * e + rows * arch.vocab * 4 * 2
+def objective_inputs(cfg) -> dict:
+    """The PlanInputs fields a recipe's objective sets (``lorakit train --objective`` and its flags)."""
+    objective = getattr(cfg, "objective", "sft")
+    if objective not in OBJECTIVES:  # a custom objective: plan it as SFT
+        return {}
+    return {"objective": objective, "precompute_ref": bool(getattr(cfg, "precompute_ref", False)),
+            "pair_layout": _pair_layout(cfg),
+            "beta": float(getattr(cfg, "beta", 0.0)) if objective == "grpo" else 0.0,
+            "completion_len": getattr(cfg, "max_completion_length", 256), "grad_accum": cfg.grad_accum,
+            "num_generations": getattr(cfg, "num_generations", 8), "rollout_rows": getattr(cfg, "rollout_rows", 64),
+            "num_iterations": getattr(cfg, "num_iterations", 1)}
+
+
+def _pair_layout(cfg) -> str:
+    """The layout a pair objective will run (``--pair-layout``). auto is shared for a transformers model (the
+    objective picks shared on SDPA or eager attention, packed on flash-attention); a pair's prompt length is
+    not known here, so shared is planned as packed (each prompt twice), the same tokens either way."""
+    layout = getattr(cfg, "pair_layout", "padded")
+    return "shared" if layout == "auto" else layout

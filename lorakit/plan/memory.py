@@ -44,6 +44,9 @@ def quant_bytes(method: str = "nf4", double_quant: bool = True, in_features: int
         return 1 + 4 / in_features
     return NF4_BYTES if double_quant else 0.5 + 4 / 64
 MODES = ("full", "lora", "qlora")
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")
+OBJECTIVES = ("sft", *PAIR_OBJECTIVES, "grpo")
+PAIR_LAYOUTS = ("padded", "packed", "shared")
 _ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value", "query_key_value",
             "wqkv", "Wqkv", "in_proj", "q", "k", "v"}
 
@@ -69,6 +72,22 @@ class PlanInputs:
             gradient buckets (a second copy of the trainable gradients).
         quantize: what the quantized column's base is (``lorakit train --quantize``): nf4, fp4 or int8.
         double_quant: 4-bit: double-quantized block scales (``--double-quant``, the default).
+        objective: what ``lorakit train --objective`` minimises (:mod:`lorakit.plan.objectives`): sft; dpo, orpo,
+            simpo (batch_size counts pairs: a micro-batch runs 2·batch_size rows, chosen and rejected; seq_len
+            is the longer of prompt + chosen and prompt + rejected; label_fraction the completion share);
+            grpo (batch_size counts completions; seq_len is the longest prompt + completion_len).
+        pair_layout: dpo, orpo, simpo (``--pair-layout``): padded (2·batch_size rows of seq_len), packed (one
+            row of the pairs' tokens, no padding: at most 2·batch_size·seq_len) or shared (one row, each prompt
+            once: batch_size·(2·seq_len − prompt_len)).
+        prompt_len: dpo, orpo, simpo: a pair's prompt tokens (the shared layout runs them once; 0: unknown,
+            planned as packed).
+        precompute_ref: DPO with ``--precompute-ref``: no reference forward during a step.
+        beta: GRPO's KL coefficient (> 0: a reference forward per micro-batch during rollouts).
+        completion_len: GRPO's ``max_completion_length`` (the positions scored per row).
+        num_generations: GRPO: completions per prompt (the G rows of a prompt share one prefill).
+        rollout_rows: GRPO: completions generated at once (rows of the generation KV cache).
+        grad_accum: micro-batches per optimizer step (GRPO: rollouts generate all of a step's completions).
+        num_iterations: GRPO: optimizer steps per rollout batch (> 1: old log-probs, one more forward each).
     """
 
     batch_size: int = 8
@@ -83,6 +102,16 @@ class PlanInputs:
     fsdp: bool = False
     quantize: str = "nf4"
     double_quant: bool = True
+    objective: str = "sft"
+    pair_layout: str = "padded"
+    prompt_len: int = 0
+    precompute_ref: bool = False
+    beta: float = 0.0
+    completion_len: int = 256
+    num_generations: int = 8
+    rollout_rows: int = 64
+    grad_accum: int = 1
+    num_iterations: int = 1
 
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)  # short names too: bf16, fp16, fp32
@@ -90,7 +119,10 @@ class PlanInputs:
             raise ConfigError(f"quantize must be one of {', '.join(QUANT_METHODS)}, got {self.quantize!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("batch_size", "seq_len", "nproc"):
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name in ("batch_size", "seq_len", "nproc", "completion_len", "num_generations", "rollout_rows",
+                     "grad_accum", "num_iterations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -98,6 +130,11 @@ class PlanInputs:
             raise ConfigError(f"label_fraction must be within (0, 1], got {self.label_fraction!r}")
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+        if self.pair_layout not in PAIR_LAYOUTS:
+            raise ConfigError(f"pair_layout must be one of {', '.join(PAIR_LAYOUTS)}, got {self.pair_layout!r}")
+        if self.objective == "grpo" and self.completion_len >= self.seq_len:
+            raise ConfigError(f"grpo: seq_len ({self.seq_len}) is the longest prompt + max_completion_length "
+                              f"({self.completion_len}); it must be larger")
 
     @property
     def e(self) -> int:
@@ -105,8 +142,8 @@ class PlanInputs:
 
     @property
     def rows(self) -> int:
-        """Sequences per device: each process takes its share of the global batch."""
-        return -(-self.batch_size // self.nproc)
+        """Sequences per device: each process takes its share of the global batch (a pair is two rows)."""
+        return -(-self.batch_size // self.nproc) * (2 if self.objective in PAIR_OBJECTIVES else 1)
 
     @property
     def tokens(self) -> int:
@@ -114,7 +151,10 @@ class PlanInputs:
 
     @property
     def logit_positions(self) -> int:
-        """B·K: lorakit asks for logits at the K labelled positions, or all T when every one is."""
+        """B·K: lorakit asks for logits at the K labelled positions, or all T when every one is (GRPO: the
+        completion_len positions of every row)."""
+        if self.objective == "grpo":
+            return self.rows * self.completion_len
         if self.label_fraction >= 1:
             return self.tokens
         return self.rows * max(1, round(self.label_fraction * (self.seq_len - 1)))
@@ -255,8 +295,14 @@ def _mode_rows(arch: Arch, count: CountReport, inp: PlanInputs, mode: str, dropo
         trainable_bytes, largest = trainable_bytes / inp.nproc, largest / inp.nproc
     acts = _activations(arch, count, inp, mode, dropout)
     fused = arch.fused_loss and (mode == "full" or all(t.name != arch.head_name for t in count.targets))
-    logits = _fused_logits(arch, inp, mode) if fused else _logits(arch, inp, mode)
     temp = 0 if states == 0 else (trainable_bytes if inp.device == "cuda" else 2 * largest)
+    if inp.objective != "sft":
+        from .objectives import objective_rows
+
+        held = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
+        return objective_rows(arch, inp, mode, held, fused, head_grad, temp,
+                              lambda shape: _activations(arch, count, shape, mode, dropout))
+    logits = _fused_logits(arch, inp, mode) if fused else _logits(arch, inp, mode)
     # fused: the loss's transients are inside the logits row; plain: backward starts with the logits gradient
     start = acts.bytes + (logits.bytes + head_grad if fused else
                           max(logits.bytes, 4 * inp.logit_positions * arch.vocab + head_grad))

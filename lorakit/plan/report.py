@@ -14,7 +14,9 @@ from .gpus import CUDA_OVERHEAD_GIB, GPU, fits, run_cost, training_flops
 from .memory import MODES, PlanInputs, plan_memory
 
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
-        ("activations", "activations"), ("logits", "logits / loss"), ("peak", "peak total"))
+        ("activations", "activations"), ("logits", "logits / loss"), ("reference", "reference fwd"),
+        ("rollouts", "rollouts (KV)"), ("rollout phase", "rollout phase"), ("training phase", "training phase"),
+        ("peak", "peak total"))  # the objective's rows (reference, rollouts, phases) only where it has them
 TITLES = {"full": "full FT", "lora": "LoRA", "qlora": "QLoRA (4-bit)"}
 CHECKPOINT_FLAG = "--gradient-checkpointing"  # the flag of `lorakit train` and `lorakit plan` alike
 
@@ -45,7 +47,30 @@ def assumptions(inputs: PlanInputs) -> list[str]:
         f"fits: peak + {CUDA_OVERHEAD_GIB:g} GiB (CUDA context, allocator slack) <= the card's memory",
         "FLOPs: full 6N, LoRA 4N + 6·N_lora, plus attention; time = tokens × FLOPs / (peak × MFU); QLoRA's "
         "dequantization overhead is not counted; prices are on-demand guesses per GPU-hour (override: --price)",
+        *_objective_lines(inputs),
     ]
+
+
+def _objective_lines(inputs: PlanInputs) -> list[str]:
+    """What the objective's plan takes for granted (lorakit.plan.objectives)."""
+    if inputs.objective in ("dpo", "orpo", "simpo"):
+        ref = ("" if inputs.objective != "dpo" else
+               "; the reference log-probs precomputed (--precompute-ref): no reference forward" if inputs.precompute_ref
+               else "; DPO's reference: a gradient-free forward of the same rows with the adapters off, after the "
+                    "policy's forward (its activations alive); nothing copied, nothing kept")
+        layout = {"padded": "2 × batch rows (chosen, rejected) padded to seq_len",
+                  "packed": "one row of the pairs' tokens, each prompt twice, no padding (at most 2 × batch × seq_len)",
+                  "shared": "one row, each prompt once for both completions (lorakit's packed attention; planned as "
+                            "packed without --prompt-len)"}[inputs.pair_layout]
+        return [f"{inputs.objective}: batch size counts pairs; a micro-batch is {layout} (--pair-layout "
+                f"{inputs.pair_layout}); the head scores completion positions only (label fraction), in chunks{ref}"]
+    if inputs.objective == "grpo":
+        return ["grpo: batch size counts completions, seq_len is the longest prompt + max_completion_length; two "
+                "phases take turns: rollouts (weights + optimizer state + the KV cache of the rows in flight, "
+                "then the reference/old log-prob forwards) and training (activations and head of one micro-batch "
+                "of completions, each prompt once for k of them where the trainer packs them, on SDPA); the peak "
+                "is the larger; FLOPs and time count training only (no generation)"]
+    return []
 
 
 FIT_SEQ_LENS = (512, 1024, 2048, 4096)
@@ -99,9 +124,11 @@ def build_plan(model: nn.Module, count: CountReport, inputs: PlanInputs, gpus: l
                                                "head_dim", "vocab")},
         "inputs": dict(vars(inputs)),
         "lora": {"trainable": count.trainable, "modules": len(count.targets), "percent": count.percent},
-        "memory": {mode: {row: memory.rows[row][mode].bytes for row, _ in ROWS} for mode in MODES},
+        "memory": {mode: {row: memory.rows[row][mode].bytes for row, _ in ROWS if row in memory.rows}
+                   for mode in MODES},
         "ratio": {mode: memory.ratio(mode) for mode in MODES},
-        "formulas": {row: {mode: memory.rows[row][mode].formula for mode in MODES} for row, _ in ROWS},
+        "formulas": {row: {mode: memory.rows[row][mode].formula for mode in MODES} for row, _ in ROWS
+                     if row in memory.rows},
         "flops_per_token": per_token,
         "matmul_params": flops.matmul_params,
         "tokens": tokens,
@@ -137,11 +164,13 @@ def format_plan(doc: dict, title: str = "", explain: bool = False) -> str:
              f"LoRA: {lo['trainable']:,} trainable in {lo['modules']} modules ({lo['percent']:.4f}%)",
              f"batch {i['batch_size']} x seq {i['seq_len']}, {i['dtype']}, {i['optimizer']}, gradient "
              f"checkpointing {'on' if i['grad_checkpointing'] else 'off'}, labelled share {i['label_fraction']:g}, "
-             f"{'padded' if i['padded'] else 'unpadded'} batches"
+             f"{'padded' if i['padded'] else 'unpadded'} batches{_objective_title(i)}"
              + (f"; {i['nproc']} devices ({'FSDP' if i['fsdp'] else 'DDP'}): memory per device, "
                 f"{-(-i['batch_size'] // i['nproc'])} rows each, hours are wall time" if i["nproc"] > 1 else ""), ""]
     lines.append(f"{'memory (GiB)':<20}" + "".join(f"{titles[m]:>16}" for m in MODES))
     for row, label in ROWS:
+        if row not in doc["memory"]["lora"]:
+            continue
         lines.append(f"{label:<20}" + "".join(f"{_gib(doc['memory'][m][row]):>16}" for m in MODES))
         if explain:
             lines += [f"    {titles[m]}: {doc['formulas'][row][m]}" for m in MODES]
@@ -167,6 +196,19 @@ def format_plan(doc: dict, title: str = "", explain: bool = False) -> str:
                          + "".join(f"{row.get(t, row.get(str(t), 0)):>9}" for t in FIT_SEQ_LENS))
     lines += ["", "assumptions:"] + [f"  - {x}" for x in doc["assumptions"]]
     return "\n".join(lines)
+
+
+def _objective_title(i: dict) -> str:
+    """The objective's part of the run line (nothing for SFT)."""
+    objective = i.get("objective", "sft")
+    if objective in ("dpo", "orpo", "simpo"):
+        ref = " (reference precomputed)" if objective == "dpo" and i["precompute_ref"] else ""
+        return f"; objective {objective}{ref}: {i['batch_size']} pairs = {2 * i['batch_size']} rows per micro-batch"
+    if objective == "grpo":
+        return (f"; objective grpo: {i['batch_size']} completions per micro-batch of prompt + "
+                f"{i['completion_len']} completion tokens, {i['num_generations']} per prompt, rollout_rows "
+                f"{i['rollout_rows']}, grad_accum {i['grad_accum']}, beta {i['beta']:g}")
+    return ""
 
 
 def _gpu_cell(m: dict) -> str:

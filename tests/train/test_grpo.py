@@ -189,29 +189,33 @@ def test_prompt_files_read_alike_in_every_format_with_columns_mapped(tmp_path):
         read_prompts(tmp_path / "p.csv", ["prompt=query"])
 
 
-def test_the_planner_counts_the_rollout_kv_cache(tiny_model_dir, data, tmp_path):
-    """GRPO's peak is the larger of the training step's and the rollouts' (weights, gradients and optimizer
-    state held, plus rollout_rows rows of KV cache and one step's logits), in closed form for the tiny Llama."""
+def test_the_planner_counts_rollouts_and_training_apart(tiny_model_dir, data, tmp_path):
+    """GRPO's fit check plans both phases: rollouts (weights and optimizer state, the KV cache of the rows in
+    flight: rollout_rows, or a step's completions if fewer) and training (batch_size completions of prompt +
+    completion); the peak is the larger."""
     import lorakit.plan.fit as fit
-    from lorakit.testing import char_tokenizer
-
-    sft = fit.check_fit(TrainConfig(model=str(tiny_model_dir), batch_size=8, r=8), "float32", "cpu", 40, 0.5)
-    small = fit.check_fit(recipe(tiny_model_dir, data, tmp_path, rollout_rows=1, batch_size=8, r=8), "float32",
-                          "cpu", 40, 0.5)
-    assert small.peak == sft.peak  # one row of cache is less than a training step
-    rows = 4096
-    big = fit.check_fit(recipe(tiny_model_dir, data, tmp_path, rollout_rows=rows, batch_size=8, r=8), "float32",
-                        "cpu", 40, 0.5)
-    vocab, layers, kv_heads, head_dim = len(char_tokenizer()), 2, 2, 8  # write_tiny_model's Llama
-    cache = rows * 40 * layers * 2 * kv_heads * head_dim * 4 + rows * vocab * 4 * 2
-    assert big.peak > sft.peak and f"{rows} rows of KV cache" in big.message
     from lorakit.lora.config import LoraConfig
     from lorakit.plan.arch import read_arch
     from lorakit.plan.count import count_model, meta_model
     from lorakit.plan.memory import PlanInputs, plan_memory
 
-    model = meta_model(str(tiny_model_dir))
-    plan = plan_memory(read_arch(model), count_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")),
-                       PlanInputs(batch_size=8, seq_len=40, dtype="float32", label_fraction=0.5, device="cpu"))
-    held = sum(plan.rows[r]["lora"].bytes for r in ("weights", "gradients", "optimizer"))
-    assert big.peak == held + cache
+    def planned(rows):
+        model = meta_model(str(tiny_model_dir))
+        count = count_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        return plan_memory(read_arch(model), count, PlanInputs(
+            batch_size=8, seq_len=40, dtype="float32", device="cpu", objective="grpo", completion_len=6,
+            num_generations=4, rollout_rows=rows, grad_accum=64)).rows
+
+    def check(rows):
+        cfg = recipe(tiny_model_dir, data, tmp_path, rollout_rows=rows, batch_size=8, grad_accum=64, r=8)
+        return fit.check_fit(cfg, "float32", "cpu", 40, 0.5)
+
+    one, many = check(1), check(4096)  # 4096: capped at the step's 8 x 64 completions
+    small, big = planned(1), planned(512)
+    assert one.peak == small["training phase"]["lora"].bytes > small["rollout phase"]["lora"].bytes
+    assert many.peak == big["rollout phase"]["lora"].bytes > big["training phase"]["lora"].bytes
+    assert "512 rows of KV cache" in many.message and "training" in many.message
+    layers, kv_heads, head_dim = 2, 2, 8  # write_tiny_model's Llama
+    cache = 512 * 40 * layers * 2 * kv_heads * head_dim * 4
+    held = sum(big[r]["lora"].bytes for r in ("weights", "optimizer"))
+    assert big["rollout phase"]["lora"].bytes >= held + cache
