@@ -74,6 +74,17 @@ def all_sum(info: DistInfo, *values: float) -> list[float]:
     return t.tolist()
 
 
+def all_gather_rows(info: DistInfo | None, t: torch.Tensor) -> torch.Tensor:
+    """Every rank's (n, ...) tensor (the same shape on each), concatenated in rank order (collective; the tensor
+    itself in a single process)."""
+    if info is None or not info.enabled:
+        return t
+    x = t.to(info.device).contiguous()
+    parts = [torch.empty_like(x) for _ in range(info.world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts).to(t.device)
+
+
 def broadcast_object(info: DistInfo, obj):
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:

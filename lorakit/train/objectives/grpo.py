@@ -79,6 +79,7 @@ class GRPO(Objective):
         self.rewards = load_rewards(cfg.reward, cfg.reward_weights)
         self.tokenizer: Any = None
         self.main = True
+        self.info: Any = None  # the run's DistInfo (None: one process)
         self.buffer: list[dict[str, torch.Tensor]] | None = None  # the rollout batch, reused num_iterations steps
         self.pending: dict[str, tuple[float, float]] = {}  # rollout figures, reported with the step's first loss
         self.clock: dict[str, float] = {}  # this step's timings, logged by step_done
@@ -99,7 +100,7 @@ class GRPO(Objective):
         return PromptBatches(train_ds, per_rank * info.world, cfg.seed, info.rank, info.world)
 
     def prepare(self, model: torch.nn.Module, tokenizer: Any, cfg, info, progress: bool) -> None:
-        self.tokenizer, self.main = tokenizer, info.main
+        self.tokenizer, self.main, self.info = tokenizer, info.main, info
         self.pad = self.pad_id(tokenizer, cfg)
 
     # -- rollouts ---------------------------------------------------------------------------------------------
@@ -126,25 +127,32 @@ class GRPO(Objective):
         return out
 
     def rollout(self, source: PromptBatches, model: torch.nn.Module, step: int) -> list[dict[str, torch.Tensor]]:
-        from ..distributed import unwrap
+        from ..distributed import all_gather_rows, unwrap
 
         cfg, g = self.cfg, self.cfg.num_generations
         rows = source.next_step()
         prompts, columns = source.prompts.rows.take(rows)
         t0 = time.perf_counter()
         sampling = SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  seed=(cfg.seed + 1) * 2**40 + step * 2**20)  # a stream per (seed, step)
+                                  # a stream per (seed, step); completion j of the step's prompt i (over every
+                                  # rank) draws from seed + i * G + j, so a rollout does not depend on the ranks
+                                  seed=(cfg.seed + 1) * 2**40 + step * 2**20 + source.offset * g)
         groups = generate(unwrap(model), self.tokenizer, [source.prompts.ids[i] for i in rows], n=g,
                           sampling=sampling, prefix_sharing=True, max_rows=cfg.rollout_rows)
         sampling_s = time.perf_counter() - t0
         flat = [c for group in groups for c in group]
-        per_fn, total = self.rewards_of(prompts, columns, flat)
+        # every process's rewards, in the order of the step's prompts: advantages, their batch std and the
+        # figures are those of the whole step (as TRL gathers them), whatever the number of processes
+        per_fn = all_gather_rows(self.info, self.rewards_of(prompts, columns, flat)[0])  # (N, F)
+        total = combine(per_fn, [r.weight for r in self.rewards])
         advantages, zero_std = group_advantages(total, g, cfg.scale_rewards)
         lengths = [len(c.token_ids) for c in flat]
         self.clock["rollout/tokens_per_s"] = sum(lengths) / max(sampling_s, 1e-9)
         truncated = torch.tensor([c.finish_reason == "length" for c in flat])
         self.pending.update(rollout_metrics(per_fn, total, zero_std, lengths, truncated,
                                             [fn_name(r) for r in self.rewards]))
+        mine = slice(source.offset * g, source.offset * g + len(flat))  # this process's completions
+        per_fn, total, advantages = per_fn[mine], total[mine], advantages[mine]
         if self.main and (step == 0 or (step + 1) % cfg.log_every == 0):
             self.shown = self.sample_rows(prompts, flat, per_fn, total, advantages)
         bs = cfg.batch_size
@@ -276,12 +284,13 @@ class GRPO(Objective):
 
 def rollout_metrics(per_fn: torch.Tensor, total: torch.Tensor, zero_std: torch.Tensor, lengths: list[int],
                     truncated: torch.Tensor, names: list[str]) -> dict[str, tuple[float, float]]:
-    """A rollout's figures under TRL's names, as (sum, count)."""
+    """A rollout's figures under TRL's names, as (sum, count): the rewards' over the whole step (every process
+    reports them: the sums and counts scale alike), the lengths' over this process's completions."""
     scored = ~torch.isnan(total)
     n = float(len(lengths))
     out = {"reward": (float(total[scored].sum()), float(scored.sum())),
            "reward_std": (float(nanstd(total)) if int(scored.sum()) > 1 else 0.0, 1.0),
-           "frac_reward_zero_std": (float(zero_std.sum()), n),
+           "frac_reward_zero_std": (float(zero_std.sum()), float(zero_std.numel())),
            "completions/mean_length": (float(sum(lengths)), n),
            "completions/clipped_ratio": (float(truncated.sum()), n)}
     for i, name in enumerate(names):

@@ -108,7 +108,8 @@ def tokenize_prompts(rows: PromptRows, tokenizer: Any, max_completion_length: in
 
 class PromptBatches:
     """The prompts of each optimizer step: ``prompts_per_step`` rows drawn by a seeded, resumable sampler
-    (every rank draws the same ones and keeps its share ``rank::world``)."""
+    (every rank draws the same ones and keeps its contiguous share, from ``offset``: rollouts seeded by the
+    global position sample what one process would)."""
 
     def __init__(self, prompts: PromptSet, prompts_per_step: int, seed: int, rank: int = 0, world: int = 1) -> None:
         if len(prompts) < prompts_per_step:
@@ -121,9 +122,16 @@ class PromptBatches:
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
 
+    @property
+    def offset(self) -> int:
+        """The position of this rank's first prompt among the step's prompts (over every rank)."""
+        return self.rank * (self.sampler.batch_size // self.world)
+
     def next_step(self) -> list[int]:
         """This rank's prompt rows for the next step."""
-        return next(self.sampler)[self.rank::self.world]
+        rows = next(self.sampler)
+        share = len(rows) // self.world
+        return rows[self.offset:self.offset + share]
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
