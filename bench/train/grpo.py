@@ -8,8 +8,9 @@ Each round runs each arm once in a fresh process (A B, then B A ...). Per arm: s
 into generation (rollouts + rewards) and training (log-probs, loss, backward, optimizer), peak RSS, and the mean
 reward of the last steps.
 
-    python -m bench.train.grpo            # bench/results/grpo.{json,md}
-    python -m bench.train.grpo --quick    # a smoke run (2 steps, 1 round)
+    python -m bench.train.grpo                    # bench/results/grpo.{json,md}
+    python -m bench.train.grpo --quick            # a smoke run (3 steps, 1 round), bench/results/quick/
+    python -m bench.train.grpo --name grpo-dev    # a trial run beside the results: bench/results/grpo-dev.*
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--last", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--name", default="grpo", help="results file name: bench/results/NAME.{json,md}")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -207,14 +209,14 @@ def main(argv=None) -> None:
     model_dir()  # converted once, outside the timed workers
     with LoadMonitor() as load:
         results = measure(args)
-    doc = {"name": "grpo", "when": now_iso(),
+    doc = {"name": args.name, "when": now_iso(),
            "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "last": args.last,
                       "threads": args.threads, "threads_why": why, "quick": args.quick, "hp": HP},
            "machine": {**cpu_summary(), "peft": peft.__version__, "trl": trl.__version__}, "load": load.report(),
            "results": results}
     out = RESULTS / ("quick" if args.quick else "")
-    write_json(out / "grpo.json", doc)
-    (Path(out) / "grpo.md").write_text(render(doc))
+    write_json(out / f"{args.name}.json", doc)
+    (Path(out) / f"{args.name}.md").write_text(render(doc))
     print(render(doc))
 
 
