@@ -4,7 +4,6 @@ code on a tiny random Llama, measured with torch's allocation events (``lorakit.
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 import torch
@@ -145,6 +144,7 @@ def test_precompute_ref_drops_the_reference_forward():
 # ---- grpo -----------------------------------------------------------------------------------------------
 
 def _grpo(tmp_path, dtype, beta, rollout_rows):
+    from lorakit.train.distributed import DistInfo
     from lorakit.train.objectives.grpo import GRPO
     from lorakit.train.objectives.grpo_data import PromptBatches, read_prompts, tokenize_prompts
 
@@ -156,7 +156,7 @@ def _grpo(tmp_path, dtype, beta, rollout_rows):
     cfg = TrainConfig(objective="grpo", data=str(tmp_path / "p.jsonl"), out=str(tmp_path), reward=f"{tmp_path}/r.py:odd",
                       num_generations=4, batch_size=8, max_completion_length=48, rollout_rows=rollout_rows, beta=beta)
     obj = GRPO(cfg)
-    obj.prepare(model, tok, cfg, types.SimpleNamespace(main=False, rank=0, world=1), False)
+    obj.prepare(model, tok, cfg, DistInfo(), False)
     prompts = tokenize_prompts(read_prompts(tmp_path / "p.jsonl"), tok, 48)
     return model, count, obj, PromptBatches(prompts, 2, seed=0), tok
 
