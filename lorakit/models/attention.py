@@ -14,6 +14,14 @@ rows without restarts, decoding, models whose layers do not pass ``position_ids`
 (their block mask is still built and used), cross or non-causal attention. On CUDA with the
 ``flash_attn`` package, flash-attention 2 reads the same ``position_ids`` as variable-length
 sequences and is preferred (``packed_attention_for``).
+
+A span may also share a prefix with the example before it: a span whose positions start at k > 0 (not 0)
+continues the first k tokens of the row's last span that started at 0, as if those k tokens stood before it.
+That is how a preference pair is packed with its prompt once (``data.preference``, layout "shared"):
+``[prompt, chosen]`` at positions 0…p+c−1, then ``[rejected]`` at p…p+r−1, attending to the prompt and
+itself — the same keys, positions and causal order as the row ``[prompt, rejected]`` alone. Only this
+attention knows the rule (flash-attention and transformers' block mask would cut the prompt off), so only
+rows meant for it carry such positions; SFT packing and decoding never do (their spans start at 0).
 """
 
 from __future__ import annotations
@@ -39,6 +47,41 @@ def spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
     return out
 
 
+def shared_prefixes(position_ids: torch.Tensor, row_spans: list[list[tuple[int, int]]]
+                    ) -> list[list[tuple[int, int, int, int]]]:
+    """Each span as (start, end, prefix start, prefix length): a span whose first position k > 0 follows a
+    span that started at position 0 and is at least k long shares that span's first k tokens (prefix start =
+    that span's start); any other span shares none (prefix length 0)."""
+    out = []
+    for b, row in enumerate(row_spans):
+        firsts = position_ids[b, [s for s, _ in row]].tolist()
+        root, spans_b = None, []
+        for (s, e), k in zip(row, firsts, strict=True):
+            if k == 0:
+                root = (s, e)
+            shared = k > 0 and root is not None and root[1] - root[0] >= k
+            spans_b.append((s, e, root[0], k) if shared else (s, e, s, 0))
+        out.append(spans_b)
+    return out
+
+
+def _span_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b: int, s: int, e: int,
+                    root: int, k: int, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal SDPA of the queries of span [s, e) of row b over their own keys, after the k keys of a shared
+    prefix starting at ``root`` (k = 0: none)."""
+    q = query[b:b + 1, :, s:e]
+    if k == 0:
+        return F.scaled_dot_product_attention(q, key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
+                                              is_causal=True, scale=scaling)
+    keys = torch.cat([key[b:b + 1, :, root:root + k], key[b:b + 1, :, s:e]], dim=2)
+    values = torch.cat([value[b:b + 1, :, root:root + k], value[b:b + 1, :, s:e]], dim=2)
+    n = e - s
+    i = torch.arange(n, device=q.device)
+    j = torch.arange(k + n, device=q.device)
+    mask = (j[None, :] < k) | (j[None, :] - k <= i[:, None])  # (n, k + n): the prefix, then causal
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
+
+
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
@@ -58,11 +101,9 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
-    for b, row in enumerate(row_spans):
-        rows.append(torch.cat([F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                              value[b:b + 1, :, s:e], dropout_p=dropout,
-                                                              is_causal=True, scale=scaling)
-                               for s, e in row], dim=2))
+    for b, row in enumerate(shared_prefixes(position_ids, row_spans)):
+        rows.append(torch.cat([_span_attention(query, key, value, b, s, e, root, k, dropout, scaling)
+                               for s, e, root, k in row], dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 

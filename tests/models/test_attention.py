@@ -10,7 +10,7 @@ import lorakit as lk
 from lorakit.data.batching import collate
 from lorakit.data.packing import collate_packed
 from lorakit.data.tokenize import DataStats, TokenizedDataset
-from lorakit.models.attention import NAME, packed_attention_for, spans
+from lorakit.models.attention import NAME, packed_attention_for, shared_prefixes, spans
 from lorakit.train.evaluate import loss_sum, model_inputs
 
 LENGTHS = [5, 9, 4, 7, 3, 6]
@@ -41,6 +41,15 @@ def test_spans_split_rows_where_positions_restart():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     assert spans(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
     assert spans(torch.arange(6).repeat(2, 1)) is None  # no row holds two examples: plain SDPA
+
+
+def test_a_span_starting_at_position_k_shares_the_first_k_tokens_of_the_last_root():
+    # [0..4] root, [2, 3] shares its first 2 tokens; [0, 1] a new root; [5, 6] longer than that root: none;
+    # a row starting at 3 (a continuation without a root in the row): none
+    pos = torch.tensor([[0, 1, 2, 3, 4, 2, 3, 0, 1, 5, 6], [3, 4, 5, 0, 1, 2, 3, 1, 2, 0, 1]])
+    assert shared_prefixes(pos, spans(pos)) == [
+        [(0, 5, 0, 0), (5, 7, 0, 2), (7, 9, 7, 0), (9, 11, 9, 0)],
+        [(0, 3, 0, 0), (3, 7, 3, 0), (7, 9, 3, 1), (9, 11, 9, 0)]]
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
