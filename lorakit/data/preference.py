@@ -279,9 +279,32 @@ def _encode_checked(tokenizer: Any, row: dict, where: str, max_length: int):
     return prompt, chosen, rejected
 
 
-def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A batch of 2·B rows, the B chosen sequences then the B rejected ones (TRL's concatenated inputs),
-    right-padded: ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion tokens), (2B, T)."""
+LAYOUTS = ("padded", "packed", "shared")
+
+
+def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int, layout: str = "padded"
+                  ) -> dict[str, torch.Tensor]:
+    """A micro-batch of B pairs, in one of three layouts.
+
+    - ``padded``: 2·B rows, the B chosen sequences then the B rejected ones (TRL's concatenated inputs),
+      right-padded: ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion tokens), (2B, T).
+    - ``packed``: one row without padding, ``[prompt, chosen]`` then ``[prompt, rejected]`` for each pair,
+      ``position_ids`` restarting at 0 for each (any attention that reads packed rows: flash-attention's
+      variable lengths, transformers' block mask, lorakit's ``lorakit_packed``).
+    - ``shared``: one row, each pair as ``[prompt, chosen, rejected]`` with the rejected tokens at positions
+      p…p+r−1, so they attend to the prompt once computed (``models.attention``: only ``lorakit_packed`` reads
+      this rule). The last prompt token predicts both completions' first tokens.
+
+    The packed layouts carry ``input_ids``, ``attention_mask`` (ones: counts only) and ``position_ids``, (1, N),
+    and which positions score which token: ``score_index`` (M,) the position whose output predicts the token,
+    ``score_targets`` (M,) the token, ``score_rows`` (M,) its sequence (pair i's chosen: i, its rejected: B + i).
+    Every layout scores the same tokens; a pair with an empty prompt cannot score its completions' first
+    token (nothing predicts it) in any of them.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"pair layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if layout != "padded":
+        return _pack_pairs(pairs, share_prompt=layout == "shared")
     seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
     masks = [[0] * len(p) + [1] * len(c) for p, c, _ in pairs] + [[0] * len(p) + [1] * len(r) for p, _, r in pairs]
     width = max(len(s) for s in seqs)
@@ -295,16 +318,61 @@ def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], pad_i
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
 
 
-def pair_batch(pairs: PreferenceSet, rows: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+def _pack_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], share_prompt: bool
+                ) -> dict[str, torch.Tensor]:
+    """``collate_pairs``'s "packed" and "shared" layouts."""
+    b = len(pairs)
+    ids: list[int] = []
+    pos: list[int] = []
+    index: list[int] = []
+    targets: list[int] = []
+    rows: list[int] = []
+
+    def score(first: int, tokens: list[int], row: int, after_prompt: int) -> None:
+        """Completion ``tokens`` whose j-th token (j >= 1) is predicted at ``first + j - 1`` and whose first
+        is predicted by the prompt's last token at ``after_prompt`` (none when the prompt is empty)."""
+        at = [after_prompt] + list(range(first, first + len(tokens) - 1))
+        keep = slice(0 if after_prompt >= 0 else 1, None)
+        index.extend(at[keep])
+        targets.extend(tokens[keep])
+        rows.extend([row] * len(tokens[keep]))
+
+    for i, (p, c, r) in enumerate(pairs):
+        start, n = len(ids), len(p)
+        last = start + n - 1 if n else -1
+        ids.extend(p + c)
+        pos.extend(range(n + len(c)))
+        score(start + n, c, i, last)
+        if share_prompt:
+            at = len(ids)
+            ids.extend(r)
+            pos.extend(range(n, n + len(r)))
+            score(at, r, b + i, last)
+        else:
+            at = len(ids)
+            ids.extend(p + r)
+            pos.extend(range(n + len(r)))
+            score(at + n, r, b + i, at + n - 1 if n else -1)
+    counts = torch.bincount(torch.tensor(rows, dtype=torch.long), minlength=2 * b)
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+            "position_ids": torch.tensor([pos]), "score_index": torch.tensor(index), "score_targets":
+            torch.tensor(targets), "score_rows": torch.tensor(rows), "completion_tokens": counts}
+
+
+def pair_batch(pairs: PreferenceSet, rows: Sequence[int], pad_id: int, layout: str = "padded"
+               ) -> dict[str, torch.Tensor]:
     """``collate_pairs`` of the pairs ``rows`` of a set, with their indices (``pair_index``, (B,))."""
-    return {**collate_pairs([pairs.pairs[i] for i in rows], pad_id), "pair_index": torch.tensor(list(rows))}
+    return {**collate_pairs([pairs.pairs[i] for i in rows], pad_id, layout), "pair_index": torch.tensor(list(rows))}
 
 
-def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
+def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int, layout: str = "padded"
+                     ) -> dict[str, torch.Tensor]:
     """Tokenize preference rows (any of TRL's forms) into one batch: chosen rows first, then rejected.
 
     Row i's chosen sequence is batch row i, its rejected one row B + i; ``completion_mask`` marks the
-    completion tokens whose log-probs ``lk.sequence_logps`` sums.
+    completion tokens whose log-probs ``lk.sequence_logps`` sums. ``layout="packed"`` or ``"shared"`` puts
+    all the pairs in one row instead (``collate_pairs``; "shared" computes each prompt once and needs the
+    model on lorakit's packed attention: ``lorakit.models.attention.packed_attention_for(model)``).
 
     Args:
         tokenizer: the model's tokenizer (its pad token, else eos, pads).
@@ -312,7 +380,8 @@ def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length:
         max_length: most tokens of prompt + completion (completions cut from the right).
 
     Returns:
-        ``{"input_ids", "attention_mask", "completion_mask"}``, each (2B, T) long.
+        padded: ``{"input_ids", "attention_mask", "completion_mask"}``, each (2B, T) long; packed layouts:
+        ``collate_pairs``'s keys.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return collate_pairs(tokenize_pairs(list(rows), tokenizer, max_length).pairs, pad)
+    return collate_pairs(tokenize_pairs(list(rows), tokenizer, max_length).pairs, pad, layout)

@@ -1,0 +1,102 @@
+"""Preference pairs packed into one row (``collate_pairs`` layouts "packed" and "shared") against each
+sequence alone through a plain log_softmax/gather, and against the padded layout: sums, counts, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders import tiny_llama, tiny_qwen2
+
+import lorakit as lk
+from lorakit.data.preference import collate_pairs
+from lorakit.errors import ConfigError
+from lorakit.models.attention import NAME, packed_attention_for
+
+LENGTHS = [(3, 4, 2), (5, 1, 6), (2, 7, 3), (1, 3, 3)]  # (prompt, chosen, rejected)
+
+
+def make_pairs(seed: int, lengths=LENGTHS):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(1, 80, (n,), generator=g).tolist() for n in ls) for ls in lengths]
+
+
+def lora_model(make=tiny_llama):
+    model = make()
+    torch.manual_seed(2)
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    assert packed_attention_for(model) == NAME
+    return model
+
+
+def plain_logps(model, ids, n_prompt, n_comp):
+    """log_softmax/gather over one unpadded sequence's completion tokens (the first one is unscored when
+    the prompt is empty: nothing predicts it)."""
+    logits = model(torch.tensor([ids])).logits[0].float()
+    lp = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    return lp[max(n_prompt - 1, 0):n_prompt - 1 + n_comp].sum()
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "logits"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
+def test_packed_pairs_equal_each_sequence_alone(layout, fused, make, monkeypatch):
+    model = lora_model(make)
+    if not fused:
+        monkeypatch.setattr("lorakit.train.objectives.logps.fused_head", lambda m: None)
+    pairs = make_pairs(0)
+    batch = collate_pairs(pairs, 0, layout)
+    assert batch["input_ids"].shape[0] == 1
+    n_tokens = sum(len(p) * (1 if layout == "shared" else 2) + len(c) + len(r) for p, c, r in pairs)
+    assert batch["input_ids"].shape[1] == n_tokens
+    out = lk.sequence_logps(model, batch)
+    padded = lk.sequence_logps(model, collate_pairs(pairs, 0))
+    with torch.no_grad():
+        for i, (p, c, r) in enumerate(pairs):
+            assert float(out.chosen[i]) == pytest.approx(float(plain_logps(model, p + c, len(p), len(c))), abs=1e-5)
+            assert float(out.rejected[i]) == pytest.approx(float(plain_logps(model, p + r, len(p), len(r))),
+                                                           abs=1e-5)
+            assert (int(out.chosen_tokens[i]), int(out.rejected_tokens[i])) == (len(c), len(r))
+    torch.testing.assert_close(out.chosen, padded.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.rejected, padded.rejected, atol=1e-5, rtol=0)
+    assert torch.equal(out.chosen_tokens, padded.chosen_tokens)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+def test_gradients_of_packed_pairs_equal_the_sequences_alone(layout):
+    model = lora_model()
+    pairs = make_pairs(1)
+    w = torch.tensor([0.3, -1.2, 0.7, 2.0])
+    out = lk.sequence_logps(model, collate_pairs(pairs, 0, layout))
+    (out.chosen @ w - out.rejected @ w.flip(0)).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    total = sum(w[i] * plain_logps(model, p + c, len(p), len(c))
+                - w.flip(0)[i] * plain_logps(model, p + r, len(p), len(r)) for i, (p, c, r) in enumerate(pairs))
+    total.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=5e-6)  # float32 sums in another order
+
+
+def test_an_empty_prompt_scores_the_same_tokens_in_every_layout():
+    model = lora_model()
+    pairs = make_pairs(2, [(0, 4, 3), (2, 3, 5)])
+    padded = lk.sequence_logps(model, collate_pairs(pairs, 0))
+    for layout in ("packed", "shared"):
+        out = lk.sequence_logps(model, collate_pairs(pairs, 0, layout))
+        torch.testing.assert_close(out.chosen, padded.chosen, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.rejected, padded.rejected, atol=1e-5, rtol=0)
+        assert torch.equal(out.rejected_tokens, padded.rejected_tokens)
+
+
+def test_the_shared_layout_needs_lorakits_packed_attention():
+    model = tiny_llama()
+    batch = collate_pairs(make_pairs(3), 0, "shared")
+    with pytest.raises(ConfigError, match="packed_attention_for"):
+        lk.sequence_logps(model, batch)
+    lk.sequence_logps(model, collate_pairs(make_pairs(3), 0, "packed"))  # the block mask reads this one
+
+
+def test_preference_batch_takes_a_layout():
+    with pytest.raises(ValueError, match="padded, packed, shared"):
+        collate_pairs(make_pairs(0), 0, "interleaved")
