@@ -106,7 +106,10 @@ def report_lines(report: dict[str, Any], cfg) -> list[str]:
                      f"on); {r['n_truncated']:,} cut to max_seq_len={cfg.max_seq_len}, {r['n_dropped']:,} dropped "
                      "(nothing left to train on)")
     train = report["train"]
-    if "fill_rate" in train:
+    if "layout" in train:  # preference pairs (objectives/preference.py)
+        lines.append(f"  pairs laid out {train['layout']} (--pair-layout): {train['tokens_vs_padded']:.0%} of the tokens "
+                     f"of padded rows; {train['padding_fraction']:.1%} padding")
+    elif "fill_rate" in train:
         lines.append(f"  packed into {train['packed_rows']:,} rows of {cfg.max_seq_len} tokens: "
                      f"{train['fill_rate']:.1%} full; batches {train['padding_fraction']:.1%} padding")
     else:

@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TrainingError
-from ..models.attention import packed_attention_for
 from ..models.custom import is_custom_spec
 from .checkpoint import list_checkpoints, save_checkpoint
 from .inputs import check_memory, data_report, report_lines
@@ -128,7 +127,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None, giv
     if info.main:
         print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)
     model.to(info.device)
-    attention = packed_attention_for(model) if cfg.packing else None  # per-example attention in packed rows
+    attention = objective.attention(model, cfg)  # e.g. per-example attention in packed rows
     if info.main and attention:
         print(f"lorakit: packed rows attend per example ({attention} attention)", flush=True)
     pad_id = objective.pad_id(tokenizer, cfg)

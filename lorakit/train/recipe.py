@@ -18,6 +18,8 @@ import yaml
 from ..errors import ConfigError
 from ..models.dtype import parse_dtype
 
+PAIR_LAYOUTS = ("auto", "shared", "packed", "padded")  # preference objectives: data.preference.collate_pairs
+
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
@@ -92,6 +94,11 @@ class TrainConfig:
     precompute_ref: bool = False
     """DPO: compute the reference (base model) log-probs of every pair once before training, cached beside the
     token cache, so each step runs one model pass per pair instead of two."""
+    pair_layout: str = "auto"
+    """DPO, ORPO, SimPO: how a micro-batch of pairs meets the model. shared: one row, each prompt computed once for
+    both its completions (lorakit's packed attention: transformers models on SDPA or eager attention); packed: one
+    row without padding, the prompt twice (any packed attention, flash-attention included); padded: 2·batch_size
+    padded rows, TRL's layout; auto: shared where the model allows it, else padded. All give the same numbers."""
     skip_bad_pairs: bool = False
     """Preference data: skip (and count) malformed rows, prompts that fill max_seq_len, empty or identical
     completions, instead of stopping at the first with its file:line."""
@@ -264,6 +271,8 @@ class TrainConfig:
             raise ConfigError(f"--loss replaces the sft objective's loss; objective {self.objective!r} has its own")
         if self.packing and self.group_by_length:
             raise ConfigError("packing and group_by_length exclude each other: packed rows are already full")
+        if self.pair_layout not in PAIR_LAYOUTS:
+            raise ConfigError(f"pair_layout must be one of {', '.join(PAIR_LAYOUTS)}, got {self.pair_layout!r}")
         self._check_variants()
         # lazy: trackers import fileio (torch); a recipe loads without it
         from .trackers import parse_report_to

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ...models.attention import packed_attention_for
 from ..batches import make_batches
 from ..evaluate import eval_loss, loss_sum
 from ..inputs import read_splits, tokenize_splits
@@ -71,6 +72,11 @@ class Objective:
         return make_batches(train_ds, cfg, pad_id, info)
 
     # -- the steps ------------------------------------------------------------------------------------
+    def attention(self, model: torch.nn.Module, cfg) -> str | None:
+        """Switch the model (built, not yet wrapped) to the attention its batches need; the name, or None
+        when unchanged. Packed rows (``--packing``) attend per example (``models.attention``)."""
+        return packed_attention_for(model) if cfg.packing else None
+
     def prepare(self, model: torch.nn.Module, tokenizer: Any, cfg, info, progress: bool) -> None:
         """After the model is built and wrapped, before the first step (e.g. reference log-probs)."""
 

@@ -21,6 +21,8 @@ from ...data.batching import BatchSampler
 from ...data.preference import PreferenceSet, extract_prompt, pair_batch, read_pairs, tokenize_pairs
 from ...errors import ConfigError
 from ...lora.adapters import disable_adapters
+from ...models.attention import NAME as ATTENTION
+from ...models.attention import packed_attention_for
 from ..losses.preference import DEFAULT_BETA, PreferenceLosses, check_preference_args, preference_loss
 from .base import Objective, StepLoss
 from .logps import sequence_logps
@@ -35,8 +37,9 @@ class PairBatches:
     rank draws the same global batch and keeps pairs ``rank::world``; resumable exactly."""
 
     def __init__(self, pairs: PreferenceSet, batch_size: int, grad_accum: int, pad_id: int, seed: int,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, layout: str = "padded") -> None:
         self.pairs, self.grad_accum, self.pad_id, self.rank, self.world = pairs, grad_accum, pad_id, rank, world
+        self.layout = layout
         self.sampler = BatchSampler(len(pairs), batch_size, seed=seed)
 
     @property
@@ -44,7 +47,7 @@ class PairBatches:
         return -(-len(self.sampler) // self.grad_accum)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        return [pair_batch(self.pairs, next(self.sampler)[self.rank::self.world], self.pad_id)
+        return [pair_batch(self.pairs, next(self.sampler)[self.rank::self.world], self.pad_id, self.layout)
                 for _ in range(self.grad_accum)]
 
     def state_dict(self) -> dict[str, Any]:
@@ -54,14 +57,18 @@ class PairBatches:
         self.sampler.load_state_dict(state)
 
     def describe(self) -> dict[str, Any]:
-        """The padding share of the first epoch's micro-batches (rows padded to the longest of the batch)."""
-        lengths = [(len(p) + len(c), len(p) + len(r)) for p, c, r in self.pairs.pairs]
-        real = pad = 0
+        """The padding share of the first epoch's micro-batches (padded: rows padded to the longest of the
+        batch; packed layouts have none) and the tokens the layout runs per pair token of TRL's padded rows."""
+        lengths = [(len(p), len(c), len(r)) for p, c, r in self.pairs.pairs]
+        real = padded = run = 0
         for batch in self.sampler.epoch_batches(0):
-            widest = max(max(lengths[i]) for i in batch)
-            real += sum(sum(lengths[i]) for i in batch)
-            pad += 2 * widest * len(batch)
-        return {"padding_fraction": 1 - real / pad if pad else 0.0}
+            widest = max(p + max(c, r) for p, c, r in (lengths[i] for i in batch))
+            real += sum(2 * p + c + r for p, c, r in (lengths[i] for i in batch))
+            padded += 2 * widest * len(batch)
+            run += sum(p + c + r for p, c, r in (lengths[i] for i in batch)) if self.layout == "shared" else 0
+        run = run or (padded if self.layout == "padded" else real)
+        return {"layout": self.layout, "padding_fraction": 1 - real / padded if self.layout == "padded" and padded
+                else 0.0, "tokens_vs_padded": run / padded if padded else 1.0}
 
 
 def metric_sums(out: PreferenceLosses) -> dict[str, tuple[float, float]]:
@@ -84,8 +91,9 @@ class DPO(Objective):
         self.beta = cfg.beta or DEFAULT_BETA[self.name]  # 0: the objective's default
         check_preference_args(self.name, cfg.loss_type, self.beta, cfg.label_smoothing)
         if cfg.packing:
-            raise ConfigError(f"--packing packs supervised examples; {self.name} batches chosen and rejected rows "
-                              "of each pair side by side")
+            raise ConfigError(f"--packing packs supervised examples; {self.name} lays pairs out with --pair-layout "
+                              "(auto: each pair's prompt once, in one row, where the model allows it)")
+        self.layout = "padded" if cfg.pair_layout == "auto" else cfg.pair_layout  # resolved by attention()
         if cfg.precompute_ref and self.name != "dpo":
             raise ConfigError(f"--precompute-ref computes a reference model's log-probs; {self.name} has none")
         self.ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> precomputed (chosen, rejected)
@@ -110,8 +118,27 @@ class DPO(Objective):
                           + ", ".join(f"{n:,} {why}" for why, n in sorted(ds.stats.skipped.items())), flush=True)
         return sets, {k: "not used (pairs tokenize in seconds)" for k in records}
 
+    def attention(self, model: torch.nn.Module, cfg) -> str | None:
+        """Resolve --pair-layout against the model: "shared" needs lorakit's packed attention, "packed" any
+        attention that reads packed rows (that one or flash-attention); auto takes the first that fits."""
+        if cfg.pair_layout == "padded":
+            return None
+        name = packed_attention_for(model)  # None: not a transformers model on sdpa/eager (left as it is)
+        current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if cfg.pair_layout == "auto":
+            self.layout = "shared" if name == ATTENTION else "packed" if current == "flash_attention_2" else "padded"
+        elif cfg.pair_layout == "shared" and name != ATTENTION:
+            raise ConfigError(f"--pair-layout shared needs lorakit's packed attention, which takes transformers "
+                              f"models on SDPA or eager attention; this model runs {name or current!r}. Use "
+                              "--pair-layout packed (flash-attention) or padded")
+        elif cfg.pair_layout == "packed" and current not in (ATTENTION, "flash_attention_2"):
+            raise ConfigError(f"--pair-layout packed needs an attention that reads packed rows (lorakit's, or "
+                              f"flash-attention); this model runs {current!r}. Use --pair-layout padded")
+        return name
+
     def make_batches(self, train_ds: PreferenceSet, cfg, pad_id: int, info) -> PairBatches:
-        return PairBatches(train_ds, cfg.batch_size, cfg.grad_accum, pad_id, cfg.seed, info.rank, info.world)
+        return PairBatches(train_ds, cfg.batch_size, cfg.grad_accum, pad_id, cfg.seed, info.rank, info.world,
+                           self.layout)
 
     def prepare(self, model: torch.nn.Module, tokenizer: Any, cfg, info, progress: bool) -> None:
         """With --precompute-ref: the reference log-probs of every train and eval pair, computed once (or read
@@ -121,7 +148,7 @@ class DPO(Objective):
         for split, ds in self.datasets.items():
             if ds is not None:
                 self.ref[split] = reference_logps(model, tokenizer, ds, cfg, self.pad_id(tokenizer, cfg), info,
-                                                  progress)
+                                                  progress, self.layout)
 
     # -- the loss ---------------------------------------------------------------------------------------------
     def reference(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], split: str
@@ -162,9 +189,9 @@ class DPO(Objective):
         for start in starts:
             rows = list(range(start, min(start + cfg.batch_size, len(eval_ds))))[info.rank::info.world]
             if not rows:  # a short last batch; FSDP still needs this rank in the forward
-                self.losses(model, pair_batch(eval_ds, [start], pad_id), "eval")
+                self.losses(model, pair_batch(eval_ds, [start], pad_id, self.layout), "eval")
                 continue
-            out = self.losses(model, pair_batch(eval_ds, rows, pad_id), "eval")
+            out = self.losses(model, pair_batch(eval_ds, rows, pad_id, self.layout), "eval")
             sums["loss"] += float(out.losses.sum())
             for k, (s, _) in metric_sums(out).items():
                 sums[k] += s
@@ -194,7 +221,7 @@ class DPO(Objective):
         with torch.no_grad():
             for start in range(0, limit, cfg.batch_size):
                 lp = sequence_logps(model, pair_batch(ds, list(range(start, min(start + cfg.batch_size, limit))),
-                                                      pad))
+                                                      pad, self.layout))
                 if self.name == "dpo":
                     wins += int((lp.chosen > lp.rejected).sum())
                 else:

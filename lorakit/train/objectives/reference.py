@@ -50,8 +50,8 @@ def cache_key(ds: PreferenceSet, tokenizer: Any, cfg, model: torch.nn.Module) ->
 
 
 @torch.no_grad()
-def compute(model: torch.nn.Module, ds: PreferenceSet, batch_size: int, pad_id: int, progress: bool
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def compute(model: torch.nn.Module, ds: PreferenceSet, batch_size: int, pad_id: int, progress: bool,
+            layout: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed completion log-probs of every pair under the base model, (n,) fp32 each."""
     was = model.training
     model.eval()
@@ -61,7 +61,7 @@ def compute(model: torch.nn.Module, ds: PreferenceSet, batch_size: int, pad_id: 
             for start in tqdm(range(0, len(ds), batch_size), desc="reference log-probs", disable=not progress,
                               leave=False):
                 lp = sequence_logps(model, pair_batch(ds, list(range(start, min(start + batch_size, len(ds)))),
-                                                      pad_id))
+                                                      pad_id, layout))
                 chosen.append(lp.chosen.cpu())
                 rejected.append(lp.rejected.cpu())
     finally:
@@ -70,7 +70,7 @@ def compute(model: torch.nn.Module, ds: PreferenceSet, batch_size: int, pad_id: 
 
 
 def reference_logps(model: torch.nn.Module, tokenizer: Any, ds: PreferenceSet, cfg, pad_id: int, info,
-                    progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    progress: bool, layout: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
     """The reference log-probs of ``ds``: from the cache when present, else computed (every rank computes:
     under FSDP each forward needs them all) and stored by rank 0."""
     folder = cache_dir(cfg)
@@ -81,7 +81,7 @@ def reference_logps(model: torch.nn.Module, tokenizer: Any, ds: PreferenceSet, c
             if info.main:
                 print(f"lorakit: reference log-probs of {len(ds):,} pairs read from {path}", flush=True)
             return tensors["chosen"], tensors["rejected"]
-    chosen, rejected = compute(model, ds, cfg.batch_size, pad_id, progress)
+    chosen, rejected = compute(model, ds, cfg.batch_size, pad_id, progress, layout)
     if path is not None and info.main:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({"chosen": chosen, "rejected": rejected}, path)
