@@ -5,7 +5,9 @@ long-tailed lengths: ``python -m bench.data.make_pairs``), and hyperparameters (
 linear layers, AdamW, cosine schedule after 2 warm-up steps, batch of pairs, max_length). Arms, each a fresh
 process per round (rotating which goes first): lorakit and TRL with the reference computed every step (adapters
 off), and both with the reference log-probs precomputed once (``--precompute-ref`` /
-``precompute_ref_log_probs=True``). Per arm, the whole process: wall time, peak RSS, and the final held-out
+``precompute_ref_log_probs=True``); lorakit's default pair layout (each pair in one row, its prompt computed
+once) and, as separate arms, the pairs packed without sharing the prompt and padded as TRL pads them, so each
+gain is visible. Per arm, the whole process: wall time, peak RSS, and the final held-out
 preference accuracy (rewards/accuracies on the eval pairs against the base, TRL's definition).
 
     python -m bench.train.preference            # bench/results/preference.{json,md}
@@ -39,7 +41,8 @@ from ..harness import (
 DATA = ROOT / "bench" / "data"
 HP = {"beta": 0.1, "loss_type": "sigmoid", "batch_size": 4, "lr": 5e-4, "warmup_steps": 2, "r": 16, "alpha": 32,
       "max_length": 320}
-ARMS = ("lorakit", "trl", "lorakit_precompute", "trl_precompute")
+ARMS = ("lorakit", "trl", "lorakit_precompute", "trl_precompute", "lorakit_packed", "lorakit_padded")
+LAYOUT = {"lorakit_packed": "packed", "lorakit_padded": "padded"}  # other lorakit arms: auto (shared prompts)
 
 
 def model_dir() -> Path:
@@ -61,7 +64,7 @@ def pair_files(n_train: int, n_eval: int, folder: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def run_lorakit(args, precompute: bool) -> dict:
+def run_lorakit(args, precompute: bool, layout: str = "auto") -> dict:
     from lorakit.train.loop import train
     from lorakit.train.recipe import TrainConfig
 
@@ -73,7 +76,7 @@ def run_lorakit(args, precompute: bool) -> dict:
                           r=HP["r"], alpha=HP["alpha"], beta=HP["beta"], loss_type=HP["loss_type"],
                           max_seq_len=HP["max_length"], dtype="float32", threads=args.threads, log_every=1,
                           eval_every=0, save_every=0, data_cache=str(Path(out) / "cache"), seed=0,
-                          cpu_allocator="glibc", precompute_ref=precompute)
+                          cpu_allocator="glibc", precompute_ref=precompute, pair_layout=layout)
         t0 = time.perf_counter()
         train(cfg, progress=False)
         wall = time.perf_counter() - t0
@@ -124,7 +127,10 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     precompute = args.worker.endswith("_precompute")
-    result = (run_lorakit if args.worker.startswith("lorakit") else run_trl)(args, precompute)
+    if args.worker.startswith("lorakit"):
+        result = run_lorakit(args, precompute, LAYOUT.get(args.worker, "auto"))
+    else:
+        result = run_trl(args, precompute)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"arm": args.worker, **result}
 
@@ -167,8 +173,10 @@ def render(doc: dict) -> str:
         rss = f"{x['peak_rss_mb'] / trl['peak_rss_mb']:.2f}" if trl else ""
         lines.append(f"| {name} | {x['process_wall_s']:.1f} | {speed} | {x['peak_rss_mb']:.0f} | {rss} | "
                      f"{x['loss_first']:.3f} → {x['loss_last']:.3f} | {x['eval_accuracy']:.1%} |")
-    lines += ["", "Packing chosen and rejected rows (instead of padding them side by side) is not offered by the dpo "
-              "objective, so it has no row.", "",
+    lines += ["", "lorakit's arms: `lorakit` and `lorakit_precompute` run the default pair layout (auto: each pair in one "
+              "row with its prompt computed once, `--pair-layout shared`); `lorakit_packed` packs the pairs without "
+              "sharing the prompt; `lorakit_padded` pads 2·batch rows as TRL does. TRL runs its defaults (padded "
+              "rows, logits over every position).", "",
               f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags {' '.join(m['flags']) or 'none'}); torch "
               f"{m['torch']}, transformers {m['transformers']}, trl {m['trl']}, peft {m['peft']}; {c['threads']} "
               f"thread(s) for every arm ({c['threads_why']}). 1-min load average during the run "
