@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: demo demo-speech demo-grpo demo-dpo test browser tcmalloc torture lint bench clean
+.PHONY: demo demo-speech demo-grpo demo-dpo dpo-pairs test browser tcmalloc torture lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,12 @@ demo-grpo: $(STAMP) tcmalloc
 demo-dpo: $(STAMP) tcmalloc examples/dpo/dates-train.jsonl
 	$(VENV)/bin/lorakit train configs/demo-dpo.yaml --out runs/demo-dpo
 
-# the rejected answers are the base model's own, generated once (a few minutes) and kept
-examples/dpo/dates-train.jsonl: scripts/make_dpo_pairs.py | $(STAMP)
+# the rejected answers are the base model's own, generated once (≈2 min) and committed, so this rule runs only where
+# they are missing (a clone's checkout times say nothing of which file is newer); `make dpo-pairs` rebuilds them
+examples/dpo/dates-train.jsonl: | $(STAMP)
+	$(PY) scripts/make_dpo_pairs.py
+
+dpo-pairs: $(STAMP)
 	$(PY) scripts/make_dpo_pairs.py
 
 test: $(STAMP) browser tcmalloc

@@ -2,12 +2,13 @@
 
 Each pair is a date prompt of the packaged ``dates`` task, its ISO 8601 answer as the chosen completion, and
 what the base model (the embedded SmolLM2-135M-Instruct, no adapter) actually answers, greedily, as the
-rejected one: the pairs teach the model away from its own mistakes. A prompt the base already answers right
-gives no pair (chosen and rejected would be identical) and is left out. Generated once (batched greedy
-decoding, ``lorakit.train.evaluate.generate``; deterministic) by the first ``make demo-dpo`` and kept, so later
-runs train on the same pairs:
+rejected one: its first ``--max-tokens`` tokens (16, as the demo's exact-match generation; two thirds of the
+answers run on into chat, "This is a special date ..."). The pairs teach the model away from its own
+mistakes. A prompt the base already answers right gives no pair (chosen and rejected would be identical) and
+is left out. Generated once (batched greedy
+decoding, ``lorakit.train.evaluate.generate``) and committed, so every run trains on the same pairs:
 
-    python scripts/make_dpo_pairs.py            # rewrites the three files (a few minutes on a CPU)
+    make dpo-pairs                              # rewrites the three files (95 s on 2 CPU cores)
 """
 
 from __future__ import annotations
