@@ -6,6 +6,7 @@ loads."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -93,6 +94,13 @@ def test_every_pair_layout_trains_the_same_steps(tiny_model_dir, tmp_path, capsy
                     assert a[k] == pytest.approx(b[k], abs=1e-4), (layout, k)
 
 
+def test_full_fine_tuning_dpo_keeps_the_model_before_training_as_its_reference(tiny_model_dir, tmp_path):
+    train(cfg(tiny_model_dir, tmp_path, full=True, precompute_ref=True, max_steps=4, lr=1e-3), progress=False)
+    steps = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy is the reference
+    assert steps[-1]["rewards/margins"] > 0 and steps[-1]["loss"] < steps[0]["loss"]  # the reference stayed put
+
+
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])
 def test_reference_free_objectives_train_without_a_reference_pass(tiny_model_dir, tmp_path, monkeypatch, objective):
     import lorakit.train.objectives.preference as pref
@@ -174,6 +182,8 @@ def test_bad_settings_and_bad_pairs_fail_before_the_model_loads(tmp_path):
         train(cfg(missing, tmp_path, packing=True), progress=False)
     with pytest.raises(ConfigError, match="loss_type"):
         train(cfg(missing, tmp_path, loss_type="nope"), progress=False)
+    with pytest.raises(ConfigError, match="--precompute-ref"):  # full fine-tuning has no adapters to switch off
+        train(cfg(missing, tmp_path, full=True), progress=False)
     bad = write(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "x", "chosen": "y"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: .*missing \['rejected'\]"):
         train(cfg(missing, tmp_path, data=str(bad)), progress=False)

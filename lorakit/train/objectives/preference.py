@@ -96,6 +96,10 @@ class DPO(Objective):
         self.layout = "padded" if cfg.pair_layout == "auto" else cfg.pair_layout  # resolved by attention()
         if cfg.precompute_ref and self.name != "dpo":
             raise ConfigError(f"--precompute-ref computes a reference model's log-probs; {self.name} has none")
+        if cfg.full and self.name == "dpo" and not cfg.precompute_ref:
+            raise ConfigError("dpo's reference is the model with its adapters off; --full trains every weight, so "
+                              "there are none to switch off and the reference would move with the policy. Pass "
+                              "--precompute-ref (the reference log-probs of the model before training, computed once)")
         self.ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> precomputed (chosen, rejected)
         self.datasets: dict[str, PreferenceSet | None] = {}
 
