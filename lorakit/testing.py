@@ -103,3 +103,30 @@ def peak_allocated(fn) -> tuple[int, object]:
         live += size
         peak = max(peak, live)
     return peak, out
+
+
+def grpo_phase_peaks(model, objective, source, eos_ids, lr: float = 1e-3) -> tuple[int, int, list]:
+    """(peak bytes of GRPO's rollout phase, of its training phase (loss, backward, AdamW step), the rollout's
+    micro-batches), each measured with ``peak_allocated`` on the second step (the first warms up). The tokens
+    ``eos_ids`` are masked out of the logits while sampling, so every completion runs to
+    max_completion_length: the planner's worst case."""
+    import torch
+
+    eos = torch.as_tensor(eos_ids)
+    hook = model.lm_head.register_forward_hook(
+        lambda m, i, o: None if torch.is_grad_enabled() else o.index_fill_(-1, eos, -1e4))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def train_step(batches):
+        for b in batches:
+            objective.loss(model, b).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        train_step(objective.rollout(source, model, 0))
+        rollout, batches = peak_allocated(lambda: objective.rollout(source, model, 1))
+    finally:
+        hook.remove()
+    training, _ = peak_allocated(lambda: train_step(batches))
+    return rollout, training, batches

@@ -91,7 +91,7 @@ def pair_cases(model, count) -> list[dict]:
 
 
 def grpo_cases(model, tok, count) -> list[dict]:
-    from lorakit.testing import peak_allocated
+    from lorakit.testing import grpo_phase_peaks
     from lorakit.train.distributed import DistInfo
     from lorakit.train.objectives.grpo import GRPO
     from lorakit.train.objectives.grpo_data import PromptBatches, read_prompts, tokenize_prompts
@@ -104,22 +104,9 @@ def grpo_cases(model, tok, count) -> list[dict]:
     obj.prepare(model, tok, cfg, DistInfo(), False)
     prompts = tokenize_prompts(read_prompts(Path(cfg.data)), tok, cfg.max_completion_length)
     source = PromptBatches(prompts, cfg.batch_size * cfg.grad_accum // cfg.num_generations, cfg.seed)
-    eos = torch.tensor(sorted({tok.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}))
-    hook = model.lm_head.register_forward_hook(
-        lambda m, i, o: None if torch.is_grad_enabled() else o.index_fill_(-1, eos, -1e9))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def train_step(batches):
-        for b in batches:
-            obj.loss(model, b).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    train_step(obj.rollout(source, model, 0))
-    rollout, batches = peak_allocated(lambda: obj.rollout(source, model, 1))
-    hook.remove()
-    training, _ = peak_allocated(lambda: train_step(batches))
+    eos = sorted({tok.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
+        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])})
+    rollout, training, batches = grpo_phase_peaks(model, obj, source, eos, lr=1e-5)
     width = max(b["input_ids"].shape[1] for b in batches)
     longest = max(len(x) for x in prompts.ids)
     rows = _planned(model, count, batch_size=cfg.batch_size, seq_len=longest + cfg.max_completion_length,

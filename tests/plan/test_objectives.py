@@ -15,7 +15,7 @@ from lorakit.lora.inject import inject
 from lorakit.plan.arch import read_arch
 from lorakit.plan.count import count_model
 from lorakit.plan.memory import PlanInputs, block_targets, layer_terms, plan_memory
-from lorakit.testing import char_tokenizer, peak_allocated
+from lorakit.testing import char_tokenizer, grpo_phase_peaks, peak_allocated
 from lorakit.train.recipe import TrainConfig
 
 # bench/plan/calibration.py's tolerance for a whole step's peak (the block activations are exact: test_plan.py)
@@ -168,21 +168,7 @@ def test_grpo_phases_peak_where_the_plan_says(tmp_path, dtype, beta, rollout_row
     weights and optimizer state. The end-of-sequence token is masked during generation so that every
     completion runs to max_completion_length, the plan's worst case."""
     model, count, obj, source, tok = _grpo(tmp_path, dtype, beta, rollout_rows)
-    eos = torch.tensor([tok.eos_token_id])
-    hook = model.lm_head.register_forward_hook(
-        lambda m, i, o: None if torch.is_grad_enabled() else o.index_fill_(-1, eos, -1e4))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def train_step(batches):
-        for b in batches:
-            obj.loss(model, b).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    train_step(obj.rollout(source, model, 0))
-    rollout, batches = peak_allocated(lambda: obj.rollout(source, model, 1))
-    hook.remove()
-    training, _ = peak_allocated(lambda: train_step(batches))
+    rollout, training, batches = grpo_phase_peaks(model, obj, source, [tok.eos_token_id])
     assert batches[0]["completion_mask"].shape[1] == 48  # every completion ran to max_completion_length
     seq_len = batches[0]["input_ids"].shape[1]  # this step's longest prompt + 48
     rows = _rows(model, count, batch_size=8, seq_len=seq_len, dtype=dtype, objective="grpo", completion_len=48,
