@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -41,7 +42,8 @@ from ..harness import (
 DATA = ROOT / "bench" / "data"
 HP = {"beta": 0.1, "loss_type": "sigmoid", "batch_size": 4, "lr": 5e-4, "warmup_steps": 2, "r": 16, "alpha": 32,
       "max_length": 320}
-ARMS = ("lorakit", "trl", "lorakit_precompute", "trl_precompute", "lorakit_packed", "lorakit_padded")
+ARMS = ("lorakit", "trl", "lorakit_precompute", "trl_precompute", "lorakit_packed", "lorakit_padded",
+        "lorakit_tcmalloc")
 LAYOUT = {"lorakit_packed": "packed", "lorakit_padded": "padded"}  # other lorakit arms: auto (shared prompts)
 
 
@@ -64,7 +66,7 @@ def pair_files(n_train: int, n_eval: int, folder: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def run_lorakit(args, precompute: bool, layout: str = "auto") -> dict:
+def run_lorakit(args, precompute: bool, layout: str = "auto", allocator: str = "glibc") -> dict:
     from lorakit.train.loop import train
     from lorakit.train.recipe import TrainConfig
 
@@ -76,7 +78,7 @@ def run_lorakit(args, precompute: bool, layout: str = "auto") -> dict:
                           r=HP["r"], alpha=HP["alpha"], beta=HP["beta"], loss_type=HP["loss_type"],
                           max_seq_len=HP["max_length"], dtype="float32", threads=args.threads, log_every=1,
                           eval_every=0, save_every=0, data_cache=str(Path(out) / "cache"), seed=0,
-                          cpu_allocator="glibc", precompute_ref=precompute, pair_layout=layout)
+                          cpu_allocator=allocator, precompute_ref=precompute, pair_layout=layout)
         t0 = time.perf_counter()
         train(cfg, progress=False)
         wall = time.perf_counter() - t0
@@ -128,7 +130,8 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     precompute = args.worker.endswith("_precompute")
     if args.worker.startswith("lorakit"):
-        result = run_lorakit(args, precompute, LAYOUT.get(args.worker, "auto"))
+        result = run_lorakit(args, precompute, LAYOUT.get(args.worker, "auto"),
+                             "tcmalloc" if args.worker.endswith("_tcmalloc") else "glibc")
     else:
         result = run_trl(args, precompute)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -136,11 +139,15 @@ def worker(args) -> dict:
 
 
 def measure(args) -> dict:
+    from lorakit.train.memory import preload_env
+
     def arm(name):
         def run(i):
             t0 = time.perf_counter()
+            env = preload_env("tcmalloc", dict(os.environ)) if name.endswith("_tcmalloc") else None
             r = run_worker(["-m", "bench.train.preference", "--worker", name, "--pairs", str(args.pairs),
-                            "--eval-pairs", str(args.eval_pairs), "--threads", str(args.threads)], timeout=7200)
+                            "--eval-pairs", str(args.eval_pairs), "--threads", str(args.threads)], env=env,
+                           timeout=7200)
             return {**r, "process_wall_s": time.perf_counter() - t0}
         return run
 
@@ -176,7 +183,8 @@ def render(doc: dict) -> str:
     lines += ["", "lorakit's arms: `lorakit` and `lorakit_precompute` run the default pair layout (auto: each pair in one "
               "row with its prompt computed once, `--pair-layout shared`); `lorakit_packed` packs the pairs without "
               "sharing the prompt; `lorakit_padded` pads 2·batch rows as TRL does. TRL runs its defaults (padded "
-              "rows, logits over every position).", "",
+              "rows, logits over every position). Every arm runs glibc's malloc but `lorakit_tcmalloc` (the default arm "
+              "with tcmalloc preloaded, as `lorakit train` runs where tcmalloc is installed).", "",
               f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags {' '.join(m['flags']) or 'none'}); torch "
               f"{m['torch']}, transformers {m['transformers']}, trl {m['trl']}, peft {m['peft']}; {c['threads']} "
               f"thread(s) for every arm ({c['threads_why']}). 1-min load average during the run "
