@@ -108,10 +108,12 @@ def validate_pair(obj: Any, where: str) -> str:
     """
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with 'chosen' and 'rejected', found {_json_type(obj)}")
-    missing = [k for k in ("chosen", "rejected") if obj.get(k) is None]
-    if missing:
-        raise DataError(f"{where}: a preference pair needs 'chosen' and 'rejected' (and optionally 'prompt'); "
-                        f"missing {missing}, found keys {sorted(obj)}")
+    missing = [k for k in ("chosen", "rejected") if k not in obj]
+    nulls = [k for k in ("chosen", "rejected") if k in obj and obj[k] is None]
+    if missing or nulls:
+        what = (f"missing {missing}, found keys {sorted(obj)}" if missing else
+                f"{' and '.join(repr(k) for k in nulls)} {'is' if len(nulls) == 1 else 'are'} null")
+        raise DataError(f"{where}: a preference pair needs 'chosen' and 'rejected' (and optionally 'prompt'); {what}")
     prompt = obj.get("prompt")
     if isinstance(obj["chosen"], str) and isinstance(obj["rejected"], str):
         if prompt is not None and not isinstance(prompt, str):

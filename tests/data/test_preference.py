@@ -82,6 +82,7 @@ def test_a_bad_pair_is_an_error_naming_its_line_or_a_counted_skip(tmp_path, row,
 
 @pytest.mark.parametrize(("row", "message"), [
     ('{"prompt": "q", "chosen": "a"}', r"missing \['rejected'\]"),
+    ('{"prompt": null, "chosen": null, "rejected": "b"}', "'chosen' is null"),
     ('{"prompt": 3, "chosen": "a", "rejected": "b"}', "'prompt' must be one too"),
     ('{"prompt": "q", "chosen": [{"role": "bot", "content": "x"}], "rejected": "b"}', "unknown role 'bot'"),
     ("[1, 2]", "expected a JSON object"),
