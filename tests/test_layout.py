@@ -134,3 +134,11 @@ def test_the_checker_sees_a_cycle_and_an_upward_import():
     annotated = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .engine import Engine\n"
     assert imports_in(annotated, "lorakit.serve.metrics") == set()
     assert imports_in(annotated, "lorakit.serve.metrics", typing_too=True) == {"lorakit.serve.engine"}
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test files by basename (no __init__.py in tests/): two of one name fail collection."""
+    from collections import Counter
+
+    names = Counter(p.name for p in Path(__file__).resolve().parent.rglob("test_*.py"))
+    assert [name for name, n in names.items() if n > 1] == []
