@@ -141,7 +141,8 @@ def planned(mode: str, batch: int) -> dict:
     from lorakit.lora.config import LoraConfig
     from lorakit.plan.arch import read_arch
     from lorakit.plan.count import count_model, meta_model
-    from lorakit.plan.memory import PlanInputs, plan_memory
+    from lorakit.plan.inputs import PlanInputs
+    from lorakit.plan.memory import plan_memory
     from lorakit.train.recipe import TrainConfig
 
     defaults = TrainConfig()

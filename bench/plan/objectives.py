@@ -46,7 +46,8 @@ def _model():
 
 def _planned(model, count, **inputs) -> dict[str, float]:
     from lorakit.plan.arch import read_arch
-    from lorakit.plan.memory import PlanInputs, plan_memory
+    from lorakit.plan.inputs import PlanInputs
+    from lorakit.plan.memory import plan_memory
 
     plan = plan_memory(read_arch(model), count, PlanInputs(dtype="float32", device="cpu", **inputs))
     return {name: row["lora"].bytes for name, row in plan.rows.items()}

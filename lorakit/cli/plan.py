@@ -28,7 +28,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Memory, FLOPs, time and cost of full fine-tuning vs LoRA vs LoRA on a 4-bit base."""
     from ..plan.count import count_model
     from ..plan.gpus import parse_count, select_gpus
-    from ..plan.memory import PlanInputs
+    from ..plan.inputs import PlanInputs
     from ..plan.report import build_plan, format_plan
 
     seq_len = args.seq_len

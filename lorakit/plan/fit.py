@@ -10,7 +10,8 @@ import torch
 
 from .arch import read_arch
 from .count import count_model, meta_model
-from .memory import OBJECTIVES, PAIR_OBJECTIVES, PlanInputs, plan_memory
+from .inputs import OBJECTIVES, PAIR_OBJECTIVES, PlanInputs
+from .memory import plan_memory
 from .objectives import rollout_rows_in_flight
 
 

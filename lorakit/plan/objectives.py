@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from .arch import Arch
-from .memory import PAIR_OBJECTIVES, PlanInputs, Row, _final_norm, _gib
+from .inputs import PAIR_OBJECTIVES, PlanInputs, Row, _final_norm, _gib
 
 SCORE_BYTES = 4 + 4  # head_logps per chunk row and vocab entry: fp32 logits + logsumexp's shifted copy
 

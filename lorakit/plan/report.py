@@ -11,7 +11,8 @@ from torch import nn
 from .arch import read_arch
 from .count import CountReport
 from .gpus import CUDA_OVERHEAD_GIB, GPU, fits, run_cost, training_flops
-from .memory import MODES, PlanInputs, plan_memory
+from .inputs import MODES, PlanInputs
+from .memory import plan_memory
 
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
         ("activations", "activations"), ("logits", "logits / loss"), ("reference", "reference fwd"),

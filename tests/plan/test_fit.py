@@ -10,7 +10,8 @@ import pytest
 import lorakit.plan.fit as fit
 from lorakit.plan.arch import read_arch
 from lorakit.plan.count import count_model, meta_model
-from lorakit.plan.memory import PlanInputs, plan_memory
+from lorakit.plan.inputs import PlanInputs
+from lorakit.plan.memory import plan_memory
 from lorakit.train.loop import train
 from lorakit.train.recipe import TrainConfig
 

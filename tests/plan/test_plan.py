@@ -12,7 +12,8 @@ from lorakit.lora.inject import inject
 from lorakit.plan.arch import read_arch
 from lorakit.plan.count import build_meta_model, count_model
 from lorakit.plan.gpus import GPUS, fits, parse_count, run_cost, select_gpus, training_flops
-from lorakit.plan.memory import NF4_BYTES, PlanInputs, block_targets, layer_terms, plan_memory
+from lorakit.plan.inputs import PlanInputs
+from lorakit.plan.memory import NF4_BYTES, block_targets, layer_terms, plan_memory
 from lorakit.plan.report import build_plan, format_plan
 
 # The tiny config every hand computation below uses: h=64, ffn=160, 2 blocks, 4 heads of 16, 2 kv heads.
@@ -227,7 +228,8 @@ def test_nproc_ddp_and_fsdp_per_device_memory():
     import lorakit as lk
     from lorakit.plan.arch import read_arch
     from lorakit.plan.count import count_model, meta_model
-    from lorakit.plan.memory import PlanInputs, plan_memory
+    from lorakit.plan.inputs import PlanInputs
+    from lorakit.plan.memory import plan_memory
 
     model = meta_model("llama-2-7b")
     count = count_model(model, lk.LoraConfig(r=8, target_modules="all-linear"))

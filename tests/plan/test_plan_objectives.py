@@ -14,7 +14,8 @@ from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import inject
 from lorakit.plan.arch import read_arch
 from lorakit.plan.count import count_model
-from lorakit.plan.memory import PlanInputs, block_targets, layer_terms, plan_memory
+from lorakit.plan.inputs import PlanInputs
+from lorakit.plan.memory import block_targets, layer_terms, plan_memory
 from lorakit.testing import char_tokenizer, grpo_phase_peaks, peak_allocated
 from lorakit.train.recipe import TrainConfig
 

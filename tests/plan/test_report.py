@@ -6,7 +6,7 @@ import re
 
 from lorakit.cli.main import build_parser
 from lorakit.lora.ops import CHUNK_BYTES
-from lorakit.plan.memory import PlanInputs
+from lorakit.plan.inputs import PlanInputs
 from lorakit.plan.report import assumptions
 from lorakit.train.evaluate import FUSED_CE_MODELS
 from lorakit.train.recipe import TrainConfig
