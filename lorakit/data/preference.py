@@ -119,6 +119,7 @@ def validate_pair(obj: Any, where: str) -> str:
         if prompt is not None and not isinstance(prompt, str):
             raise DataError(f"{where}: 'chosen' and 'rejected' are strings, so 'prompt' must be one too, found "
                             f"{_json_type(prompt)}")
+        check_completions(obj, where)
         return "standard"
     for key in ("chosen", "rejected"):
         _check_messages(obj[key], key, where)
@@ -126,19 +127,21 @@ def validate_pair(obj: Any, where: str) -> str:
         _check_messages(prompt, "prompt", where)
         if not prompt:
             raise DataError(f"{where}: 'prompt' is an empty conversation")
+    check_completions(obj, where)
     return "conversational"
 
 
 def _tolerant(obj: Any, where: str) -> str:
-    """validate_pair, a malformed row counted as "malformed" instead of raised (for skip_bad)."""
+    """validate_pair, a bad row counted under its reason (``BAD_REASONS``: "malformed", "identical", ...)
+    instead of raised (for skip_bad)."""
     try:
         return validate_pair(obj, where)
-    except DataError:
-        return "malformed"
+    except DataError as bad:
+        return getattr(bad, "reason", "malformed")
 
 
 class PairRecords(Records):
-    """Records of a preference file; ``formats`` counts standard, conversational (and malformed) rows."""
+    """Records of a preference file; ``formats`` counts standard, conversational (and bad, by reason) rows."""
 
     def describe(self) -> str:
         kinds = ", ".join(f"{n:,} {f}" for f, n in self.formats.most_common())
@@ -150,12 +153,13 @@ def read_pairs(path: str | os.PathLike, skip_bad: bool = False) -> PairRecords:
 
     Args:
         path: the file.
-        skip_bad: count malformed rows (``records.formats["malformed"]``) instead of raising on the first.
+        skip_bad: count bad rows under their reason (``records.formats["malformed"]``, ``["identical"]``,
+            ``["empty_completion"]``) instead of raising on the first.
     """
     r = read_records(path, validate=_tolerant if skip_bad else validate_pair)
     records = PairRecords(r.path, r.rows, r.formats, r.digest, r.lines, r.columns)
-    if set(records.formats) == {"malformed"}:
-        raise DataError(f"{path}: no row is a preference pair (all {len(records)} malformed)")
+    if set(records.formats) <= set(BAD_REASONS):
+        raise DataError(f"{path}: no row is a preference pair (all {len(records)} bad: {dict(records.formats)})")
     return records
 
 
@@ -192,6 +196,23 @@ def _template_ids(tokenizer: Any, messages: list[dict], generation_prompt: bool,
     return list(out["input_ids"])
 
 
+def check_completions(row: dict[str, Any], where: str) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) of a well-formed row (``extract_prompt``), after the checks that need no
+    tokenizer: neither completion empty (or blank), and the two not identical.
+
+    Raises:
+        BadPair: naming the row and the reason ("empty_completion", "identical").
+    """
+    prompt, chosen, rejected = extract_prompt(row)
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        blank = not value.strip() if isinstance(value, str) else not any(m["content"].strip() for m in value)
+        if blank:
+            raise BadPair(f"{where}: empty {key} completion", "empty_completion")
+    if chosen == rejected:
+        raise BadPair(f"{where}: chosen and rejected are identical; the pair says nothing", "identical")
+    return prompt, chosen, rejected
+
+
 def encode_pair(tokenizer: Any, row: dict[str, Any], where: str = "<pair>"
                 ) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of a validated row, untruncated, as TRL's DPOTrainer makes them.
@@ -200,28 +221,20 @@ def encode_pair(tokenizer: Any, row: dict[str, Any], where: str = "<pair>"
         BadPair: on an empty completion, identical completions.
         DataError: on a conversational row without a chat template (or a template that fails).
     """
-    prompt, chosen, rejected = extract_prompt(row)
+    prompt, chosen, rejected = check_completions(row, where)
     if isinstance(chosen, str):
-        for key, text in (("chosen", chosen), ("rejected", rejected)):
-            if not text.strip():
-                raise BadPair(f"{where}: empty {key} completion", "empty_completion")
         eos = tokenizer.eos_token
         if eos is None:
             raise DataError(f"{where}: the tokenizer has no eos token to end the completions with")
         chosen, rejected = (c if c.endswith(eos) else c + eos for c in (chosen, rejected))
         ids = [list(x) for x in tokenizer([prompt, prompt + chosen, prompt + rejected])["input_ids"]]
     else:
-        for key, msgs in (("chosen", chosen), ("rejected", rejected)):
-            if not msgs or not any(m["content"].strip() for m in msgs):
-                raise BadPair(f"{where}: empty {key} completion", "empty_completion")
         if not prompt:
             raise DataError(f"{where}: chosen and rejected share no leading message, so there is no prompt")
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{where}: conversational pairs need a tokenizer with a chat template")
         ids = [_template_ids(tokenizer, prompt, True, where), _template_ids(tokenizer, prompt + chosen, False, where),
                _template_ids(tokenizer, prompt + rejected, False, where)]
-    if chosen == rejected:
-        raise BadPair(f"{where}: chosen and rejected are identical; the pair says nothing", "identical")
     n = min(_common_prefix(ids[0], ids[1]), _common_prefix(ids[0], ids[2]))
     return ids[0][:n], ids[1][n:], ids[2][n:]
 

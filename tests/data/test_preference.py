@@ -80,6 +80,16 @@ def test_a_bad_pair_is_an_error_naming_its_line_or_a_counted_skip(tmp_path, row,
     assert ds.pairs[0] == encode_pair(TOK, STD) and ds.pairs[1] == encode_pair(TOK, CONV)
 
 
+@pytest.mark.parametrize(("row", "message", "reason"), BAD[1:], ids=[b[2] + str(i) for i, b in enumerate(BAD[1:])])
+def test_empty_and_identical_completions_fail_at_read_time_before_any_tokenizer(tmp_path, row, message, reason):
+    path = write(tmp_path / "p.jsonl", [STD, row, CONV])
+    with pytest.raises(DataError, match=rf"p\.jsonl:2: .*{message}"):
+        read_pairs(path)  # no tokenizer: lorakit train stops here, before the model loads
+    records = read_pairs(path, skip_bad=True)
+    assert records.formats == {"standard": 1, "conversational": 1, reason: 1}
+    assert tokenize_pairs(records, TOK, 64, skip_bad=True).stats.skipped == {reason: 1}
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ('{"prompt": "q", "chosen": "a"}', r"missing \['rejected'\]"),
     ('{"prompt": null, "chosen": null, "rejected": "b"}', "'chosen' is null"),
