@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -338,6 +339,45 @@ def load_line(load: dict) -> str:
     busy = " (busier than its cores: read the ratios, not the times)" if load["median"] > load["cores"] else ""
     return (f"1-min load average during the run {load['min']:.1f}–{load['max']:.1f} (median {load['median']:.1f}) "
             f"on {load['cores']} cores{busy}")
+
+
+def machine_line(m: dict, load: dict, libraries: tuple[str, ...], threads: str = "",
+                 shared: str = "read the ratios rather than the times") -> str:
+    """The CPU, its vector flags, the library versions in ``libraries`` (keys of ``m``), the threads and the
+    load during the run, as every peer comparison's results page ends; ``shared``: what a busy machine means."""
+    versions = ", ".join(f"{name} {m[name]}" for name in ("torch", "transformers", *libraries))
+    return (f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags {' '.join(m['flags']) or 'none'}); {versions}"
+            + (f"; {threads}" if threads else "") + f". 1-min load average during the run {load['min']:.1f}-"
+            f"{load['max']:.1f} (median {load['median']:.1f}) on {load['cores']} cores"
+            + (f": other jobs shared the machine; {shared}." if load["median"] > load["cores"] / 2 else "."))
+
+
+def run_peer_bench(args, measure: Callable[[Any], dict], render: Callable[[dict], str], config: dict,
+                   prepare: Callable[[], None] | None = None) -> dict:
+    """A lorakit-vs-TRL bench's driver: threads (``--threads`` 0: ``auto_threads``), ``prepare`` outside the
+    timed workers, ``measure(args)`` under a LoadMonitor, then bench/results/NAME.{json,md} (``--quick``: under
+    quick/) with the CPU line, peft's and trl's versions, and the page printed. ``args`` carries threads, quick
+    and name; ``config`` the bench's own settings."""
+    import peft
+    import trl
+
+    why = f"{args.threads} (given)"
+    if not args.threads:
+        args.threads, why = auto_threads()
+    if prepare is not None:
+        prepare()
+    with LoadMonitor() as load:
+        results = measure(args)
+    doc = {"name": args.name, "when": now_iso(),
+           "config": {**config, "threads": args.threads, "threads_why": why, "quick": args.quick},
+           "machine": {**cpu_summary(), "peft": peft.__version__, "trl": trl.__version__}, "load": load.report(),
+           "results": results}
+    out = RESULTS / ("quick" if args.quick else "")
+    write_json(out / f"{args.name}.json", doc)
+    page = render(doc)
+    (out / f"{args.name}.md").write_text(page)
+    print(page)
+    return doc
 
 
 # ---- results ------------------------------------------------------------------------------------

@@ -27,7 +27,17 @@ from pathlib import Path
 
 import torch
 
-from ..harness import RESULTS, ROOT, LoadMonitor, auto_threads, cpu_summary, now_iso, ratio, write_json
+from ..harness import (
+    RESULTS,
+    ROOT,
+    LoadMonitor,
+    auto_threads,
+    cpu_summary,
+    machine_line,
+    now_iso,
+    ratio,
+    write_json,
+)
 
 BENCH_CONFIG = {  # Qwen2 shapes at a tenth of CosyVoice 3's width, 4 layers; a 1,024-token speech vocabulary
     "llm": {"vocab_size": 4096, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4,
@@ -170,11 +180,8 @@ def render(doc: dict) -> str:
         lines.append(f"| {design} | {statistics.median(s['lorakit']):.4f} | {statistics.median(s['peft']):.4f} | "
                      f"{res['ratio']['value']:.3f} ± {res['ratio']['noise']:.1%} | "
                      f"{', '.join(f'{x:.2f}' for x in res['ratio']['per_round'])} |")
-    lines += ["", f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags {' '.join(m['flags']) or 'none'}); torch "
-              f"{m['torch']}, transformers {m['transformers']}, peft {m['peft']}. 1-min load average during the run "
-              f"{load['min']:.1f}-{load['max']:.1f} (median {load['median']:.1f}) on {load['cores']} cores"
-              + (": other jobs shared the machine; the alternated ratios carry that less than the times."
-                 if load["median"] > load["cores"] / 2 else "."), ""]
+    lines += ["", machine_line(m, load, ("peft",), shared="the alternated ratios carry that less than the times"),
+              ""]
     return "\n".join(lines)
 
 

@@ -24,17 +24,13 @@ import time
 from pathlib import Path
 
 from ..harness import (
-    RESULTS,
     ROOT,
-    LoadMonitor,
     alternate_processes,
-    auto_threads,
-    cpu_summary,
     emit,
-    now_iso,
+    machine_line,
     ratio,
+    run_peer_bench,
     run_worker,
-    write_json,
 )
 
 PROMPTS = ROOT / "examples" / "grpo" / "dates-train.jsonl"
@@ -175,12 +171,8 @@ def render(doc: dict) -> str:
               f"| reward, mean of the last {c['last']} steps | {lo['reward_last']:.3f} | {tr['reward_last']:.3f} | |",
               "", f"Steps per hour: lorakit {3600 / lo['step_s']:.0f}, TRL {3600 / tr['step_s']:.0f} "
               f"({tr['step_s'] / lo['step_s']:.2f}x).", "",
-              f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags {' '.join(m['flags']) or 'none'}); torch "
-              f"{m['torch']}, transformers {m['transformers']}, trl {m['trl']}, peft {m['peft']}; {c['threads']} "
-              f"thread(s) ({c['threads_why']}). 1-min load average during the run {load['min']:.1f}-{load['max']:.1f} "
-              f"(median {load['median']:.1f}) on {load['cores']} cores"
-              + (": other jobs shared the machine; ratios carry that less than the times."
-                 if load["median"] > load["cores"] / 2 else "."), ""]
+              machine_line(m, load, ("trl", "peft"), f"{c['threads']} thread(s) ({c['threads_why']})",
+                           "ratios carry that less than the times"), ""]
     return "\n".join(lines)
 
 
@@ -198,26 +190,10 @@ def main(argv=None) -> None:
     if args.worker:
         emit(worker(args))
         return
-    why = f"{args.threads} (given)"
-    if not args.threads:
-        args.threads, why = auto_threads()
     if args.quick:
         args.rounds, args.steps, args.warmup, args.last = 1, 3, 1, 1
-    import peft
-    import trl
-
-    model_dir()  # converted once, outside the timed workers
-    with LoadMonitor() as load:
-        results = measure(args)
-    doc = {"name": args.name, "when": now_iso(),
-           "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "last": args.last,
-                      "threads": args.threads, "threads_why": why, "quick": args.quick, "hp": HP},
-           "machine": {**cpu_summary(), "peft": peft.__version__, "trl": trl.__version__}, "load": load.report(),
-           "results": results}
-    out = RESULTS / ("quick" if args.quick else "")
-    write_json(out / f"{args.name}.json", doc)
-    (Path(out) / f"{args.name}.md").write_text(render(doc))
-    print(render(doc))
+    run_peer_bench(args, measure, render, {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                                           "last": args.last, "hp": HP}, prepare=model_dir)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,13 @@ import time
 from pathlib import Path
 
 from ..harness import (
-    RESULTS,
     ROOT,
-    LoadMonitor,
     alternate_processes,
-    auto_threads,
-    cpu_summary,
     emit,
-    now_iso,
+    machine_line,
     ratio,
+    run_peer_bench,
     run_worker,
-    write_json,
 )
 
 DATA = ROOT / "bench" / "data"
@@ -185,12 +181,8 @@ def render(doc: dict) -> str:
               "sharing the prompt; `lorakit_padded` pads 2·batch rows as TRL does. TRL runs its defaults (padded "
               "rows, logits over every position). Every arm runs glibc's malloc but `lorakit_tcmalloc` (the default arm "
               "with tcmalloc preloaded, as `lorakit train` runs where tcmalloc is installed).", "",
-              f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags {' '.join(m['flags']) or 'none'}); torch "
-              f"{m['torch']}, transformers {m['transformers']}, trl {m['trl']}, peft {m['peft']}; {c['threads']} "
-              f"thread(s) for every arm ({c['threads_why']}). 1-min load average during the run "
-              f"{load['min']:.1f}-{load['max']:.1f} (median {load['median']:.1f}) on {load['cores']} cores"
-              + (": other jobs shared the machine; read the ratios rather than the times."
-                 if load["median"] > load["cores"] / 2 else "."), ""]
+              machine_line(m, load, ("trl", "peft"), f"{c['threads']} thread(s) for every arm ({c['threads_why']})"),
+              ""]
     return "\n".join(lines)
 
 
@@ -208,26 +200,10 @@ def main(argv=None) -> None:
     if args.worker:
         emit(worker(args))
         return
-    why = f"{args.threads} (given)"
-    if not args.threads:
-        args.threads, why = auto_threads()
     if args.quick:
         args.rounds, args.pairs, args.eval_pairs = 1, 8, 4
-    import peft
-    import trl
-
-    model_dir()  # converted once, outside the timed workers
-    with LoadMonitor() as load:
-        results = measure(args)
-    doc = {"name": "preference", "when": now_iso(),
-           "config": {"rounds": args.rounds, "pairs": args.pairs, "eval_pairs": args.eval_pairs, "arms": args.arms,
-                      "threads": args.threads, "threads_why": why, "quick": args.quick, "hp": HP},
-           "machine": {**cpu_summary(), "peft": peft.__version__, "trl": trl.__version__}, "load": load.report(),
-           "results": results}
-    out = RESULTS / ("quick" if args.quick else "")
-    write_json(out / f"{args.name}.json", doc)
-    (Path(out) / f"{args.name}.md").write_text(render(doc))
-    print(render(doc))
+    run_peer_bench(args, measure, render, {"rounds": args.rounds, "pairs": args.pairs, "eval_pairs": args.eval_pairs,
+                                           "arms": args.arms, "hp": HP}, prepare=model_dir)
 
 
 if __name__ == "__main__":
