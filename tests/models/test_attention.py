@@ -118,3 +118,72 @@ def test_models_on_other_attention_are_left_alone():
     model.set_attn_implementation("eager")
     assert packed_attention_for(model) == NAME  # eager builds the same block mask: switched too
     assert packed_attention_for(torch.nn.Linear(2, 2)) is None
+
+
+def _span_reference(q, k, v, prefix):
+    """fp64 SDPA of one span's queries over [prefix keys, own keys] with the shifted causal mask, k/v repeated."""
+    n, groups = q.shape[2], q.shape[1] // k.shape[1]
+    mask = torch.arange(k.shape[2])[None, :] <= torch.arange(n)[:, None] + prefix
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1), attn_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prefix", [0, 23])
+def test_half_precision_spans_take_the_matmul_kernel_and_are_no_less_exact_than_sdpa(dtype, prefix):
+    """bf16/fp16 spans that need gradients run as batched matrix products (``_HalfSpanAttention``): output and
+    q/k/v gradients against fp64 SDPA, each no further off than PyTorch's own kernel on the same inputs."""
+    from lorakit.models.attention import _span_attention
+
+    gen = torch.Generator().manual_seed(prefix)
+    heads, kv_heads, n, d = 6, 2, 37, 16
+    row = torch.randn(1, heads, prefix + n + 5, d, generator=gen)  # the span sits inside a longer row
+    keys, values = (torch.randn(1, kv_heads, prefix + n + 5, d, generator=gen) for _ in range(2))
+    grad_out = torch.randn(1, heads, n, d, generator=gen)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (row, keys, values))
+    s, e = prefix + 5, prefix + 5 + n
+    span_k = torch.cat([k[:, :, 3:3 + prefix], k[:, :, s:e]], 2)  # the prefix starts at 3, the span at s
+    span_v = torch.cat([v[:, :, 3:3 + prefix], v[:, :, s:e]], 2)
+    want = _span_reference(q[:, :, s:e].detach(), span_k.detach(), span_v.detach(), prefix)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q[:, :, s:e], span_k, span_v))
+    _span_reference(q64, k64, v64, prefix).backward(grad_out.double())
+
+    def run(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn()
+        out.backward(grad_out.to(dtype))
+        return out, q.grad[:, :, s:e], k.grad, v.grad
+
+    ours = run(lambda: _span_attention(q, k, v, 0, s, e, 3, prefix, 0.0, None))
+    assert ours[0].grad_fn.name() == "_HalfSpanAttentionBackward"
+    sdpa = run(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, s:e], span_k.repeat_interleave(3, 1), span_v.repeat_interleave(3, 1),
+        attn_mask=torch.arange(prefix + n)[None, :] <= torch.arange(n)[:, None] + prefix))
+    kg = (k64.grad[:, :, :prefix], k64.grad[:, :, prefix:])  # the prefix's and the span's key gradients
+    vg = (v64.grad[:, :, :prefix], v64.grad[:, :, prefix:])
+    for got in (ours, sdpa):  # the reference's k/v gradients land at rows 3.. and s.. of the whole row
+        got_k = (got[2][:, :, 3:3 + prefix], got[2][:, :, s:e])
+        got_v = (got[3][:, :, 3:3 + prefix], got[3][:, :, s:e])
+        errs = [(got[0].double() - want).abs().max(), (got[1].double() - q64.grad).abs().max(),
+                *((a.double() - b).abs().max() for a, b in zip(got_k + got_v, kg + vg, strict=True) if b.numel())]
+        if got is ours:
+            mine = errs
+        else:
+            for a, b in zip(mine, errs, strict=True):
+                assert a <= 1.5 * b + 2e-3, (mine, errs)
+    assert max(mine) < 0.1
+    assert torch.isfinite(torch.stack(mine)).all()
+
+
+def test_spans_without_gradients_and_full_precision_keep_sdpa():
+    from lorakit.models.attention import _span_attention
+
+    q, k, v = (torch.randn(1, 4, 12, 8) for _ in range(3))
+    assert _span_attention(q.requires_grad_(), k, v, 0, 4, 12, 0, 4, 0.0, None).grad_fn.name() != \
+        "_HalfSpanAttentionBackward"  # fp32: PyTorch's kernel
+    with torch.no_grad():  # a reference or evaluation forward: no backward to gain from
+        half = _span_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0, 4, 12, 0, 4, 0.0, None)
+    torch.testing.assert_close(half.double(), _span_reference(q[:, :, 4:12], torch.cat([k[:, :, :4], k[:, :, 4:12]], 2),
+                                                              torch.cat([v[:, :, :4], v[:, :, 4:12]], 2), 4),
+                               atol=0.05, rtol=0.05)

@@ -100,3 +100,34 @@ def test_the_shared_layout_needs_lorakits_packed_attention():
 def test_preference_batch_takes_a_layout():
     with pytest.raises(ValueError, match="padded, packed, shared"):
         collate_pairs(make_pairs(0), 0, "interleaved")
+
+
+def test_a_bf16_base_shares_prompts_through_the_half_precision_kernel(monkeypatch):
+    """bf16 base, fp32 LoRA: the shared layout's spans run ``_HalfSpanAttention`` and land as close to the fp32
+    figures (sums and LoRA gradients) as TRL's padded rows through SDPA in bf16 do."""
+    from lorakit.models import attention
+
+    calls = []
+    real = attention._HalfSpanAttention.apply
+    monkeypatch.setattr(attention._HalfSpanAttention, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    pairs = make_pairs(3, [(6, 9, 7), (4, 5, 11), (8, 6, 6)])
+    w = torch.tensor([0.5, -1.0, 1.5])
+
+    def figures(model, layout):
+        out = lk.sequence_logps(model, collate_pairs(pairs, 0, layout))
+        (out.chosen @ w - out.rejected @ w.flip(0)).backward()
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+        return torch.cat([out.chosen, out.rejected]).detach(), grads
+
+    model = lora_model()
+    want = figures(model, "padded")
+    model.to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # LoRA weights stay fp32 over a bf16 base, as lorakit trains them
+    shared, padded = figures(model, "shared"), figures(model, "padded")
+    assert calls and 0 in calls and any(k > 0 for k in calls)  # root spans and the rejected spans after a prompt
+    for ours, theirs, ref in zip(shared, padded, want, strict=True):
+        scale = ref.abs().max()
+        assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 0.02 * scale
