@@ -3,6 +3,8 @@ sequence alone through a plain log_softmax/gather, and against the padded layout
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from builders import tiny_llama, tiny_qwen2
@@ -131,3 +133,26 @@ def test_a_bf16_base_shares_prompts_through_the_half_precision_kernel(monkeypatc
     for ours, theirs, ref in zip(shared, padded, want, strict=True):
         scale = ref.abs().max()
         assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 0.02 * scale
+
+
+def test_dpo_starts_at_log_2_on_a_bf16_base_in_every_layout():
+    """B = 0: the policy pass (gradients on) and the reference pass (adapters off, no gradients) are one function,
+    so every pair's policy and reference sums are equal and the first loss is ln 2 exactly."""
+    from lorakit.train.losses.preference import preference_loss
+
+    model = tiny_llama()
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))  # B = 0
+    packed_attention_for(model)
+    model.to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    pairs = make_pairs(4, [(6, 9, 7), (4, 5, 11)])
+    for layout in ("padded", "packed", "shared"):
+        batch = collate_pairs(pairs, 0, layout)
+        pol = lk.sequence_logps(model, batch)
+        with torch.no_grad(), lk.disable_adapters(model):
+            ref = lk.sequence_logps(model, batch)
+        assert torch.equal(pol.chosen, ref.chosen) and torch.equal(pol.rejected, ref.rejected), layout
+        out = preference_loss(pol.chosen, pol.rejected, ref.chosen, ref.rejected, objective="dpo")
+        torch.testing.assert_close(out.losses, torch.full((2,), math.log(2.0)), rtol=0, atol=1e-7)
