@@ -42,7 +42,7 @@ DATA = ROOT / "bench" / "data"
 HP = {"beta": 0.1, "loss_type": "sigmoid", "batch_size": 4, "lr": 5e-4, "warmup_steps": 2, "r": 16, "alpha": 32,
       "max_length": 320}
 ARMS = ("lorakit", "trl", "lorakit_precompute", "trl_precompute", "lorakit_packed", "lorakit_padded",
-        "lorakit_tcmalloc", "trl_no_checkpointing")
+        "lorakit_tcmalloc", "trl_no_checkpointing", "trl_tcmalloc")
 PRECISION = {"float32": "float32 weights and compute on both sides",
              "bfloat16": "bf16 base weights and compute, LoRA weights float32, on both sides: each tool's default "
                          "on a CPU with bf16 units (lorakit's dtype auto, TRL's bf16=True)"}
@@ -138,8 +138,10 @@ def worker(args) -> dict:
                              "tcmalloc" if args.worker.endswith("_tcmalloc") else "glibc")
     else:
         result = run_trl(args, precompute, checkpointing=not args.worker.endswith("_no_checkpointing"))
+    from lorakit.train.memory import allocator_in_use
+
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"arm": args.worker, **result}
+    return {"arm": args.worker, **result, "allocator": allocator_in_use()}
 
 
 def measure(args) -> dict:
@@ -159,18 +161,24 @@ def measure(args) -> dict:
     raw = alternate_processes({name: arm(name) for name in args.arms}, args.rounds,
                               log=lambda s: print(f"[preference] {s[:300]}", flush=True))
     out = {"raw": raw}
+    base = baseline(raw)
     for name in args.arms:
-        if name != "trl" and "trl" in raw:
+        if name != base and base is not None:
             for key in ("process_wall_s", "peak_rss_mb"):
-                out[f"ratio_{name}_{key}"] = ratio([r[key] for r in raw[name]], [r[key] for r in raw["trl"]])
+                out[f"ratio_{name}_{key}"] = ratio([r[key] for r in raw[name]], [r[key] for r in raw[base]])
     return out
+
+
+def baseline(raw: dict) -> str | None:
+    """The arm the ratios divide by: TRL's defaults ("trl"), else the first TRL arm run."""
+    return "trl" if "trl" in raw else next((k for k in raw if k.startswith("trl")), None)
 
 
 def render(doc: dict) -> str:
     c, m, r, load = doc["config"], doc["machine"], doc["results"], doc["load"]
     med = {k: {f: statistics.median(x[f] for x in v) for f in v[0] if isinstance(v[0][f], (int, float))}
            for k, v in r["raw"].items()}
-    trl = med.get("trl")
+    trl = med.get(baseline(r["raw"]))
     lines = ["# DPO on LoRA: lorakit vs TRL DPOTrainer + PEFT", "",
              f"SmolLM2-135M-Instruct ({PRECISION[c.get('dtype', 'float32')]}), one epoch of {c['pairs']} conversational pairs "
              f"(bench/data/pairs_train.jsonl: prompts ~90, answers ~120 tokens at the median, long-tailed) then the "
@@ -178,6 +186,7 @@ def render(doc: dict) -> str:
              f"which arm goes first; medians over rounds. Hyperparameters (both sides): {json.dumps(HP)}; cosine "
              "schedule, AdamW, clipping 1.0, seed 0. Time and memory are the whole process (imports, model load, "
              "tokenization, reference pass, the epoch, the final evaluation).", "",
+             f"Ratios against `{baseline(r['raw'])}`.", "",
              "| arm | process wall (s) | throughput vs TRL | peak RSS (MB) | RSS vs TRL | loss first → last | "
              "held-out accuracy |", "|---|---:|---:|---:|---:|---|---:|"]
     for name, x in med.items():
@@ -190,7 +199,8 @@ def render(doc: dict) -> str:
               "sharing the prompt; `lorakit_padded` pads 2·batch rows as TRL does. TRL runs its defaults (padded "
               "rows, logits over every position, gradient checkpointing; `trl_no_checkpointing` turns that off). "
               "Every arm runs glibc's malloc but `lorakit_tcmalloc` (the default arm "
-              "with tcmalloc preloaded, as `lorakit train` runs where tcmalloc is installed).", "",
+              "with tcmalloc preloaded, as `lorakit train` runs where tcmalloc is installed) and `trl_tcmalloc` "
+              "(TRL's defaults with the same preload).", "",
               machine_line(m, load, ("trl", "peft"), f"{c['threads']} thread(s) for every arm ({c['threads_why']})"),
               ""]
     return "\n".join(lines)
