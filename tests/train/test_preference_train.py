@@ -283,3 +283,15 @@ def test_dpo_on_a_4bit_base_uses_the_quantized_base_as_its_reference(tiny_model_
     steps = [r for r in metrics(tmp_path / "out") if "loss" in r]
     assert steps[0]["rewards/margins"] == 0.0  # step 1: the adapter is zero, the policy is the (4-bit) reference
     assert steps[-1]["rewards/margins"] != 0.0
+
+
+def test_the_reference_cache_is_not_reused_across_layouts_or_attention(tiny_model_dir, tmp_path, capsys):
+    """Cached reference sums belong to the arithmetic that made them: another pair layout or attention
+    computes its own (in bf16 they differ by tenths of a nat), the same run reads its own back."""
+    for name, layout in (("shared", "shared"), ("shared-again", "shared"), ("padded", "padded")):
+        train(cfg(tiny_model_dir, tmp_path, name, precompute_ref=True, pair_layout=layout, max_steps=1, eval_every=0),
+              progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count("computed once, cached") == 4  # train and eval sets, for each of the two layouts
+    assert printed.count("read from") == 2  # the second shared run
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 4

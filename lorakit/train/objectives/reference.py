@@ -3,8 +3,11 @@ switched off, before the first step, so each training step runs one model pass p
 
 The figures are cached beside the token cache (``<cache>/reference/<key>.safetensors``), keyed by what
 decides them: the data, the tokenizer and its chat template, max_seq_len, the base model's spec, dtype and
-quantization, and a fingerprint of its frozen weights. A resumed run reads them back (or computes the same
-numbers again with the cache off).
+quantization, a fingerprint of its frozen weights, and what decides the arithmetic: the pair layout, the
+attention implementation, the device type, the torch version and ``CACHE_VERSION`` (raised when lorakit's own
+kernels change their numbers). In half precision two kernels give sums that differ by tenths of a nat, and a
+reference from other arithmetic than the policy's would make the first step's loss other than ln 2. A resumed
+run reads them back (or computes the same numbers again with the cache off).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ...lora.adapters import disable_adapters
 from ..inputs import cache_dir
 from .logps import sequence_logps
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: half-precision packed attention (models/attention.py: _HalfSpanAttention)
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
@@ -40,9 +43,11 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(ds: PreferenceSet, tokenizer: Any, cfg, model: torch.nn.Module) -> str:
-    inputs = {"version": CACHE_VERSION, "data": ds.digest, "pairs": len(ds),
-              "tokenizer": tokenizer_fingerprint(tokenizer),
+def cache_key(ds: PreferenceSet, tokenizer: Any, cfg, model: torch.nn.Module, layout: str = "padded") -> str:
+    config = getattr(getattr(model, "module", model), "config", None)
+    inputs = {"layout": layout, "attention": str(getattr(config, "_attn_implementation", None)),
+              "device": next(model.parameters()).device.type, "torch": torch.__version__,
+              "version": CACHE_VERSION, "data": ds.digest, "pairs": len(ds), "tokenizer": tokenizer_fingerprint(tokenizer),
               "chat_template": str(getattr(tokenizer, "chat_template", None)), "max_seq_len": cfg.max_seq_len,
               "skip_bad_pairs": cfg.skip_bad_pairs, "model": cfg.model, "weights": cfg.weights, "dtype": cfg.dtype,
               "quantize": cfg.quantize, "double_quant": cfg.double_quant, "base": base_fingerprint(model)}
@@ -74,7 +79,7 @@ def reference_logps(model: torch.nn.Module, tokenizer: Any, ds: PreferenceSet, c
     """The reference log-probs of ``ds``: from the cache when present, else computed (every rank computes:
     under FSDP each forward needs them all) and stored by rank 0."""
     folder = cache_dir(cfg)
-    path = folder / "reference" / f"{cache_key(ds, tokenizer, cfg, model)}.safetensors" if folder else None
+    path = folder / "reference" / f"{cache_key(ds, tokenizer, cfg, model, layout)}.safetensors" if folder else None
     if path is not None and path.exists():
         tensors, _ = read_safetensors(path)
         if tensors["chosen"].shape == (len(ds),):
