@@ -151,7 +151,8 @@ def test_a_finished_request_unpins_its_adapter_before_its_answer_arrives(tiny_mo
             done.put(event)
 
     done, long_events = queue.Queue(), queue.Queue()
-    eng.submit(eng.encode("hi"), "alpha", SamplingParams(max_tokens=24, stop=()), long_events.put)
+    # greedy: a sampled eos at the first step would end the long request with the short one (1 run in ~50)
+    eng.submit(eng.encode("hi"), "alpha", SamplingParams(max_tokens=24, temperature=0), long_events.put)
     eng.submit(eng.encode("hi"), "beta", SamplingParams(max_tokens=1), short_sink)
     with eng:  # started after both are queued: they run in one batch
         assert done.get(timeout=60).finish_reason == "length"
