@@ -72,7 +72,9 @@ def train(cfg: TrainConfig, progress: bool = True, fit_check=None, *, model: tor
         if info.main:
             lock = prepare_out(Path(cfg.out), cfg.resume)  # held until the run ends
         barrier(info)
-        return _train(cfg, progress and info.main, info, fit_check, (model, tokenizer, objective))
+        result = _train(cfg, progress and info.main, info, fit_check, (model, tokenizer, objective))
+        barrier(info)  # every rank past its last collective before the group goes (gloo aborts a rank otherwise)
+        return result
     finally:
         if lock is not None:
             os.close(lock)
