@@ -159,6 +159,7 @@ class LoraLinear(LoraLayer):
             quantized.prepare(base_layer)
         self.in_features, self.out_features = in_features, out_features
         self.siblings: tuple[LoraLinear, ...] = ()  # set by inject.link_siblings
+        self.compute_dtype: torch.dtype | None = None  # set_compute_dtype: LoRA's matmuls in the base's half dtype
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, (out,)
@@ -216,13 +217,16 @@ class LoraLinear(LoraLayer):
         if self.mixed is not None:  # a mixed batch: row i runs with its own adapter (lorakit.mixed)
             return result + self.mixed(x).to(result.dtype)
         names = self._unmerged_active()
+        half = self.compute_dtype is not None and x.dtype == self.compute_dtype
         for name in names:
             spec, a, b = self.adapters[name], self.lora_A[name].weight, self.lora_B[name].weight
             p = spec.dropout if self.training else 0.0
+            dtype = x.dtype if half and not spec.use_dora else None  # None: the adapter's own (fp32)
             # linear(dropout(x.to(A.dtype)), A) without keeping a dropped or upcast copy of x; one
             # matmul for the siblings that read this x (q/k/v, gate/up) when each has one adapter
-            h = siblings.down(self, x, name, p) if len(names) == 1 else lora_down(x, a, p=p)
-            lora = F.linear(h * spec.scaling, b)  # scale the rank-r side: cheaper
+            h = (siblings.down(self, x, name, p, dtype) if len(names) == 1
+                 else lora_down(x, a if dtype is None else a.to(dtype), p=p))
+            lora = F.linear(h * spec.scaling, b if dtype is None else b.to(dtype))  # scale the rank-r side: cheaper
             if spec.use_dora:  # m·(W + s·BA)/‖W + s·BA‖ in place of W + s·BA (lorakit.lora.dora)
                 result = dora.forward(self, name, x, result, lora, p)
             else:
@@ -355,3 +359,30 @@ class ModulesToSave(nn.Module):
             raise AdapterError(f"adapters {self.active} each replace this module in full; activate only one of them")
         module = self.modules_to_save[self.active[0]] if self.active else self.original_module
         return module(*args, **kwargs)
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """Run the LoRA matmuls of every adapted Linear in ``dtype`` when its input comes in that dtype.
+
+    The adapter weights stay as they are (fp32); each forward casts A and B (r·(in + out) numbers) to
+    ``dtype``, so a bf16 base's activations are never upcast, and autograd returns fp32 gradients to the
+    fp32 weights. This is what PEFT computes under ``torch.autocast(dtype=torch.bfloat16)`` (TRL's
+    ``bf16=True``): A·x and B·h as bf16 matmuls with fp32 accumulation. DoRA adapters keep fp32.
+
+    Args:
+        model: a model with LoRA layers.
+        dtype: ``torch.bfloat16``, or None for the default (the adapter weights' dtype, fp32).
+
+    Returns:
+        The number of layers set.
+
+    Raises:
+        AdapterError: ``dtype`` is another dtype (fp16's gradients would need loss scaling; fp32 is None).
+    """
+    if dtype not in (None, torch.bfloat16):
+        raise AdapterError(f"LoRA compute dtype {dtype} is not supported: use torch.bfloat16 (a bf16 base) "
+                           "or None (the adapter weights' float32)")
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for m in layers:
+        m.compute_dtype = dtype
+    return len(layers)

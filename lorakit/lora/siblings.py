@@ -33,21 +33,23 @@ _slices = LastInput()  # the latest group computation on an input: {(layer id, a
 
 
 
-def down(layer, x: torch.Tensor, name: str, p: float) -> torch.Tensor:
-    """LoRA's first half for ``layer``'s adapter ``name``: dropout(x)·Aᵀ, fused with its siblings."""
+def down(layer, x: torch.Tensor, name: str, p: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LoRA's first half for ``layer``'s adapter ``name``: dropout(x)·Aᵀ, fused with its siblings;
+    computed in ``dtype`` (A cast to it) when given, else in A's own dtype."""
     a = layer.lora_A[name].weight
     if not enabled or len(layer.siblings) < 2:
-        return lora_down(x, a, p=p)
-    h = (_slices.get(x) or {}).pop((id(layer), name), None)
+        return lora_down(x, a if dtype is None else a.to(dtype), p=p)
+    h = (_slices.get(x, dtype) or {}).pop((id(layer), name), None)
     if h is not None:
         return h
     others = [(m, n) for m in layer.siblings if m is not layer
               for n in [_fusable(m, layer.training, p, a)] if n is not None]
     if not others:
-        return lora_down(x, a, p=p)
+        return lora_down(x, a if dtype is None else a.to(dtype), p=p)
     weights = [a] + [m.lora_A[n].weight for m, n in others]
-    parts = lora_down(x, *weights, p=p).split([w.shape[0] for w in weights], dim=-1)
-    _slices.put(x, {(id(m), n): h for (m, n), h in zip(others, parts[1:], strict=True)})
+    cast = weights if dtype is None else [w.to(dtype) for w in weights]
+    parts = lora_down(x, *cast, p=p).split([w.shape[0] for w in weights], dim=-1)
+    _slices.put(x, {(id(m), n): h for (m, n), h in zip(others, parts[1:], strict=True)}, dtype)
     return parts[0]
 
 

@@ -205,6 +205,11 @@ class TrainConfig:
     """Frozen base dtype: auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16); LoRA weights stay float32.
     auto: bfloat16 where the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX:
     about 2x faster steps), else float32; --full trains float32 weights unless you choose."""
+    lora_compute: str = "auto"
+    """Dtype of the LoRA matmuls on a bf16 base: auto or bfloat16 (A·x and B·h in bf16 with fp32
+    accumulation, as PEFT under autocast, TRL's bf16=True: the activations are never upcast, about 10% faster
+    steps on a CPU with AVX512-BF16) or float32 (the activations upcast to the adapter's fp32). The LoRA weights,
+    their gradients and the optimizer stay fp32 either way; fp32/fp16 bases and DoRA always compute in fp32."""
     threads: int = 0
     """torch CPU threads (0: all cores)."""
     gradient_checkpointing: bool | str = False
@@ -255,6 +260,13 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio!r}")
         self.dtype = parse_dtype(self.dtype, allow_auto=True)  # short names too: bf16, fp16, fp32
+        try:
+            self.lora_compute = parse_dtype(self.lora_compute, allow_auto=True)
+        except ConfigError as exc:
+            raise ConfigError(f"lora_compute: {exc}") from None
+        if self.lora_compute == "float16":
+            raise ConfigError("lora_compute float16 is not supported (its gradients would need loss scaling): "
+                              "use auto, bfloat16 or float32")
         if self.quantize is not None:
             self._check_quantize()
         if isinstance(self.target_modules, str):

@@ -111,7 +111,22 @@ def build_model(cfg: TrainConfig, dtype: str = "float32"):
         model.requires_grad_(True)
         return model, tokenizer
     adapt(model, cfg, model.name_or_path if custom else base_model_id(cfg.model), None if custom else "CAUSAL_LM")
+    set_lora_compute(model, cfg, dtype)
     return model, tokenizer
+
+
+def set_lora_compute(model: torch.nn.Module, cfg: TrainConfig, dtype: str | torch.dtype) -> None:
+    """LoRA's matmuls in bf16 on a bf16 base unless the recipe says float32 (``lora_compute``);
+    a bf16 compute on another base is refused."""
+    from ..lora.layer import set_compute_dtype
+    from ..models.dtype import parse_dtype
+
+    dtype = parse_dtype(dtype)
+    if cfg.lora_compute == "bfloat16" and dtype != "bfloat16":
+        raise TrainingError(f"lora_compute bfloat16 runs LoRA in a bf16 base's dtype, but the base is {dtype}: "
+                            "use --dtype bfloat16, or --lora-compute auto")
+    half = dtype == "bfloat16" and cfg.lora_compute != "float32"
+    set_compute_dtype(model, torch.bfloat16 if half else None)
 
 
 def build_custom(cfg: TrainConfig, dtype: str):
