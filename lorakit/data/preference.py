@@ -297,8 +297,8 @@ def _encode_checked(tokenizer: Any, row: dict, where: str, max_length: int):
 LAYOUTS = ("padded", "packed", "shared")
 
 
-def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int, layout: str = "padded"
-                  ) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int, layout: str = "padded",
+                  pad_to_multiple_of: int = 0) -> dict[str, torch.Tensor]:
     """A micro-batch of B pairs, in one of three layouts.
 
     - ``padded``: 2·B rows, the B chosen sequences then the B rejected ones (TRL's concatenated inputs),
@@ -310,19 +310,27 @@ def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], pad_i
       p…p+r−1, so they attend to the prompt once computed (``models.attention``: only ``lorakit_packed`` reads
       this rule). The last prompt token predicts both completions' first tokens.
 
-    The packed layouts carry ``input_ids``, ``attention_mask`` (ones: counts only) and ``position_ids``, (1, N),
-    and which positions score which token: ``score_index`` (M,) the position whose output predicts the token,
+    The packed layouts carry ``input_ids``, ``attention_mask`` (counts only: 1 on the pairs' tokens, 0 on the
+    padding span below; the model is given ``position_ids`` instead) and ``position_ids``, (1, N), and which
+    positions score which token: ``score_index`` (M,) the position whose output predicts the token,
     ``score_targets`` (M,) the token, ``score_rows`` (M,) its sequence (pair i's chosen: i, its rejected: B + i).
     Every layout scores the same tokens; a pair with an empty prompt cannot score its completions' first
     token (nothing predicts it) in any of them.
+
+    ``pad_to_multiple_of`` > 0 rounds the width up to a multiple of it: padded rows get more padding, a packed
+    row ends with a span of ``pad_id`` tokens at positions 0, 1, … of its own, which attends only to itself and
+    scores nothing. Fewer distinct widths mean fewer distinct tensor sizes, which on CPU is memory: glibc's
+    malloc reuses a freed block only for a request that fits it, and oneDNN keeps a compiled matmul per shape.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"pair layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if pad_to_multiple_of < 0:
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}: expected 0 (no rounding) or a positive count")
     if layout != "padded":
-        return _pack_pairs(pairs, share_prompt=layout == "shared")
+        return _pack_pairs(pairs, layout == "shared", pad_id, pad_to_multiple_of)
     seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
     masks = [[0] * len(p) + [1] * len(c) for p, c, _ in pairs] + [[0] * len(p) + [1] * len(r) for p, _, r in pairs]
-    width = max(len(s) for s in seqs)
+    width = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     comp = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -333,8 +341,12 @@ def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], pad_i
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
 
 
-def _pack_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], share_prompt: bool
-                ) -> dict[str, torch.Tensor]:
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple else n
+
+
+def _pack_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], share_prompt: bool, pad_id: int,
+                multiple: int) -> dict[str, torch.Tensor]:
     """``collate_pairs``'s "packed" and "shared" layouts."""
     b = len(pairs)
     ids: list[int] = []
@@ -369,19 +381,24 @@ def _pack_pairs(pairs: Sequence[tuple[list[int], list[int], list[int]]], share_p
             pos.extend(range(n + len(r)))
             score(at + n, r, b + i, at + n - 1 if n else -1)
     counts = torch.bincount(torch.tensor(rows, dtype=torch.long), minlength=2 * b)
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
-            "position_ids": torch.tensor([pos]), "score_index": torch.tensor(index), "score_targets":
+    real, extra = len(ids), _round_up(len(ids), multiple) - len(ids)
+    ids.extend([pad_id] * extra)
+    pos.extend(range(extra))  # a span of its own: it restarts at 0, so nothing before it is seen
+    attn = torch.ones((1, len(ids)), dtype=torch.long)
+    attn[0, real:] = 0
+    return {"input_ids": torch.tensor([ids]), "attention_mask": attn, "position_ids": torch.tensor([pos]), "score_index": torch.tensor(index), "score_targets":
             torch.tensor(targets), "score_rows": torch.tensor(rows), "completion_tokens": counts}
 
 
-def pair_batch(pairs: PreferenceSet, rows: Sequence[int], pad_id: int, layout: str = "padded"
-               ) -> dict[str, torch.Tensor]:
+def pair_batch(pairs: PreferenceSet, rows: Sequence[int], pad_id: int, layout: str = "padded",
+               pad_to_multiple_of: int = 0) -> dict[str, torch.Tensor]:
     """``collate_pairs`` of the pairs ``rows`` of a set, with their indices (``pair_index``, (B,))."""
-    return {**collate_pairs([pairs.pairs[i] for i in rows], pad_id, layout), "pair_index": torch.tensor(list(rows))}
+    return {**collate_pairs([pairs.pairs[i] for i in rows], pad_id, layout, pad_to_multiple_of),
+            "pair_index": torch.tensor(list(rows))}
 
 
-def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int, layout: str = "padded"
-                     ) -> dict[str, torch.Tensor]:
+def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int, layout: str = "padded",
+                     pad_to_multiple_of: int = 0) -> dict[str, torch.Tensor]:
     """Tokenize preference rows (any of TRL's forms) into one batch: chosen rows first, then rejected.
 
     Row i's chosen sequence is batch row i, its rejected one row B + i; ``completion_mask`` marks the
@@ -393,10 +410,12 @@ def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length:
         tokenizer: the model's tokenizer (its pad token, else eos, pads).
         rows: dicts with "chosen", "rejected" and optionally "prompt".
         max_length: most tokens of prompt + completion (completions cut from the right).
+        layout: "padded", "packed" or "shared" (``collate_pairs``).
+        pad_to_multiple_of: round the batch's width up to a multiple of this (0: no rounding; ``collate_pairs``).
 
     Returns:
         padded: ``{"input_ids", "attention_mask", "completion_mask"}``, each (2B, T) long; packed layouts:
         ``collate_pairs``'s keys.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return collate_pairs(tokenize_pairs(list(rows), tokenizer, max_length).pairs, pad, layout)
+    return collate_pairs(tokenize_pairs(list(rows), tokenizer, max_length).pairs, pad, layout, pad_to_multiple_of)

@@ -91,6 +91,38 @@ def test_an_empty_prompt_scores_the_same_tokens_in_every_layout():
         assert torch.equal(out.rejected_tokens, padded.rejected_tokens)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_a_width_rounded_up_scores_the_same_tokens(layout):
+    """pad_to_multiple_of: the width becomes a multiple, the sums and gradients are the unrounded ones (a packed
+    row's padding is a span of its own), and attention_mask still counts the pairs' tokens only."""
+    model = lora_model()
+    pairs = make_pairs(4)
+    w = torch.tensor([0.3, -1.2, 0.7, 2.0])
+
+    def figures(batch):
+        out = lk.sequence_logps(model, batch)
+        (out.chosen @ w - out.rejected @ w.flip(0)).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+        return out, grads
+
+    plain, rounded = collate_pairs(pairs, 0, layout), collate_pairs(pairs, 0, layout, pad_to_multiple_of=16)
+    width = plain["input_ids"].shape[1]
+    assert width % 16 and rounded["input_ids"].shape[1] == -(-width // 16) * 16
+    assert int(rounded["attention_mask"].sum()) == int(plain["attention_mask"].sum())
+    if layout != "padded":
+        assert rounded["position_ids"][0, width:].tolist() == list(range(rounded["input_ids"].shape[1] - width))
+        assert torch.equal(rounded["score_index"], plain["score_index"])
+    (a, ga), (b, gb) = figures(plain), figures(rounded)
+    torch.testing.assert_close(b.chosen, a.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.rejected, a.rejected, atol=1e-5, rtol=0)
+    assert torch.equal(b.chosen_tokens, a.chosen_tokens) and torch.equal(b.rejected_tokens, a.rejected_tokens)
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=5e-6)
+    assert collate_pairs(pairs, 0, layout, pad_to_multiple_of=width)["input_ids"].shape[1] == width  # already one
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        collate_pairs(pairs, 0, layout, pad_to_multiple_of=-1)
+
+
 def test_the_shared_layout_needs_lorakits_packed_attention():
     model = tiny_llama()
     batch = collate_pairs(make_pairs(3), 0, "shared")

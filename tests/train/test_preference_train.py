@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,10 @@ def test_every_pair_layout_trains_the_same_steps(tiny_model_dir, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "pairs laid out shared (--pair-layout)" in printed  # auto took the shared prompt on this llama
     assert "pairs laid out padded (--pair-layout)" in printed
+    for layout in ("packed", "shared"):  # on CPU packed rows are rounded up to 128 tokens (CPU_PACK_MULTIPLE)
+        share = re.search(rf"pairs laid out {layout} \(--pair-layout\): \d+% of the tokens of padded rows; "
+                          r"([\d.]+)% padding", printed)
+        assert share and float(share.group(1)) > 0, printed
     for layout in ("packed", "auto"):
         for a, b in zip(runs["padded"], runs[layout], strict=True):
             for k in a.keys() & (TRL_NAMES | {"eval_loss"}):

@@ -4,7 +4,7 @@ switched off, before the first step, so each training step runs one model pass p
 The figures are cached beside the token cache (``<cache>/reference/<key>.safetensors``), keyed by what
 decides them: the data, the tokenizer and its chat template, max_seq_len, the base model's spec, dtype and
 quantization, a fingerprint of its frozen weights, and what decides the arithmetic: the pair layout, the
-attention implementation, the device type, the torch version and ``CACHE_VERSION`` (raised when lorakit's own
+attention implementation, the rounding of packed rows' width, the device type, the torch version and ``CACHE_VERSION`` (raised when lorakit's own
 kernels change their numbers). In half precision two kernels give sums that differ by tenths of a nat, and a
 reference from other arithmetic than the policy's would make the first step's loss other than ln 2. A resumed
 run reads them back (or computes the same numbers again with the cache off).
@@ -43,9 +43,10 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(ds: PreferenceSet, tokenizer: Any, cfg, model: torch.nn.Module, layout: str = "padded") -> str:
+def cache_key(ds: PreferenceSet, tokenizer: Any, cfg, model: torch.nn.Module, layout: str = "padded",
+              multiple: int = 0) -> str:
     config = getattr(getattr(model, "module", model), "config", None)
-    inputs = {"layout": layout, "attention": str(getattr(config, "_attn_implementation", None)),
+    inputs = {"layout": layout, "multiple": multiple, "attention": str(getattr(config, "_attn_implementation", None)),
               "device": next(model.parameters()).device.type, "torch": torch.__version__,
               "version": CACHE_VERSION, "data": ds.digest, "pairs": len(ds), "tokenizer": tokenizer_fingerprint(tokenizer),
               "chat_template": str(getattr(tokenizer, "chat_template", None)), "max_seq_len": cfg.max_seq_len,
@@ -56,7 +57,7 @@ def cache_key(ds: PreferenceSet, tokenizer: Any, cfg, model: torch.nn.Module, la
 
 @torch.no_grad()
 def compute(model: torch.nn.Module, ds: PreferenceSet, batch_size: int, pad_id: int, progress: bool,
-            layout: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
+            layout: str = "padded", multiple: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed completion log-probs of every pair under the base model, (n,) fp32 each."""
     was = model.training
     model.eval()
@@ -66,7 +67,7 @@ def compute(model: torch.nn.Module, ds: PreferenceSet, batch_size: int, pad_id: 
             for start in tqdm(range(0, len(ds), batch_size), desc="reference log-probs", disable=not progress,
                               leave=False):
                 lp = sequence_logps(model, pair_batch(ds, list(range(start, min(start + batch_size, len(ds)))),
-                                                      pad_id, layout))
+                                                      pad_id, layout, multiple))
                 chosen.append(lp.chosen.cpu())
                 rejected.append(lp.rejected.cpu())
     finally:
@@ -75,18 +76,18 @@ def compute(model: torch.nn.Module, ds: PreferenceSet, batch_size: int, pad_id: 
 
 
 def reference_logps(model: torch.nn.Module, tokenizer: Any, ds: PreferenceSet, cfg, pad_id: int, info,
-                    progress: bool, layout: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
+                    progress: bool, layout: str = "padded", multiple: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference log-probs of ``ds``: from the cache when present, else computed (every rank computes:
     under FSDP each forward needs them all) and stored by rank 0."""
     folder = cache_dir(cfg)
-    path = folder / "reference" / f"{cache_key(ds, tokenizer, cfg, model, layout)}.safetensors" if folder else None
+    path = folder / "reference" / f"{cache_key(ds, tokenizer, cfg, model, layout, multiple)}.safetensors" if folder else None
     if path is not None and path.exists():
         tensors, _ = read_safetensors(path)
         if tensors["chosen"].shape == (len(ds),):
             if info.main:
                 print(f"lorakit: reference log-probs of {len(ds):,} pairs read from {path}", flush=True)
             return tensors["chosen"], tensors["rejected"]
-    chosen, rejected = compute(model, ds, cfg.batch_size, pad_id, progress, layout)
+    chosen, rejected = compute(model, ds, cfg.batch_size, pad_id, progress, layout, multiple)
     if path is not None and info.main:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({"chosen": chosen, "rejected": rejected}, path)
