@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from ..data.preference import CPU_PACK_MULTIPLE
 from .arch import Arch
 from .inputs import PAIR_OBJECTIVES, PlanInputs, Row, _final_norm, _gib
 
@@ -125,10 +126,19 @@ def pair_shape(inp: PlanInputs) -> tuple[PlanInputs, str]:
     b, t = -(-inp.batch_size // inp.nproc), inp.seq_len
     if inp.pair_layout == "padded":
         return _shape(inp, 2 * b, t, True), f"2B = {2 * b} rows (chosen, rejected) × T = {t}"
+    q = CPU_PACK_MULTIPLE if inp.device == "cpu" else 0  # the trainer rounds a packed row up on CPU
+    rounded = f", rounded up to a multiple of {q}" if q else ""
     if inp.pair_layout == "shared" and inp.prompt_len:
         n = b * (2 * t - inp.prompt_len)
-        return _shape(inp, 1, n, False), f"one row of B·(2T − prompt) = {n:,} tokens (layout shared)"
-    return _shape(inp, 1, 2 * b * t, False), f"one row of at most 2B·T = {2 * b * t:,} tokens (layout {inp.pair_layout})"
+        return _shape(inp, 1, _round_up(n, q), False), \
+            f"one row of B·(2T − prompt) = {n:,} tokens{rounded} (layout shared)"
+    n = 2 * b * t
+    return _shape(inp, 1, _round_up(n, q), False), \
+        f"one row of at most 2B·T = {n:,} tokens{rounded} (layout {inp.pair_layout})"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple else n
 
 
 def _pair_rows(arch: Arch, inp: PlanInputs, mode: str, held: dict[str, Row], fused: bool, head_grad: float,

@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from ...data.batching import BatchSampler
-from ...data.preference import PreferenceSet, extract_prompt, pair_batch, read_pairs, tokenize_pairs
+from ...data.preference import (
+    CPU_PACK_MULTIPLE,
+    PreferenceSet,
+    extract_prompt,
+    pair_batch,
+    read_pairs,
+    tokenize_pairs,
+)
 from ...errors import ConfigError
 from ...lora.adapters import disable_adapters
 from ...models.attention import NAME as ATTENTION
@@ -27,13 +34,6 @@ from ..losses.preference import DEFAULT_BETA, PreferenceLosses, check_preference
 from .base import Objective, StepLoss
 from .logps import sequence_logps
 from .reference import reference_logps
-
-# On CPU a packed micro-batch is padded to a multiple of this many tokens (``collate_pairs``'s pad_to_multiple_of):
-# its tensors then come in a few sizes, which glibc's malloc can reuse and oneDNN compiles once. Measured on the
-# bench's pairs (SmolLM2-135M bf16, glibc, 2 threads, 24 steps): peak RSS 4,121 -> 3,700 MB at the same step time
-# (64: 3,768; 256: 3,787 MB); the whole bench process 5,212-5,290 -> 4,651 MB. The padding costs at most 127
-# tokens of attention-free compute per micro-batch. On CUDA (a caching allocator, no oneDNN) rows are not rounded.
-CPU_PACK_MULTIPLE = 128
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
