@@ -34,6 +34,7 @@ TOLERANCE = 0.25  # bench/plan/calibration.py's
 def _model():
     from lorakit.lora.config import LoraConfig
     from lorakit.lora.inject import inject
+    from lorakit.models.lean import lean_layers
     from lorakit.models.load import load_model
     from lorakit.plan.count import count_model
 
@@ -41,6 +42,7 @@ def _model():
     cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
     count = count_model(model, cfg)
     inject(model, cfg)
+    lean_layers(model)  # as the trainer runs it (the plan models it)
     return model.train(), tok, count
 
 

@@ -34,6 +34,8 @@ class Arch:
     layers_path: str
     fused_loss: bool = False  # lorakit's loss fuses this head with the cross-entropy (evaluate.fused_head)
     head_name: str = ""  # the output head's module path (an adapted head takes the plain loss path)
+    lean_norm: bool = False  # the trainer's RMSNorm keeps its input, not an fp32 copy (models/lean.py)
+    lean_mlp: bool = False  # the trainer's gated SiLU MLP keeps gate and up, not silu(gate) (models/lean.py)
 
     @property
     def q_dim(self) -> int:
@@ -62,6 +64,9 @@ def read_arch(model: nn.Module) -> Arch:
     from ..train.evaluate import fused_head
 
     fused = fused_head(model) is not None
+    from ..models.lean import lean_targets
+
+    lean = {kind for _, kind in lean_targets(blocks[0])}
     head_name = next((n for n, m in model.named_modules() if m is out), "") if out is not None else ""
     return Arch(hidden=hidden, intermediate=inter, layers=len(blocks), heads=heads,
                 kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
@@ -70,7 +75,7 @@ def read_arch(model: nn.Module) -> Arch:
                 params=sum(p.numel() for p in model.parameters()), quantizable=quantizable,
                 head=head, matmul=sum(m.weight.numel() for m in linear),
                 largest=max(p.numel() for p in model.parameters()), layers_path=layers_path,
-                fused_loss=fused, head_name=head_name)
+                fused_loss=fused, head_name=head_name, lean_norm="rms_norm" in lean, lean_mlp="mlp" in lean)
 
 
 def _layer_list(model: nn.Module, cfg) -> tuple[str, list[nn.Module]]:

@@ -159,6 +159,17 @@ def _gib(n: float) -> str:
 
 def _final_norm(arch: Arch, inp: PlanInputs, mode: str) -> int:
     """Bytes per token the final norm keeps."""
-    if arch.rms_upcast:
-        return 4 * arch.hidden + 4 + (inp.e * arch.hidden if mode == "full" else 0)
-    return inp.e * arch.hidden + 8
+    return rms_norm_bytes(arch, inp, mode)
+
+
+def rms_norm_bytes(arch: Arch, inp: PlanInputs, mode: str) -> int:
+    """Bytes per token one norm keeps: an RMSNorm upcast to fp32 keeps the fp32 copy of its input and 1/rms (the
+    normalized input too when its weight trains); the trainer's lean one (models/lean.py, a half-precision input)
+    its input as it came and 1/rms; a native LayerNorm its input, mean and rstd."""
+    e, h = inp.e, arch.hidden
+    if not arch.rms_upcast:
+        return e * h + 8
+    if arch.lean_norm and e != 4:
+        return e * h + 4
+    return 4 * h + 4 + (e * h if mode == "full" else 0)
+

@@ -9,6 +9,8 @@ Every number comes from the architecture (a model built on the meta device) and 
   for the architectures of ``evaluate.FUSED_CE_MODELS`` with a plain head, fused with the head in
   chunks (``ops.linear_cross_entropy``: one chunk of logits at a time, the hidden-state gradient
   kept), otherwise as whole logits (``logits_to_keep``);
+- RMSNorm and the gated SiLU MLP of Llama-family blocks keep what ``models.lean`` keeps (the norm's input as it
+  came instead of an fp32 copy, gate and up without silu(gate)): the trainer runs them so;
 - attention is PyTorch SDPA as transformers calls it: q, k, v, output and log-sum-exp are kept, never
   the T×T matrix; a padded batch adds one additive B×T×T mask per layer and k, v repeated to all heads;
 - the peak is reached either when backward starts (every activation alive, logits gradient being
@@ -22,7 +24,7 @@ from __future__ import annotations
 from ..lora.inject import Target
 from .arch import Arch
 from .count import CountReport
-from .inputs import MODES, OPTIMIZERS, MemoryPlan, PlanInputs, Row, _final_norm, _gib
+from .inputs import MODES, OPTIMIZERS, MemoryPlan, PlanInputs, Row, _final_norm, _gib, rms_norm_bytes
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 scale per 256 blocks
 
@@ -56,15 +58,13 @@ def layer_terms(arch: Arch, inp: PlanInputs, mode: str, lora: list[Target] | Non
     """
     e, h, inter, frozen = inp.e, arch.hidden, arch.intermediate, mode != "full"
     t: dict[str, float] = {}
-    if arch.rms_upcast:  # x.float(), rsqrt; the normalized x too when the norm weight trains
-        t["norms"] = 2 * (4 * h + 4 + (0 if frozen else e * h))
-    else:  # native layer_norm: input, mean, rstd
-        t["norms"] = 2 * (e * h + 8)
+    t["norms"] = 2 * rms_norm_bytes(arch, inp, mode)
     kv = arch.heads if inp.padded and arch.kv_heads != arch.heads else arch.kv_heads
     t["attention"] = e * (2 * arch.q_dim + 2 * kv * arch.head_dim) + 4 * arch.heads
     if inp.padded:
         t["attention mask"] = e * inp.seq_len
-    t["mlp"] = e * inter * (3 if arch.gated else 1)  # act input (+ act output and up for a gated MLP)
+    # act's input (+ for a gated MLP act's output and up; the trainer's lean SiLU MLP recomputes act's output)
+    t["mlp"] = e * inter * ((2 if arch.lean_mlp else 3) if arch.gated else 1)
     if arch.dropout:
         t["dropout masks"] = 2 * h
     if not frozen:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..models.custom import is_custom_spec
+from ..models.lean import lean_layers
 from .checkpoint import list_checkpoints, save_checkpoint
 from .inputs import check_memory, data_report, report_lines
 from .memory import check_allocator, fix_mmap_threshold
@@ -126,6 +127,7 @@ def start(cfg: TrainConfig, out: Path, progress: bool, info, fit_check=None, giv
         print(f"lorakit: CPU allocator: {allocator}" + (" with the fixed mmap threshold" if cfg.low_cpu_memory and
                                                         allocator == "glibc" else ""), flush=True)
     model, tokenizer = build_model(cfg, dtype) if given[0] is None else given[:2]
+    lean_layers(model)  # RMSNorm and the SiLU MLP keep less for backward, same numbers (models/lean.py)
     if info.main:
         print(f"lorakit: {describe_base(model, dtype, dtype_why)}", flush=True)
     model.to(info.device)

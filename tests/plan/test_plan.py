@@ -41,9 +41,9 @@ def test_hand_computed_rows_full_fine_tuning():
     assert _row(plan, "weights", "full") == _row(plan, "gradients", "full") == 4 * N
     assert _row(plan, "optimizer", "full") == 8 * N  # AdamW: exp_avg + exp_avg_sq
     # per token per block, fp32: norms 2·(4h + 4 + 4h), attention 4·(q + 4 repeated kv heads·16 ·2 + out) + 4·heads,
-    # mask 4·T, MLP 4·3·ffn (act in, act out, up), linear inputs 4·(2h + ffn)
-    per_token = 2 * (256 + 4 + 256) + (4 * (64 + 128 + 64) + 16) + 4 * 16 + 4 * 3 * 160 + 4 * (128 + 160)
-    assert per_token == 5208
+    # mask 4·T, MLP 4·2·ffn (act in and up: models.lean recomputes act out), linear inputs 4·(2h + ffn)
+    per_token = 2 * (256 + 4 + 256) + (4 * (64 + 128 + 64) + 16) + 4 * 16 + 4 * 2 * 160 + 4 * (128 + 160)
+    assert per_token == 4568
     assert _row(plan, "activations", "full") == 2 * 32 * per_token
     # fused head + loss: hidden-state gradient P·h·4 + one chunk of logits + the head's fp32 gradient + final norm
     logits = 32 * 64 * 4 + 32 * 1000 * 4 + 4 * 1000 * 64 + 32 * 516
@@ -59,7 +59,7 @@ def test_hand_computed_rows_lora_and_qlora():
     assert _row(plan, "gradients", "lora") == 4 * N_LORA and _row(plan, "optimizer", "lora") == 8 * N_LORA
     # norms keep x and rsqrt only (frozen weight); adapted inputs: attention in, MLP in, MLP out (fp32, shared),
     # o_proj's input is SDPA's output already kept; A·x (r floats) for each of the 7 modules
-    per_token = 2 * (256 + 4) + 1040 + 64 + 1920 + (4 * 64 + 4 * 64 + 4 * 160 + 7 * 4 * 4)
+    per_token = 2 * (256 + 4) + 1040 + 64 + 1280 + (4 * 64 + 4 * 64 + 4 * 160 + 7 * 4 * 4)
     assert _row(plan, "activations", "lora") == 2 * 32 * per_token
     # lorakit's fused head + loss: the hidden-state gradient P·h·4, one chunk of fp32 logits (all 32 rows), final norm
     logits = 32 * 64 * 4 + 32 * 1000 * 4 + 32 * 260
@@ -78,12 +78,12 @@ def test_hand_computed_rows_lora_and_qlora():
 
 def test_checkpointing_keeps_block_inputs_plus_one_recomputed_block():
     plan, _ = _tiny(grad_checkpointing=True)
-    assert _row(plan, "activations", "full") == 2 * 32 * 64 * 4 + 32 * 5208
+    assert _row(plan, "activations", "full") == 2 * 32 * 64 * 4 + 32 * 4568
 
 
 def test_blocks_below_the_first_adapter_keep_nothing():
     plan, _ = _tiny(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
-    per_token = 2 * (256 + 4) + 1040 + 64 + 1920 + 4 * 64 + 2 * 4 * 4
+    per_token = 2 * (256 + 4) + 1040 + 64 + 1280 + 4 * 64 + 2 * 4 * 4
     assert _row(plan, "activations", "lora") == 32 * per_token
     assert "blocks 0..0 keep nothing" in plan.rows["activations"]["lora"].formula
 
@@ -91,9 +91,9 @@ def test_blocks_below_the_first_adapter_keep_nothing():
 def test_sgd_has_no_state_and_cpu_adamw_temporaries_follow_the_largest_tensor():
     plan, _ = _tiny(optimizer="sgd")
     assert _row(plan, "optimizer", "full") == 0
-    assert _row(plan, "peak", "full") == 4 * N + max(2 * 32 * 5208 + 408_704 + 256_000, 4 * N)
+    assert _row(plan, "peak", "full") == 4 * N + max(2 * 32 * 4568 + 408_704 + 256_000, 4 * N)
     cpu, _ = _tiny(device="cpu")
-    assert _row(cpu, "peak", "full") == 12 * N + max(2 * 32 * 5208 + 408_704 + 256_000, 4 * N + 2 * 4 * 64_000)
+    assert _row(cpu, "peak", "full") == 12 * N + max(2 * 32 * 4568 + 408_704 + 256_000, 4 * N + 2 * 4 * 64_000)
 
 
 def test_flops_per_token():
@@ -134,17 +134,29 @@ def _saved_bytes_per_block(model, ids, mask) -> dict[int, int]:
     return out
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "transformers"])
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_block_activations_equal_autograd_saved_tensors(dtype, mode, padded, lora_dropout):
+def test_block_activations_equal_autograd_saved_tensors(dtype, mode, padded, lora_dropout, lean):
+    """lean: the norms and MLP as the trainer runs them (models.lean); transformers: its own forwards."""
+    from dataclasses import replace
+
     from transformers import LlamaForCausalLM
+
+    from lorakit.models.lean import lean_layers
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 3})).to(getattr(torch, dtype)).train()
     cfg = LoraConfig(r=4, target_modules="all-linear", lora_dropout=lora_dropout)
     count = count_model(model, cfg)
+    arch = read_arch(model)
+    assert arch.lean_norm and arch.lean_mlp
+    if lean:
+        lean_layers(model)
+    else:
+        arch = replace(arch, lean_norm=False, lean_mlp=False)
     if mode == "lora":
         inject(model, cfg)
     else:
@@ -153,7 +165,6 @@ def test_block_activations_equal_autograd_saved_tensors(dtype, mode, padded, lor
     if padded:
         mask[1, -5:] = 0  # a padded row, as collate makes them: SDPA gets a mask, k and v are repeated
     saved = _saved_bytes_per_block(model, ids, mask)
-    arch = read_arch(model)
     inputs = PlanInputs(batch_size=2, seq_len=16, dtype=dtype, padded=padded)
     terms = layer_terms(arch, inputs, mode, block_targets(arch, count.targets)[1], lora_dropout=lora_dropout)
     predicted = sum(terms.values()) * 32

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorakit.errors import ConfigError
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import inject
+from lorakit.models.lean import lean_layers
 from lorakit.plan.arch import read_arch
 from lorakit.plan.count import count_model
 from lorakit.plan.inputs import PlanInputs
@@ -31,6 +32,7 @@ def _model(vocab: int, dtype: str, **cfg):
     lora = LoraConfig(r=4, target_modules="all-linear")
     count = count_model(model, lora)
     inject(model, lora)
+    lean_layers(model)  # as the trainer runs it (the plan models it)
     return model, count
 
 
