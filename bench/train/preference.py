@@ -13,8 +13,8 @@ preference accuracy (rewards/accuracies on the eval pairs against the base, TRL'
 
     python -m bench.train.preference            # bench/results/preference.{json,md}
     python -m bench.train.preference --quick    # a smoke run (8 pairs, 1 round)
-    python -m bench.train.preference --pairs 256 --eval-pairs 64 --dtype bfloat16 \
-        --arms lorakit trl lorakit_tcmalloc trl_tcmalloc --name preference-256-bf16-lc
+    python -m bench.train.preference --pairs 256 --eval-pairs 64 --dtype bfloat16 --threads 2 \
+        --arms lorakit trl lorakit_tcmalloc trl_tcmalloc --name preference-256-bf16-lean
 """
 
 from __future__ import annotations
